@@ -1,0 +1,101 @@
+"""Reading ONNX files safely: recognise what is not a model, and keep external data in its folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from zoo.errors import InvalidModelFile, UnsafeFile
+
+if TYPE_CHECKING:
+    import onnx
+
+LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
+
+
+def describe_non_model(head: bytes) -> str | None:
+    """Name what the first bytes of a file are when they are clearly not an ONNX model, else None."""
+    stripped = head.lstrip()
+    if not head:
+        return "an empty file"
+    if stripped.startswith(LFS_POINTER_PREFIX):
+        return "a Git LFS pointer, not the model itself (the server no longer serves the LFS object)"
+    lowered = stripped[:512].lower()
+    if lowered.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
+        return "an HTML page (an error or login page), not a model"
+    if lowered.startswith((b"{", b"[")) and b'"error"' in lowered:
+        return "a JSON error message, not a model"
+    return None
+
+
+def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    return [tensor for tensor in _get_all_tensors(model) if uses_external_data(tensor)]
+
+
+def check_external_data(model: onnx.ModelProto, model_dir: Path) -> None:
+    """Refuse external-data references that leave `model_dir` or read past the end of their file."""
+    base = Path(os.path.realpath(model_dir))
+    for tensor in _external_tensors(model):
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        where = f"tensor {tensor.name!r} points at external data {location!r}"
+        if not location or os.path.isabs(location) or location.startswith(("/", "\\")):
+            raise UnsafeFile(f"{where}, an absolute path; external data must sit beside the model in {base}")
+        parts = Path(location).parts
+        if ".." in parts or any(":" in part for part in parts):
+            raise UnsafeFile(f"{where}, which leaves the model folder; external data must sit beside the model in {base}")
+        target = base / location
+        # Check each component for links before resolving, so a symlinked folder cannot smuggle a path out.
+        probe = base
+        for part in parts:
+            probe = probe / part
+            if probe.is_symlink():
+                raise UnsafeFile(f"{where}, which is a symbolic link; copy the real file into {base}")
+        if not target.is_file():
+            raise InvalidModelFile(f"{where}, which does not exist; put the data file beside the model in {base}")
+        resolved = Path(os.path.realpath(target))
+        if base != resolved and base not in resolved.parents:
+            raise UnsafeFile(f"{where}, which resolves outside {base}; external data must sit beside the model")
+        stat = target.stat()
+        if stat.st_nlink > 1:
+            raise UnsafeFile(f"{where}, which is a hard link to another file; copy the real file into {base}")
+        offset = int(info.get("offset", 0) or 0)
+        length = info.get("length")
+        end = offset + int(length) if length is not None else offset
+        if offset < 0 or end > stat.st_size:
+            raise InvalidModelFile(
+                f"{where} at bytes {offset}..{end}, past the end of the {stat.st_size}-byte file; the model is damaged, fetch it again"
+            )
+
+
+def load_onnx(path: str | os.PathLike[str], *, load_external_data: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model, refusing non-models and external data that escapes the model's folder."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidModelFile(f"{path} is not a file; pass the path of an .onnx model")
+    with open(path, "rb") as handle:
+        head = handle.read(1024)
+    what = describe_non_model(head)
+    if what is not None:
+        raise InvalidModelFile(f"{path} is {what}; fetch the model again (zoo fetch NAME --force)")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except RecursionError as exc:
+        raise InvalidModelFile(f"{path} is nested too deeply to be a real ONNX model; it was refused") from exc
+    except Exception as exc:  # protobuf raises DecodeError and friends; none of them is a model
+        raise InvalidModelFile(
+            f"{path} is not a valid ONNX model ({type(exc).__name__}); fetch it again (zoo fetch NAME --force)"
+        ) from exc
+    if not model.graph.node and not model.graph.initializer:
+        raise InvalidModelFile(f"{path} holds no ONNX graph; fetch it again (zoo fetch NAME --force)")
+    if load_external_data and _external_tensors(model):
+        check_external_data(model, path.parent)
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(model, str(path.parent))
+    return model
