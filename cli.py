@@ -1,0 +1,184 @@
+"""`zoo`: the command line. A thin click layer: parse options, call one library function, print."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from zoo import console
+from zoo.errors import ZooError
+
+
+class ZooGroup(click.Group):
+    """Turns a ZooError into one line on stderr and a non-zero exit (a traceback only with --debug)."""
+
+    def invoke(self, ctx: click.Context):  # noqa: ANN201
+        try:
+            return super().invoke(ctx)
+        except ZooError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"zoo: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("zoo: interrupted", err=True)
+            ctx.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # the last line of defence: a bug, said in one line
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            click.echo(
+                f"zoo: internal error: {type(exc).__name__}: {first_line} "
+                "(re-run with --debug for the traceback and report it)",
+                err=True,
+            )
+            ctx.exit(2)
+
+
+def _state(ctx: click.Context) -> dict:
+    return ctx.ensure_object(dict)
+
+
+def _catalog(ctx: click.Context):  # noqa: ANN202
+    from zoo.catalog import load_catalog
+
+    state = _state(ctx)
+    if "catalog" not in state:
+        state["catalog"] = load_catalog(state.get("catalog_file"))
+    return state["catalog"]
+
+
+def _models_dir(ctx: click.Context) -> Path:
+    return _state(ctx)["models_dir"]
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+
+
+@click.group(cls=ZooGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--models-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="ZOO_MODELS_DIR",
+    default="models",
+    show_default=True,
+    help="Workspace for fetched and adapted models (env ZOO_MODELS_DIR).",
+)
+@click.option(
+    "--catalog",
+    "catalog_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="ZOO_CATALOG",
+    default=None,
+    help="JSON file of extra catalog entries, a private zoo (env ZOO_CATALOG).",
+)
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.version_option(package_name="zoo")
+@click.pass_context
+def main(ctx: click.Context, models_dir: Path, catalog_file: Path | None, debug: bool) -> None:
+    """Adapt ONNX Model Zoo classifiers to your own images, and export verified ONNX files."""
+    state = _state(ctx)
+    state.update(models_dir=models_dir, catalog_file=catalog_file, debug=debug)
+
+
+@main.command("list")
+@json_option
+@click.pass_context
+def list_command(ctx: click.Context, as_json: bool) -> None:
+    """List the catalog: every zoo classifier and the bundled model."""
+    from zoo.cache import list_workspace
+
+    from zoo.catalog import catalog_rows
+
+    present = {m.name for m in list_workspace(_models_dir(ctx))}
+    rows = catalog_rows(_catalog(ctx), present=present)
+    if as_json:
+        console.emit_json({"models": rows})
+        return
+    console.table(
+        None,
+        ["name", "family", "opset", "size", "input", "top-1", "here"],
+        [
+            (
+                r["name"],
+                r["family"],
+                r["opset"],
+                console.human_size(r["size"]),
+                r["input"],
+                f"{r['top1']:.1f}" if r["top1"] is not None else "-",
+                "yes" if r["in_workspace"] else "",
+            )
+            for r in rows
+        ],
+    )
+
+
+@main.command("info")
+@click.argument("name")
+@json_option
+@click.pass_context
+def info_command(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Show one catalog entry in full (NAME may be an alias, e.g. mobilenet)."""
+    from zoo.catalog import describe_entry
+
+    entry = _catalog(ctx).resolve(name)
+    if as_json:
+        console.emit_json(entry.to_dict())
+        return
+    console.table(entry.name, ["field", "value"], describe_entry(entry))
+
+
+@main.command("fetch")
+@click.argument("source")
+@click.option("--name", help="Workspace name for a URL or local file.")
+@click.option("--sha256", help="Expected sha256 of the model file (pins a URL).")
+@click.option(
+    "--mirror",
+    envvar="ZOO_MIRROR",
+    help="Internal HTTP server or local folder with the zoo's repository layout (env ZOO_MIRROR).",
+)
+@click.option("--force", is_flag=True, help="Fetch again even when a verified copy is present.")
+@json_option
+@click.pass_context
+def fetch_command(
+    ctx: click.Context,
+    source: str,
+    name: str | None,
+    sha256: str | None,
+    mirror: str | None,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Fetch a model by catalog name or alias, local .onnx/.tar.gz path, or URL; print its path."""
+    from zoo.cache import fetch
+
+    result = fetch(
+        source,
+        models_dir=_models_dir(ctx),
+        catalog=_catalog(ctx),
+        name=name,
+        sha256=sha256,
+        mirror=mirror,
+        force=force,
+        progress=not as_json and sys.stderr.isatty(),
+    )
+    if as_json:
+        console.emit_json(result.to_dict())
+        return
+    verb = "already present" if result.cached else "fetched"
+    console.info(f"{result.name}: {verb}, sha256 {result.sha256[:16]}…")
+    click.echo(str(result.path))
+
+
+def run() -> None:
+    """Entry point that keeps click's exit codes."""
+    main(prog_name=os.environ.get("ZOO_PROG_NAME", "zoo"))
+
+
+if __name__ == "__main__":
+    run()

@@ -240,6 +240,61 @@ def default_entries() -> list[ModelEntry]:
     return list(_builtin_entries())
 
 
+def catalog_rows(catalog: Catalog, *, present: set[str] = frozenset()) -> list[dict[str, Any]]:
+    """One summary row per entry, for `zoo list`."""
+    rows = []
+    for entry in catalog.values():
+        shape = "x".join("N" if d is None else str(d) for d in entry.input_shape) if entry.input_shape else "?"
+        rows.append(
+            {
+                "name": entry.name,
+                "family": entry.family,
+                "opset": entry.opset,
+                "size": entry.size,
+                "input": f"{shape} {entry.layout}",
+                "top1": entry.top1,
+                "source": entry.source,
+                "in_workspace": entry.name in present,
+            }
+        )
+    return rows
+
+
+def describe_entry(entry: ModelEntry) -> list[tuple[str, str]]:
+    """Field/value pairs of one entry, for `zoo info`, with the survey's doubts said plainly."""
+    pre = entry.preprocess
+    if pre is None:
+        preprocessing = "unknown: the zoo does not document it (pass a private catalog entry to set it)"
+    else:
+        preprocessing = (
+            f"x = (pixel*{pre.scale:.6g} - mean {list(pre.mean)}) / std {list(pre.std)}; "
+            f"{'BGR' if pre.bgr else 'RGB'}{', grayscale' if pre.channels == 1 else ''}; "
+            f"resize {pre.resize_mode} {pre.resize}, crop {pre.crop}; {pre.layout}"
+        )
+        if entry.preprocess_confidence in (None, "low"):
+            preprocessing += f"  [confidence {entry.preprocess_confidence or 'unknown'}: verify before trusting]"
+    shape = list(entry.input_shape) if entry.input_shape else "?"
+    rows = [
+        ("name", entry.name),
+        ("aliases", ", ".join(entry.aliases) or "-"),
+        ("family", entry.family),
+        ("source", entry.source),
+        ("opset", str(entry.opset)),
+        ("sha256", entry.sha256 or "(built locally; recorded in the card)"),
+        ("size", str(entry.size) if entry.size else "-"),
+        ("input", f"{entry.input_name} {shape} {entry.layout}"),
+        ("output", f"{entry.output_kind}, {entry.num_classes} classes"),
+        ("preprocessing", preprocessing),
+        ("preprocessing source", entry.preprocess_note or "-"),
+        ("ImageNet top-1", f"{entry.top1}%" if entry.top1 is not None else "-"),
+        ("licence", entry.licence),
+    ]
+    rows += [(f"url {i + 1}", url) for i, url in enumerate(entry.urls)]
+    if entry.archive:
+        rows.append(("archive", entry.archive.urls[0] if entry.archive.urls else entry.archive.path))
+    return rows
+
+
 __all__ = [
     "ArchiveSpec",
     "BUNDLED_ENTRY",
@@ -248,6 +303,8 @@ __all__ = [
     "IMAGENET_PREPROCESS",
     "ModelEntry",
     "Preprocess",
+    "catalog_rows",
+    "describe_entry",
     "load_catalog",
     "load_user_entries",
 ]

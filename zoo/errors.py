@@ -55,3 +55,9 @@ class VerificationFailed(ZooError, RuntimeError):
 
 class DiskFull(ZooError, OSError):
     """Writing failed because the disk is full."""
+
+
+class Interrupted(TrainingError):
+    """Ctrl-C during a long job; what was complete is saved."""
+
+    exit_code = 130

@@ -1,0 +1,122 @@
+"""Checkpoints as data: safetensors for tensors, JSON for the rest, every write atomic.
+
+No pickle anywhere: a checkpoint from someone else cannot run code when loaded.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from zoo.errors import DiskFull, InvalidModelFile
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call write(tmp_path) on a temporary file beside `path`, fsync it, then os.replace it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(tmp_name)
+        with open(tmp_name, "rb+") as tmp:
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise DiskFull(
+                f"the disk is full while writing {path}; the previous file is intact. Free disk space and resume"
+            ) from exc
+        raise
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """JSON written atomically (UTF-8, readable indentation)."""
+    text = json.dumps(payload, indent=2, default=str, ensure_ascii=False) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def save_weights(model: nn.Module, path: Path, *, metadata: dict[str, str] | None = None) -> None:
+    """The model's state dict (parameters and buffers) as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata or {}))
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load safetensors weights into `model`; anything else is refused."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InvalidModelFile(
+            f"{path} is not a safetensors checkpoint ({exc}); zoo only loads safetensors, never pickles"
+        ) from exc
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InvalidModelFile(
+            f"{path} does not fit this model ({len(missing)} missing, {len(unexpected)} unexpected tensors, "
+            f"e.g. {(missing or unexpected)[0]}); was it written by another run?"
+        )
+
+
+def save_resume_point(
+    path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Weights, optimizer state and loop state in one safetensors file: one atomic commit per epoch."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    optim = optimizer.state_dict()
+    scalars: dict[str, Any] = {}
+    for index, values in optim["state"].items():
+        for key, value in values.items():
+            if hasattr(value, "detach"):
+                tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    metadata = {
+        "param_groups": json.dumps(optim["param_groups"]),
+        "optim_scalars": json.dumps(scalars),
+        "state": json.dumps(state, default=str),
+    }
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_resume_point(path: Path, *, model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load the weights into `model`; return (optimizer state dict, loop state)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InvalidModelFile(f"{path} is not a readable resume point ({exc}); start a new run") from exc
+    weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    model.load_state_dict(weights, strict=True)
+    optim_state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            index, name = key[len("optim.") :].split(".", 1)
+            optim_state.setdefault(int(index), {})[name] = value
+    for key, value in json.loads(metadata.get("optim_scalars", "{}")).items():
+        index, name = key.split(".", 1)
+        optim_state.setdefault(int(index), {})[name] = value
+    optimizer_state = {"state": optim_state, "param_groups": json.loads(metadata["param_groups"])}
+    return optimizer_state, json.loads(metadata["state"])
