@@ -57,7 +57,9 @@ def _models_dir(ctx: click.Context) -> Path:
     return _state(ctx)["models_dir"]
 
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object on stdout."
+)
 
 
 @click.group(cls=ZooGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -173,6 +175,192 @@ def fetch_command(
     verb = "already present" if result.cached else "fetched"
     console.info(f"{result.name}: {verb}, sha256 {result.sha256[:16]}…")
     click.echo(str(result.path))
+
+
+def _adapt_options(function):  # noqa: ANN001, ANN202
+    """The training options shared by `zoo adapt` and `zoo compare`."""
+    options = [
+        click.option(
+            "--classes",
+            type=click.IntRange(min=2),
+            help="Number of classes (checked against the data).",
+        ),
+        click.option(
+            "--data",
+            default="builtin:digits",
+            show_default=True,
+            help="Class folders, train/val/test folders, a path,label CSV, or builtin:digits.",
+        ),
+        click.option(
+            "--unfreeze",
+            type=click.IntRange(min=1),
+            help="Top blocks to train (finetune, gradual).",
+        ),
+        click.option(
+            "--unfreeze-every",
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            help="gradual: epochs between unfreezing one more block.",
+        ),
+        click.option("--epochs", type=click.IntRange(min=1), default=15, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
+        click.option(
+            "--lr",
+            type=click.FloatRange(min=0, min_open=True),
+            default=3e-4,
+            show_default=True,
+            help="Learning rate of the new head; pretrained blocks get less.",
+        ),
+        click.option(
+            "--lr-decay",
+            type=click.FloatRange(min=0, max=1),
+            default=0.1,
+            show_default=True,
+            help="Factor between the learning rates of neighbouring unfrozen blocks.",
+        ),
+        click.option(
+            "--optimizer",
+            type=click.Choice(["adam", "adamax", "adamw", "sgd"]),
+            default="adam",
+            show_default=True,
+        ),
+        click.option(
+            "--patience",
+            type=click.IntRange(min=1),
+            default=10,
+            show_default=True,
+            help="Early stopping: epochs without a better validation loss.",
+        ),
+        click.option(
+            "--label-smoothing", type=click.FloatRange(0, 1), default=0.0, show_default=True
+        ),
+        click.option(
+            "--augment",
+            type=click.Choice(["none", "light", "strong"]),
+            default="none",
+            show_default=True,
+        ),
+        click.option(
+            "--image-size",
+            type=click.IntRange(min=8),
+            help="Input size in pixels (default: the model's).",
+        ),
+        click.option(
+            "--device",
+            type=click.Choice(["auto", "cpu", "cuda"]),
+            default="auto",
+            show_default=True,
+        ),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option(
+            "--strict", is_flag=True, help="Fail on unreadable images instead of skipping them."
+        ),
+        click.option(
+            "--hidden",
+            type=click.IntRange(min=1),
+            help="Add a hidden layer of this width to the head.",
+        ),
+        click.option(
+            "--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@main.command("adapt")
+@click.argument("model", required=False)
+@click.option(
+    "--strategy",
+    type=click.Choice(["auto", "feature", "finetune", "gradual", "full", "scratch"]),
+    default="auto",
+    show_default=True,
+)
+@_adapt_options
+@click.option("--train-per-class", type=click.IntRange(min=1), help="Subsample the training split.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
+@click.option(
+    "--resume", is_flag=True, help="Continue the run in --out from its last complete epoch."
+)
+@json_option
+@click.pass_context
+def adapt_command(ctx: click.Context, model: str | None, as_json: bool, **values) -> None:
+    """Fine-tune MODEL (default: the latest fetched) on your images; writes a run directory."""
+    from pipeline.adapt import AdaptOptions, adapt
+
+    result = adapt(
+        AdaptOptions(model=model, **values),
+        models_dir=_models_dir(ctx),
+        catalog=_catalog(ctx),
+        log=console.info,
+        progress=sys.stderr.isatty(),
+    )
+    if as_json:
+        console.emit_json(result.to_dict())
+        return
+    m = result.metrics
+    console.table(
+        f"{result.model_name}: {result.strategy} ({result.fast_path})",
+        ["test accuracy", "macro F1", "best epoch", "epochs", "trainable params", "time"],
+        [
+            (
+                f"{m.accuracy:.4f}",
+                f"{m.macro_f1:.4f}",
+                result.best_epoch,
+                result.epochs_run,
+                f"{result.trainable_params:,}",
+                f"{result.seconds:.0f} s",
+            )
+        ],
+    )
+    click.echo(str(result.run_dir))
+
+
+@main.command("compare")
+@click.argument("model", required=False)
+@click.option("--strategies", default="scratch,feature,finetune,gradual", show_default=True)
+@_adapt_options
+@click.option("--train-per-class", type=click.IntRange(min=1), help="Subsample the training split.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Comparison folder.")
+@json_option
+@click.pass_context
+def compare_command(
+    ctx: click.Context, model: str | None, strategies: str, as_json: bool, **values
+) -> None:
+    """Train several strategies on the same split and compare them side by side."""
+    from pipeline.adapt import AdaptOptions
+    from pipeline.compare import compare, parse_strategies
+
+    result = compare(
+        AdaptOptions(model=model, **values),
+        parse_strategies(strategies),
+        models_dir=_models_dir(ctx),
+        catalog=_catalog(ctx),
+        log=console.info,
+        progress=sys.stderr.isatty(),
+    )
+    if as_json:
+        console.emit_json(result.to_dict())
+        return
+    rows = result.rows()
+    console.table(
+        f"comparison in {result.folder}",
+        ["strategy", "test accuracy", "macro F1", "best epoch", "time", "trainable params"],
+        [
+            (
+                r["strategy"],
+                f"{r['test_accuracy']:.4f}",
+                f"{r['macro_f1']:.4f}",
+                r["best_epoch"],
+                f"{r['seconds']:.0f} s",
+                f"{r['trainable_params']:,}",
+            )
+            for r in rows
+        ],
+    )
+    click.echo(str(result.folder))
 
 
 def run() -> None:

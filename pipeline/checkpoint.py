@@ -52,7 +52,9 @@ def save_weights(model: nn.Module, path: Path, *, metadata: dict[str, str] | Non
     """The model's state dict (parameters and buffers) as safetensors, atomically."""
     from safetensors.torch import save_file
 
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    state = {
+        name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()
+    }
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata or {}))
 
 
@@ -107,7 +109,9 @@ def load_resume_point(path: Path, *, model: nn.Module) -> tuple[dict[str, Any], 
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as exc:
-        raise InvalidModelFile(f"{path} is not a readable resume point ({exc}); start a new run") from exc
+        raise InvalidModelFile(
+            f"{path} is not a readable resume point ({exc}); start a new run"
+        ) from exc
     weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(weights, strict=True)
     optim_state: dict[int, dict[str, Any]] = {}

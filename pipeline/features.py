@@ -41,21 +41,29 @@ def ort_session(model: onnx.ModelProto, *, threads: int | None = None) -> Any:
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
 
 
 def run_batches(session: Any, *, input_name: str, batches: Iterable[np.ndarray]) -> np.ndarray:
     """Concatenate the first output of `session` over the batches."""
     import numpy as np
 
-    outputs = [session.run(None, {input_name: np.ascontiguousarray(b, dtype=np.float32)})[0] for b in batches]
+    outputs = [
+        session.run(None, {input_name: np.ascontiguousarray(b, dtype=np.float32)})[0]
+        for b in batches
+    ]
     return np.concatenate(outputs) if outputs else np.empty((0,), dtype=np.float32)
 
 
-def cache_key(*, model_sha256: str, feature_name: str, preprocess: dict[str, Any], refs: Sequence[str]) -> str:
+def cache_key(
+    *, model_sha256: str, feature_name: str, preprocess: dict[str, Any], refs: Sequence[str]
+) -> str:
     """What the cached features depend on: the model, the cut, the preprocessing and the images."""
     payload = json.dumps(
-        {"model": model_sha256, "cut": feature_name, "pre": preprocess, "refs": list(refs)}, sort_keys=True
+        {"model": model_sha256, "cut": feature_name, "pre": preprocess, "refs": list(refs)},
+        sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 

@@ -35,9 +35,7 @@ class Metrics:
         return asdict(self)
 
 
-def compute_metrics(
-    labels: np.ndarray, scores: np.ndarray, class_names: Sequence[str]
-) -> Metrics:
+def compute_metrics(labels: np.ndarray, scores: np.ndarray, class_names: Sequence[str]) -> Metrics:
     """Accuracy, macro precision/recall/F1, per-class report, confusion matrix, ROC AUC if binary."""
     import numpy as np
     from sklearn.metrics import (
@@ -149,15 +147,28 @@ def plot_confusion(path: Path, metrics: Metrics, *, title: str) -> None:
     ticks = range(len(metrics.class_names))
     ax.set_xticks(ticks, metrics.class_names, rotation=45, ha="right")
     ax.set_yticks(ticks, metrics.class_names)
-    ax.set(xlabel="predicted class", ylabel="true class", title=f"{title}\naccuracy {metrics.accuracy:.3f}")
+    ax.set(
+        xlabel="predicted class",
+        ylabel="true class",
+        title=f"{title}\naccuracy {metrics.accuracy:.3f}",
+    )
     threshold = matrix.max() / 2 if matrix.size else 0
     for (row, col), count in np.ndenumerate(matrix):
-        ax.text(col, row, str(count), ha="center", va="center", color="white" if count > threshold else "black")
+        ax.text(
+            col,
+            row,
+            str(count),
+            ha="center",
+            va="center",
+            color="white" if count > threshold else "black",
+        )
     fig.colorbar(image, ax=ax, fraction=0.046)
     _save_figure(fig, path)
 
 
-def plot_roc(path: Path, labels: np.ndarray, scores: np.ndarray, *, title: str, positive: str) -> None:
+def plot_roc(
+    path: Path, labels: np.ndarray, scores: np.ndarray, *, title: str, positive: str
+) -> None:
     """roc.png for binary tasks."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -203,7 +214,9 @@ def plot_comparison(path: Path, histories: dict[str, Sequence[EpochRecord]], *, 
         loss_ax.plot(epochs, [r.val_loss for r in history], "o-", label=name)
         acc_ax.plot(epochs, [r.val_acc for r in history], "o-", label=name)
     loss_ax.set(xlabel="epoch", ylabel="validation loss", title="Validation loss")
-    acc_ax.set(xlabel="epoch", ylabel="validation accuracy", title="Validation accuracy", ylim=(0, 1.02))
+    acc_ax.set(
+        xlabel="epoch", ylabel="validation accuracy", title="Validation accuracy", ylim=(0, 1.02)
+    )
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.legend()

@@ -38,7 +38,9 @@ def claim_out_dir(out: Path, *, resume: bool) -> Path:
     out = Path(out)
     if resume:
         if not (out / RUN_FILE).exists():
-            raise NotFound(f"{out} is not a run directory (no {RUN_FILE}); drop --resume to start a new run there")
+            raise NotFound(
+                f"{out} is not a run directory (no {RUN_FILE}); drop --resume to start a new run there"
+            )
         return out
     if out.exists() and any(out.iterdir()):
         raise ZooError(
@@ -54,7 +56,9 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise NotFound(f"{run_dir} is not a run of `zoo adapt` (no {RUN_FILE}); pass a run directory") from exc
+        raise NotFound(
+            f"{run_dir} is not a run of `zoo adapt` (no {RUN_FILE}); pass a run directory"
+        ) from exc
     except ValueError as exc:
         raise ZooError(f"{path} is damaged ({exc}); re-run `zoo adapt`") from exc
 

@@ -97,7 +97,9 @@ def resolve_device(requested: str = "auto") -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+        raise TrainingError(
+            "--device cuda was asked for, but torch sees no CUDA device; use --device cpu"
+        )
     if requested not in ("cpu", "cuda"):
         raise TrainingError(f"unknown device {requested!r}; use auto, cpu or cuda")
     return requested
@@ -120,17 +122,23 @@ def make_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.o
     import torch
 
     if not groups or not any(g["params"] for g in groups):
-        raise TrainingError("nothing to train: every parameter is frozen; choose another --strategy")
+        raise TrainingError(
+            "nothing to train: every parameter is frozen; choose another --strategy"
+        )
     for group in groups:
         group.setdefault("initial_lr", group["lr"])
     kinds = {
         "adam": lambda: torch.optim.Adam(groups, weight_decay=config.weight_decay),
         "adamax": lambda: torch.optim.Adamax(groups, weight_decay=config.weight_decay),
         "adamw": lambda: torch.optim.AdamW(groups, weight_decay=config.weight_decay or 1e-2),
-        "sgd": lambda: torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=config.weight_decay),
+        "sgd": lambda: torch.optim.SGD(
+            groups, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
+        ),
     }
     if config.optimizer not in kinds:
-        raise TrainingError(f"unknown optimizer {config.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+        raise TrainingError(
+            f"unknown optimizer {config.optimizer!r}; use one of {', '.join(OPTIMIZERS)}"
+        )
     return kinds[config.optimizer]()
 
 
@@ -174,7 +182,10 @@ def train_one_epoch(
         labels = labels.to(config.device, non_blocking=True)
         if config.channels_last and inputs.dim() == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        _set_lr(optimizer, lr_factor(step_offset + step, total_steps=total_steps, warmup_steps=warmup_steps))
+        _set_lr(
+            optimizer,
+            lr_factor(step_offset + step, total_steps=total_steps, warmup_steps=warmup_steps),
+        )
         with torch.autocast(device_type=config.device, dtype=torch.bfloat16, enabled=config.amp):
             logits = model(inputs)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
@@ -191,7 +202,9 @@ def train_one_epoch(
         if progress is not None:
             progress(batch, loss_sum / seen, correct / seen)
     if seen == 0:
-        raise TrainingError("the training split is empty; add images or lower the validation/test share")
+        raise TrainingError(
+            "the training split is empty; add images or lower the validation/test share"
+        )
     return loss_sum / seen, correct / seen, step
 
 
@@ -211,7 +224,9 @@ def evaluate(model: nn.Module, loader: Iterable, *, config: TrainConfig) -> Eval
             inputs = inputs.to(config.device, non_blocking=True)
             if config.channels_last and inputs.dim() == 4:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=config.device, dtype=torch.bfloat16, enabled=config.amp):
+            with torch.autocast(
+                device_type=config.device, dtype=torch.bfloat16, enabled=config.amp
+            ):
                 logits = model(inputs)
             all_logits.append(logits.float().cpu())
             all_labels.append(labels.cpu())
@@ -228,7 +243,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
     import torch
 
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
 
 
 BEST_CHECKPOINT = "checkpoint.safetensors"  # the best epoch's weights: what export uses
@@ -266,7 +280,9 @@ def fit(
     if resume and resume_path.exists():
         optimizer_state, raw_state = load_resume_point(resume_path, model=saved_model)
         state = TrainState.from_dict(raw_state)
-        log(f"resuming after epoch {state.epoch} of {config.epochs} (best so far: epoch {state.best_epoch})")
+        log(
+            f"resuming after epoch {state.epoch} of {config.epochs} (best so far: epoch {state.best_epoch})"
+        )
     seed_everything(config.seed + state.epoch)
     loader = make_train_loader(state.batch_size)
     steps_per_epoch = max(1, len(loader)) if hasattr(loader, "__len__") else 1
@@ -297,7 +313,11 @@ def fit(
                     )
                     break
                 except NonFiniteLoss as exc:
-                    kept = f"the best checkpoint (epoch {state.best_epoch}) is kept" if state.best_epoch else "no checkpoint was written"
+                    kept = (
+                        f"the best checkpoint (epoch {state.best_epoch}) is kept"
+                        if state.best_epoch
+                        else "no checkpoint was written"
+                    )
                     raise TrainingError(
                         f"the training loss became {exc} in epoch {epoch}; training stopped and {kept}. "
                         "Lower --lr and start a new run"
@@ -341,14 +361,18 @@ def fit(
                 save_weights(saved_model, best_path)
             else:
                 state.stale_epochs += 1
-            save_resume_point(resume_path, model=saved_model, optimizer=optimizer, state=state.to_dict())
+            save_resume_point(
+                resume_path, model=saved_model, optimizer=optimizer, state=state.to_dict()
+            )
             log(
                 f"epoch {epoch:>3}/{config.epochs}  train loss {train_loss:.4f} acc {train_acc:.3f}  "
                 f"val loss {val.loss:.4f} acc {val.accuracy:.3f}  {record.seconds:.1f}s"
                 + ("  *" if state.best_epoch == epoch else "")
             )
             if state.stale_epochs >= config.patience:
-                state.stopped = f"early stop: no better validation loss for {config.patience} epochs"
+                state.stopped = (
+                    f"early stop: no better validation loss for {config.patience} epochs"
+                )
                 log(state.stopped)
                 break
         else:

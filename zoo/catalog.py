@@ -32,7 +32,9 @@ class Preprocess:
     scale: float = 1 / 255  # multiplies 0-255 pixels first (1/255 for [0,1] models, 1.0 for Caffe)
     bgr: bool = False  # channel 0 is blue (Caffe/OpenCV models)
     resize: int = 256  # target of the resize step, in pixels
-    resize_mode: str = "shorter"  # "shorter": shorter side -> resize, aspect kept; "direct": resize x resize
+    resize_mode: str = (
+        "shorter"  # "shorter": shorter side -> resize, aspect kept; "direct": resize x resize
+    )
     crop: int = 224  # centre crop to crop x crop: the model's input size
     layout: str = "NCHW"  # NCHW or NHWC (EfficientNet-Lite4 takes NHWC)
     channels: int = 3  # 3 for RGB/BGR, 1 for grayscale models (MNIST)
@@ -201,7 +203,9 @@ class Catalog(Mapping[str, ModelEntry]):
 
         close = difflib.get_close_matches(key, [*self._entries, *self._aliases], n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise NotFound(f"no model named {name!r} in the catalog{hint}; run `zoo list` to see them all")
+        raise NotFound(
+            f"no model named {name!r} in the catalog{hint}; run `zoo list` to see them all"
+        )
 
 
 @lru_cache(maxsize=1)
@@ -216,12 +220,16 @@ def load_user_entries(path: str | os.PathLike[str]) -> list[ModelEntry]:
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError as exc:
-        raise NotFound(f"catalog file {path} does not exist; check --catalog or ZOO_CATALOG") from exc
+        raise NotFound(
+            f"catalog file {path} does not exist; check --catalog or ZOO_CATALOG"
+        ) from exc
     except (OSError, ValueError) as exc:
-        raise ZooError(f"catalog file {path} is not valid JSON ({exc}); fix it or unset ZOO_CATALOG") from exc
+        raise ZooError(
+            f"catalog file {path} is not valid JSON ({exc}); fix it or unset ZOO_CATALOG"
+        ) from exc
     models = raw.get("models") if isinstance(raw, dict) else raw
     if not isinstance(models, list):
-        raise ZooError(f"catalog file {path} must hold a list of entries (or {{\"models\": [...]}})")
+        raise ZooError(f'catalog file {path} must hold a list of entries (or {{"models": [...]}})')
     return [_entry_from_dict(e, source="user") for e in models]
 
 
@@ -244,7 +252,11 @@ def catalog_rows(catalog: Catalog, *, present: set[str] = frozenset()) -> list[d
     """One summary row per entry, for `zoo list`."""
     rows = []
     for entry in catalog.values():
-        shape = "x".join("N" if d is None else str(d) for d in entry.input_shape) if entry.input_shape else "?"
+        shape = (
+            "x".join("N" if d is None else str(d) for d in entry.input_shape)
+            if entry.input_shape
+            else "?"
+        )
         rows.append(
             {
                 "name": entry.name,
@@ -264,7 +276,9 @@ def describe_entry(entry: ModelEntry) -> list[tuple[str, str]]:
     """Field/value pairs of one entry, for `zoo info`, with the survey's doubts said plainly."""
     pre = entry.preprocess
     if pre is None:
-        preprocessing = "unknown: the zoo does not document it (pass a private catalog entry to set it)"
+        preprocessing = (
+            "unknown: the zoo does not document it (pass a private catalog entry to set it)"
+        )
     else:
         preprocessing = (
             f"x = (pixel*{pre.scale:.6g} - mean {list(pre.mean)}) / std {list(pre.std)}; "
@@ -272,7 +286,9 @@ def describe_entry(entry: ModelEntry) -> list[tuple[str, str]]:
             f"resize {pre.resize_mode} {pre.resize}, crop {pre.crop}; {pre.layout}"
         )
         if entry.preprocess_confidence in (None, "low"):
-            preprocessing += f"  [confidence {entry.preprocess_confidence or 'unknown'}: verify before trusting]"
+            preprocessing += (
+                f"  [confidence {entry.preprocess_confidence or 'unknown'}: verify before trusting]"
+            )
     shape = list(entry.input_shape) if entry.input_shape else "?"
     rows = [
         ("name", entry.name),
@@ -291,7 +307,9 @@ def describe_entry(entry: ModelEntry) -> list[tuple[str, str]]:
     ]
     rows += [(f"url {i + 1}", url) for i, url in enumerate(entry.urls)]
     if entry.archive:
-        rows.append(("archive", entry.archive.urls[0] if entry.archive.urls else entry.archive.path))
+        rows.append(
+            ("archive", entry.archive.urls[0] if entry.archive.urls else entry.archive.path)
+        )
     return rows
 
 

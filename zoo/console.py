@@ -51,3 +51,39 @@ def human_size(num_bytes: int | None) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     return f"{size:.1f} GB"
+
+
+class _EpochBar:
+    """A transient rich progress bar for one epoch: batches done, running loss and accuracy."""
+
+    def __init__(self, epoch: int, total: int) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn(f"epoch {epoch}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f} acc {task.fields[acc]:.3f}"),
+            TimeRemainingColumn(),
+            console=stderr_console(),
+            transient=True,
+        )
+        self._task = self._progress.add_task("train", total=total, loss=0.0, acc=0.0)
+        self._progress.start()
+
+    def update(self, batch: int, loss: float, accuracy: float) -> None:
+        self._progress.update(self._task, advance=1, loss=loss, acc=accuracy)
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+def epoch_bar_factory():  # noqa: ANN201
+    """A factory of per-epoch progress bars, for pipeline.train.fit."""
+    return _EpochBar

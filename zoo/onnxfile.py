@@ -20,7 +20,9 @@ def describe_non_model(head: bytes) -> str | None:
     if not head:
         return "an empty file"
     if stripped.startswith(LFS_POINTER_PREFIX):
-        return "a Git LFS pointer, not the model itself (the server no longer serves the LFS object)"
+        return (
+            "a Git LFS pointer, not the model itself (the server no longer serves the LFS object)"
+        )
     lowered = stripped[:512].lower()
     if lowered.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
         return "an HTML page (an error or login page), not a model"
@@ -43,25 +45,37 @@ def check_external_data(model: onnx.ModelProto, model_dir: Path) -> None:
         location = info.get("location", "")
         where = f"tensor {tensor.name!r} points at external data {location!r}"
         if not location or os.path.isabs(location) or location.startswith(("/", "\\")):
-            raise UnsafeFile(f"{where}, an absolute path; external data must sit beside the model in {base}")
+            raise UnsafeFile(
+                f"{where}, an absolute path; external data must sit beside the model in {base}"
+            )
         parts = Path(location).parts
         if ".." in parts or any(":" in part for part in parts):
-            raise UnsafeFile(f"{where}, which leaves the model folder; external data must sit beside the model in {base}")
+            raise UnsafeFile(
+                f"{where}, which leaves the model folder; external data must sit beside the model in {base}"
+            )
         target = base / location
         # Check each component for links before resolving, so a symlinked folder cannot smuggle a path out.
         probe = base
         for part in parts:
             probe = probe / part
             if probe.is_symlink():
-                raise UnsafeFile(f"{where}, which is a symbolic link; copy the real file into {base}")
+                raise UnsafeFile(
+                    f"{where}, which is a symbolic link; copy the real file into {base}"
+                )
         if not target.is_file():
-            raise InvalidModelFile(f"{where}, which does not exist; put the data file beside the model in {base}")
+            raise InvalidModelFile(
+                f"{where}, which does not exist; put the data file beside the model in {base}"
+            )
         resolved = Path(os.path.realpath(target))
         if base != resolved and base not in resolved.parents:
-            raise UnsafeFile(f"{where}, which resolves outside {base}; external data must sit beside the model")
+            raise UnsafeFile(
+                f"{where}, which resolves outside {base}; external data must sit beside the model"
+            )
         stat = target.stat()
         if stat.st_nlink > 1:
-            raise UnsafeFile(f"{where}, which is a hard link to another file; copy the real file into {base}")
+            raise UnsafeFile(
+                f"{where}, which is a hard link to another file; copy the real file into {base}"
+            )
         offset = int(info.get("offset", 0) or 0)
         length = info.get("length")
         end = offset + int(length) if length is not None else offset
@@ -86,13 +100,17 @@ def load_onnx(path: str | os.PathLike[str], *, load_external_data: bool = True) 
     try:
         model = onnx.load(str(path), load_external_data=False)
     except RecursionError as exc:
-        raise InvalidModelFile(f"{path} is nested too deeply to be a real ONNX model; it was refused") from exc
+        raise InvalidModelFile(
+            f"{path} is nested too deeply to be a real ONNX model; it was refused"
+        ) from exc
     except Exception as exc:  # protobuf raises DecodeError and friends; none of them is a model
         raise InvalidModelFile(
             f"{path} is not a valid ONNX model ({type(exc).__name__}); fetch it again (zoo fetch NAME --force)"
         ) from exc
     if not model.graph.node and not model.graph.initializer:
-        raise InvalidModelFile(f"{path} holds no ONNX graph; fetch it again (zoo fetch NAME --force)")
+        raise InvalidModelFile(
+            f"{path} holds no ONNX graph; fetch it again (zoo fetch NAME --force)"
+        )
     if load_external_data and _external_tensors(model):
         check_external_data(model, path.parent)
         from onnx.external_data_helper import load_external_data_for_model

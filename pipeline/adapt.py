@@ -1,0 +1,446 @@
+"""`zoo adapt`: a fetched zoo model, a data source and a strategy in; a run directory out.
+
+The stages in order: resolve the model and data, import and cut the head, choose what trains,
+train (on cached onnxruntime features when the backbone is frozen and the data fixed), test, report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline import runs
+from pipeline.checkpoint import write_json
+from pipeline.train import TrainConfig, TrainState
+from zoo.errors import DataError, UnsupportedModel, ZooError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from pipeline.data import DataSplit
+    from pipeline.report import Metrics
+    from zoo.catalog import Catalog, Preprocess
+
+STRATEGIES = ("auto", "feature", "finetune", "gradual", "full", "scratch")
+AUGMENTATIONS = ("none", "light", "strong")
+SMALL_PER_CLASS = 100  # "small" data, as the transfer-learning notes put it
+SIMILAR_CONFIDENCE = (
+    0.25  # mean top-1 probability of the ImageNet head above which data looks ImageNet-like
+)
+
+
+@dataclass(frozen=True)
+class AdaptOptions:
+    """Everything `zoo adapt` takes; defaults are the documented ones."""
+
+    model: str | None = None  # workspace name or .onnx path; None: the most recently fetched
+    data: str = "builtin:digits"
+    classes: int | None = None
+    strategy: str = "auto"
+    unfreeze: int | None = None
+    unfreeze_every: int = 1
+    epochs: int = 15
+    batch_size: int = 32
+    lr: float = 3e-4
+    lr_decay: float = 0.1
+    optimizer: str = "adam"
+    patience: int = 10
+    label_smoothing: float = 0.0
+    augment: str = "none"
+    image_size: int | None = None
+    device: str = "auto"
+    seed: int = 0
+    out: Path | None = None
+    resume: bool = False
+    strict: bool = False
+    train_per_class: int | None = None
+    hidden: int | None = None
+    dropout: float = 0.0
+
+
+@dataclass
+class AdaptResult:
+    """What a finished run reports (also printed with --json)."""
+
+    run_dir: Path
+    model_name: str
+    strategy: str
+    strategy_reason: str
+    device: str
+    fast_path: str
+    epochs_run: int
+    best_epoch: int
+    stopped: str
+    seconds: float
+    trainable_params: int
+    metrics: Metrics
+    history: list[Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.run_dir),
+            "model": self.model_name,
+            "strategy": self.strategy,
+            "strategy_reason": self.strategy_reason,
+            "device": self.device,
+            "fast_path": self.fast_path,
+            "epochs_run": self.epochs_run,
+            "best_epoch": self.best_epoch,
+            "stopped": self.stopped,
+            "seconds": round(self.seconds, 2),
+            "trainable_params": self.trainable_params,
+            "test_accuracy": self.metrics.accuracy,
+            "macro_f1": self.metrics.macro_f1,
+            "test_images": self.metrics.num_images,
+        }
+
+
+def choose_strategy(
+    *, per_class: float, confidence: float, num_blocks: int
+) -> tuple[str, int | None, str]:
+    """The `auto` rule of thumb: dataset size x similarity to ImageNet -> (strategy, unfreeze, why)."""
+    small = per_class < SMALL_PER_CLASS
+    similar = confidence >= SIMILAR_CONFIDENCE
+    size_word = f"{'small' if small else 'large'} data ({per_class:.0f} training images per class)"
+    sim_word = (
+        f"{'similar to' if similar else 'unlike'} ImageNet (the pretrained head's mean confidence "
+        f"is {confidence:.2f})"
+    )
+    if small and similar:
+        return "feature", None, f"{size_word}, {sim_word}: train only a new head on frozen features"
+    if small:
+        k = max(1, num_blocks // 4)
+        return "finetune", k, f"{size_word}, {sim_word}: fine-tune the top {k} blocks"
+    if similar:
+        k = max(2, num_blocks // 2)
+        return "finetune", k, f"{size_word}, {sim_word}: fine-tune the top {k} blocks"
+    return "full", None, f"{size_word}, {sim_word}: fine-tune every layer from the pretrained start"
+
+
+def imagenet_confidence(onnx_model: Any, *, input_name: str, batch: Any, output_kind: str) -> float:
+    """Mean top-1 probability of the pretrained head on a batch: a cheap similarity estimate."""
+    import numpy as np
+
+    from pipeline.features import ort_session
+
+    scores = ort_session(onnx_model).run(None, {input_name: batch.astype(np.float32)})[0]
+    scores = scores.reshape(scores.shape[0], -1)
+    if not output_kind.startswith("probabilities"):
+        scores = np.exp(scores - scores.max(1, keepdims=True))
+        scores /= scores.sum(1, keepdims=True)
+    return float(scores.max(1).mean())
+
+
+class HeadOnlyPlan:
+    """The plan for training a head on cached features: everything given trains."""
+
+    def apply(self, model: nn.Module, epoch: int) -> bool:
+        return False
+
+    def train_mode(self, model: nn.Module) -> None:
+        model.train()
+
+    def param_groups(
+        self, model: nn.Module, *, lr: float, decay: float = 0.1
+    ) -> list[dict[str, Any]]:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in (
+        "zoo",
+        "torch",
+        "torchvision",
+        "onnx",
+        "onnxruntime-gpu",
+        "onnx2torch",
+        "onnxslim",
+        "timm",
+    ):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def _resolve_preprocess(
+    card: dict[str, Any], split: DataSplit, image_size: int | None
+) -> Preprocess:
+    from zoo.catalog import Preprocess
+
+    raw = (card.get("entry") or {}).get("preprocess")
+    if not raw:
+        raise UnsupportedModel(
+            f"the zoo does not document how {card.get('name', 'this model')} preprocesses images; "
+            "add a private catalog entry with its mean, std and size (zoo --catalog FILE)"
+        )
+    preprocess = Preprocess.from_dict(raw)
+    size = image_size or split.recommended_size
+    return preprocess.at_size(size) if size and size != preprocess.crop else preprocess
+
+
+def prepare_data(options: AdaptOptions, *, run_dir: Path | None) -> DataSplit:
+    """The split: reloaded from the run when resuming, else loaded, checked and maybe subsampled."""
+    from pipeline.data import DataSplit, load_source, subsample_per_class
+
+    split_file = run_dir / runs.SPLIT_FILE if run_dir else None
+    if split_file and split_file.exists():
+        return DataSplit.load(split_file)
+    split = load_source(options.data, seed=options.seed, strict=options.strict)
+    found = len(split.class_names)
+    if options.classes is not None and options.classes != found:
+        shown = ", ".join(split.class_names[:12]) + (" …" if found > 12 else "")
+        raise DataError(
+            f"--classes {options.classes} was given, but {options.data} has {found} classes ({shown}); "
+            "fix --classes or the data"
+        )
+    if options.train_per_class:
+        split = dataclasses.replace(
+            split,
+            train=subsample_per_class(split.train, options.train_per_class, seed=options.seed),
+        )
+    return split
+
+
+def build_model(
+    onnx_path: Path, *, num_classes: int, hidden: int | None, dropout: float, seed: int
+) -> tuple[Any, nn.Module]:
+    """Import the zoo model and give it a new head; returns (imported, adapted model)."""
+    import torch
+
+    from pipeline.convert import import_model
+    from pipeline.surgery import replace_head
+
+    imported = import_model(onnx_path)
+    torch.manual_seed(seed)  # the new head's initial weights depend on the seed alone
+    adapted = replace_head(imported, imported.probe, num_classes, hidden=hidden, dropout=dropout)
+    return imported, adapted
+
+
+def _check_input_size(model: nn.Module, preprocess: Preprocess, model_name: str) -> None:
+    import torch
+
+    shape = (
+        (2, preprocess.channels, preprocess.crop, preprocess.crop)
+        if preprocess.layout == "NCHW"
+        else (2, preprocess.crop, preprocess.crop, preprocess.channels)
+    )
+    model.eval()
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(shape))
+    except Exception as exc:
+        raise UnsupportedModel(
+            f"{model_name} does not accept {preprocess.crop}x{preprocess.crop} inputs ({type(exc).__name__}); "
+            "drop --image-size or choose a size the model supports"
+        ) from exc
+
+
+def adapt(
+    options: AdaptOptions,
+    *,
+    models_dir: Path,
+    catalog: Catalog,
+    log: Callable[[str], None] = print,
+    progress: bool = False,
+    split: DataSplit | None = None,
+) -> AdaptResult:
+    """Run `zoo adapt` end to end and return its summary."""
+    from zoo.cache import latest_model, open_model
+
+    from pipeline import fastpath
+    from pipeline.train import fit, resolve_device
+
+    started = time.perf_counter()
+    models_dir = Path(models_dir)
+    previous: dict[str, Any] = {}
+    if options.resume:
+        if options.out is None:
+            raise ZooError("--resume needs --out RUN_DIR, the run to continue")
+        previous = runs.read_run(options.out)
+        options = dataclasses.replace(options, **previous["options"], resume=True, out=options.out)
+    model_ref = options.model
+    if model_ref is None:
+        model_ref = latest_model(models_dir).name
+        log(f"using {model_ref}, the model fetched most recently into {models_dir}")
+    onnx_path, card = open_model(model_ref, models_dir=models_dir, catalog=catalog)
+    model_name = card.get("name", Path(model_ref).stem)
+
+    run_dir = runs.claim_out_dir(options.out, resume=options.resume) if options.out else None
+    split = split or prepare_data(options, run_dir=run_dir)
+    preprocess = _resolve_preprocess(card, split, options.image_size)
+    if run_dir is None:
+        base = f"{runs.slug(model_name)}-{runs.slug(split.source_name)}-{len(split.class_names)}c"
+        run_dir = runs.new_run_dir(models_dir, base)
+    if split.skipped:
+        names = ", ".join(Path(p).name for p, _ in split.skipped[:3])
+        log(
+            f"skipped {len(split.skipped)} unreadable file(s): {names}{' …' if len(split.skipped) > 3 else ''}"
+        )
+    split.save(run_dir / runs.SPLIT_FILE)
+
+    device = resolve_device(options.device)
+    imported, adapted = build_model(
+        onnx_path,
+        num_classes=len(split.class_names),
+        hidden=options.hidden,
+        dropout=options.dropout,
+        seed=options.seed,
+    )
+    _check_input_size(adapted, preprocess, model_name)
+    from pipeline.surgery import discover_blocks, make_plan
+
+    blocks = discover_blocks(adapted)
+    strategy, unfreeze, reason = options.strategy, options.unfreeze, "chosen with --strategy"
+    if strategy == "auto":
+        sample = fastpath.preprocessed_batch(split.train[:64], preprocess)
+        confidence = imagenet_confidence(
+            imported.onnx_model,
+            input_name=imported.probe.input_name,
+            batch=sample,
+            output_kind=imported.probe.output_kind,
+        )
+        per_class = len(split.train) / len(split.class_names)
+        strategy, unfreeze, reason = choose_strategy(
+            per_class=per_class, confidence=confidence, num_blocks=len(blocks)
+        )
+        log(f"strategy auto -> {strategy}: {reason}")
+    plan = make_plan(adapted, strategy, unfreeze=unfreeze, every=options.unfreeze_every)
+
+    config = TrainConfig(
+        epochs=options.epochs,
+        batch_size=options.batch_size,
+        lr=options.lr,
+        lr_decay=options.lr_decay,
+        optimizer=options.optimizer,
+        patience=options.patience,
+        label_smoothing=options.label_smoothing,
+        seed=options.seed,
+        device=device,
+        amp=device == "cuda",
+        channels_last=device == "cuda",
+    )
+    record = {
+        "tool": "zoo",
+        "created": previous.get("created")
+        or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "status": "training",
+        "source": {
+            "name": model_name,
+            "path": str(onnx_path),
+            "sha256": card.get("sha256"),
+            "url": card.get("source_url"),
+        },
+        "options": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in dataclasses.asdict(options).items()
+            if k not in ("out", "resume")
+        },
+        "strategy": strategy,
+        "strategy_reason": reason,
+        "unfreeze": unfreeze,
+        "blocks": [b.name for b in blocks],
+        "hyperparameters": dataclasses.asdict(config),
+        "preprocess": preprocess.to_dict(),
+        "input_name": imported.probe.input_name,
+        "class_names": split.class_names,
+        "num_classes": len(split.class_names),
+        "head": {"hidden": options.hidden, "dropout": options.dropout},
+        "data": {
+            "source": split.source or options.data,
+            "train": len(split.train),
+            "val": len(split.val),
+            "test": len(split.test),
+            "skipped": len(split.skipped),
+        },
+        "seed": options.seed,
+        "device": device,
+        "versions": _versions(),
+        "import_fidelity": dataclasses.asdict(imported.fidelity) if imported.fidelity else None,
+    }
+    write_json(run_dir / runs.RUN_FILE, record)
+    log(
+        f"adapting {model_name} to {len(split.class_names)} classes ({len(split.train)} train / {len(split.val)} val / "
+        f"{len(split.test)} test images, {preprocess.crop} px) with {strategy} on {device}; run: {run_dir}"
+    )
+
+    setup = fastpath.prepare(
+        strategy=strategy,
+        augment=options.augment,
+        imported=imported,
+        adapted=adapted,
+        plan=plan,
+        split=split,
+        preprocess=preprocess,
+        config=config,
+        cache_dir=models_dir / ".cache" / "features",
+        model_sha256=card.get("sha256") or "",
+        log=log,
+    )
+    from zoo.console import epoch_bar_factory
+
+    state: TrainState = fit(
+        setup.model,
+        setup.plan,
+        make_train_loader=setup.make_train_loader,
+        val_loader=setup.val_loader,
+        config=config,
+        run_dir=run_dir,
+        resume=options.resume,
+        saved_model=adapted,
+        log=log,
+        progress_factory=epoch_bar_factory() if progress else None,
+    )
+
+    from pipeline.report import write_run_report
+    from pipeline.train import count_trainable, evaluate
+
+    test = evaluate(setup.model, setup.test_loader, config=config)
+    title = f"{model_name} → {split.source_name}, {strategy}"
+    metrics = write_run_report(
+        run_dir,
+        history=state.history,
+        labels=test.labels.numpy(),
+        scores=test.logits.numpy(),
+        class_names=split.class_names,
+        title=title,
+        extra={"best_epoch": state.best_epoch, "strategy": strategy},
+    )
+    seconds = time.perf_counter() - started
+    record.update(
+        status="done",
+        best_epoch=state.best_epoch,
+        epochs_run=state.epoch,
+        stopped=state.stopped,
+        fast_path=setup.description,
+        test_accuracy=metrics.accuracy,
+        seconds=round(seconds, 2),
+    )
+    write_json(run_dir / runs.RUN_FILE, record)
+    return AdaptResult(
+        run_dir=run_dir,
+        model_name=model_name,
+        strategy=strategy,
+        strategy_reason=reason,
+        device=device,
+        fast_path=setup.description,
+        epochs_run=state.epoch,
+        best_epoch=state.best_epoch,
+        stopped=state.stopped,
+        seconds=seconds,
+        trainable_params=max(
+            (r.trainable_params for r in state.history), default=count_trainable(adapted)
+        ),
+        metrics=metrics,
+        history=state.history,
+    )

@@ -1,0 +1,203 @@
+"""How the batches reach the trainable part: images through the whole model, or cached features.
+
+Only as much of the network runs per epoch as needs to. With the `feature` strategy and no
+augmentation the frozen backbone's output never changes, so onnxruntime computes it once
+(cut graph, cached on disk) and training touches only the head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    from torch import nn
+
+    from pipeline.data import DataSplit, Sample
+    from pipeline.train import TrainConfig
+    from zoo.catalog import Preprocess
+
+EVAL_BATCH = 64
+
+
+@dataclass
+class TrainingSetup:
+    """The module that sees the batches, its plan, and the loaders; `description` names the path."""
+
+    model: nn.Module
+    plan: Any
+    make_train_loader: Callable[[int], Iterable]
+    val_loader: Iterable
+    test_loader: Iterable
+    description: str
+
+
+def preprocessed_batch(samples: Sequence[Sample], preprocess: Preprocess) -> np.ndarray:
+    """Eval-preprocessed images stacked into one float32 array in the model's layout."""
+    import numpy as np
+
+    from pipeline.images import open_image, preprocess_image
+
+    arrays = [
+        preprocess_image(open_image(s.ref, channels=preprocess.channels), preprocess)
+        for s in samples
+    ]
+    return np.stack(arrays).astype(np.float32)
+
+
+def _image_loaders(
+    split: DataSplit, preprocess: Preprocess, *, augment: str, config: TrainConfig
+) -> tuple[Callable[[int], Iterable], Iterable, Iterable]:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from pipeline.data import ImageDataset
+
+    workers = 4 if config.device == "cuda" else 0
+    pin = config.device == "cuda"
+    train_set = ImageDataset(split.train, preprocess, augment=augment, seed=config.seed)
+
+    def make_train_loader(batch_size: int) -> DataLoader:
+        generator = torch.Generator().manual_seed(config.seed)
+        return DataLoader(
+            train_set,
+            batch_size=batch_size,
+            shuffle=True,
+            generator=generator,
+            num_workers=workers,
+            pin_memory=pin,
+        )
+
+    def eval_loader(samples: Sequence[Sample]) -> DataLoader:
+        return DataLoader(
+            ImageDataset(samples, preprocess),
+            batch_size=EVAL_BATCH,
+            num_workers=workers,
+            pin_memory=pin,
+        )
+
+    return make_train_loader, eval_loader(split.val), eval_loader(split.test)
+
+
+def cached_features(
+    *,
+    imported: Any,
+    samples: Sequence[Sample],
+    preprocess: Preprocess,
+    cache_dir: Path,
+    model_sha256: str,
+    log: Callable[[str], None],
+) -> np.ndarray:
+    """Backbone features of `samples`, computed once with onnxruntime and cached on disk."""
+    from pipeline import features
+
+    probe = imported.probe
+    key = features.cache_key(
+        model_sha256=model_sha256 or "unknown",
+        feature_name=probe.feature_name,
+        preprocess=preprocess.to_dict(),
+        refs=[s.ref for s in samples],
+    )
+    found = features.load_cached(cache_dir, key) if model_sha256 else None
+    if found is not None and len(found) == len(samples):
+        return found
+    cut = features.cut_at(
+        imported.onnx_model, input_name=probe.input_name, output_name=probe.feature_name
+    )
+    session = features.ort_session(cut)
+    batches = (
+        preprocessed_batch(samples[i : i + EVAL_BATCH], preprocess)
+        for i in range(0, len(samples), EVAL_BATCH)
+    )
+    result = features.run_batches(session, input_name=probe.input_name, batches=batches)
+    if model_sha256:
+        features.store_cached(cache_dir, key, result)
+    return result
+
+
+def _feature_loaders(
+    *,
+    imported: Any,
+    split: DataSplit,
+    preprocess: Preprocess,
+    config: TrainConfig,
+    cache_dir: Path,
+    model_sha256: str,
+    log: Callable[[str], None],
+) -> tuple[Callable[[int], Iterable], Iterable, Iterable]:
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def tensors(samples: Sequence[Sample]) -> TensorDataset:
+        feats = cached_features(
+            imported=imported,
+            samples=samples,
+            preprocess=preprocess,
+            cache_dir=cache_dir,
+            model_sha256=model_sha256,
+            log=log,
+        )
+        labels = torch.tensor([s.label for s in samples], dtype=torch.long)
+        return TensorDataset(torch.from_numpy(feats), labels)
+
+    log(
+        f"computing backbone features once with onnxruntime ({len(split.train) + len(split.val) + len(split.test)} images)"
+    )
+    train_set, val_set, test_set = tensors(split.train), tensors(split.val), tensors(split.test)
+
+    def make_train_loader(batch_size: int) -> DataLoader:
+        generator = torch.Generator().manual_seed(config.seed)
+        return DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator)
+
+    return (
+        make_train_loader,
+        DataLoader(val_set, batch_size=EVAL_BATCH * 4),
+        DataLoader(test_set, batch_size=EVAL_BATCH * 4),
+    )
+
+
+def prepare(
+    *,
+    strategy: str,
+    augment: str,
+    imported: Any,
+    adapted: nn.Module,
+    plan: Any,
+    split: DataSplit,
+    preprocess: Preprocess,
+    config: TrainConfig,
+    cache_dir: Path,
+    model_sha256: str,
+    log: Callable[[str], None],
+) -> TrainingSetup:
+    """Pick the fastest path that gives the same result as training the whole model on images."""
+    if strategy == "feature" and augment == "none":
+        from pipeline.adapt import HeadOnlyPlan
+
+        plan.apply(adapted, 0)  # freezes the backbone, so the saved model records it as frozen
+        make_train, val, test = _feature_loaders(
+            imported=imported,
+            split=split,
+            preprocess=preprocess,
+            config=config,
+            cache_dir=cache_dir,
+            model_sha256=model_sha256,
+            log=log,
+        )
+        from torch import nn
+
+        # pool + head see exactly what they would see behind the backbone: the ONNX feature tensor.
+        head = nn.Sequential(adapted.pool, adapted.head).to(config.device)
+        return TrainingSetup(
+            head, HeadOnlyPlan(), make_train, val, test, "cached onnxruntime features"
+        )
+    make_train, val, test = _image_loaders(split, preprocess, augment=augment, config=config)
+    model = adapted.to(config.device)
+    if config.channels_last:
+        import torch
+
+        model = model.to(memory_format=torch.channels_last)
+    return TrainingSetup(model, plan, make_train, val, test, "images through the whole model")
