@@ -1,0 +1,502 @@
+"""The workspace: fetched models under human names, backed by content-addressed blobs.
+
+    MODELS_DIR/blobs/<sha256>       the truth: one file per distinct content
+    MODELS_DIR/<name>/model.onnx    a hard link to its blob (a copy where links fail)
+    MODELS_DIR/<name>/card.json     where it came from, its sha256, its catalog entry, when
+
+Every file arrives in a hidden staging folder inside MODELS_DIR, is checked (sha256, loads as
+ONNX) and only then gets its final name with `os.replace`. A lock per name keeps two fetches
+of one model from racing; correctness comes from the atomic renames.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any, NamedTuple
+
+from zoo.catalog import BUNDLED_SOURCE, Catalog, ModelEntry
+from zoo.download import WAYS_OUT, copy_file, disk_errors, download, sha256_file
+from zoo.errors import ChecksumMismatch, DownloadError, InvalidModelFile, NotFound, ZooError
+
+MODEL_FILE = "model.onnx"
+CARD_FILE = "card.json"
+BLOBS = "blobs"
+LOCK_TIMEOUT = 3600.0  # seconds to wait for another fetch of the same model: big files are slow
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """A model in the workspace after `fetch`; `cached` when nothing had to be downloaded."""
+
+    name: str
+    path: Path
+    sha256: str
+    size: int
+    source_url: str
+    card_path: Path
+    cached: bool
+
+
+@dataclass(frozen=True)
+class WorkspaceModel:
+    """One fetched model, as `zoo list --workspace` shows it."""
+
+    name: str
+    path: Path
+    sha256: str
+    fetched_at: str
+
+
+class OpenedModel(NamedTuple):
+    """A verified model file and its card."""
+
+    path: Path
+    card: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Archive:
+    """A .tar.gz to take the model out of."""
+
+    urls: tuple[str, ...]
+    sha256: str | None = None
+    size: int | None = None
+    member_name: str | None = None  # basename of the model inside; None: the only .onnx
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one SOURCE means: the name it is stored under, where it comes from, what it must hash to."""
+
+    name: str
+    source_id: str  # recorded in the card; a name holding another source_id is another model
+    sha256: str | None  # what the model file must hash to; None: whatever it hashes to
+    size: int | None = None
+    entry: ModelEntry | None = None
+    onnx_urls: tuple[str, ...] = ()
+    archive: _Archive | None = None
+    bundled: bool = False
+
+
+def _zoo_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("zoo")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def check_name(name: str) -> str:
+    """A workspace name is a plain folder name; refuse anything else."""
+    if not _NAME.fullmatch(name) or name == BLOBS or ".." in name:
+        raise ZooError(
+            f"{name!r} cannot name a model in the workspace; choose a name of letters, digits, "
+            "'.', '_', '+' and '-' (e.g. --name my-model)"
+        )
+    return name
+
+
+def _default_name(path_or_url: str) -> str:
+    base = PurePosixPath(urllib.parse.urlparse(path_or_url).path).name or "model"
+    for suffix in (*_ARCHIVE_SUFFIXES, ".onnx"):
+        if base.lower().endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    return re.sub(r"[^A-Za-z0-9._+-]", "-", base).strip(".-") or "model"
+
+
+def _mirror_urls(mirror: str, repo_path: str) -> list[str]:
+    """Where a repository path lives in a mirror: a URL, or a local folder (tree or flat)."""
+    if urllib.parse.urlparse(mirror).scheme in ("http", "https", "file"):
+        return [urllib.parse.urljoin(mirror.rstrip("/") + "/", repo_path)]
+    root = Path(mirror).expanduser()
+    if not root.is_dir():
+        raise NotFound(f"mirror folder {root} does not exist; check --mirror or ZOO_MIRROR")
+    candidates = [str(root / repo_path), str(root / PurePosixPath(repo_path).name)]
+    return list(dict.fromkeys(candidates))
+
+
+def _entry_plan(
+    entry: ModelEntry, *, name: str | None, sha256: str | None, mirror: str | None
+) -> _Plan:
+    if entry.is_bundled:
+        return _Plan(name or entry.name, BUNDLED_SOURCE, sha256=None, entry=entry, bundled=True)
+    repo_path = entry.path or f"{entry.name}.onnx"
+    onnx_urls = [*(_mirror_urls(mirror, repo_path) if mirror else []), *entry.urls]
+    archive = None
+    if entry.archive is not None:
+        archive_urls = [
+            *(_mirror_urls(mirror, entry.archive.path) if mirror else []),
+            *entry.archive.urls,
+        ]
+        archive = _Archive(
+            urls=tuple(archive_urls),
+            sha256=entry.archive.sha256,
+            size=entry.archive.size,
+            member_name=PurePosixPath(repo_path).name,
+        )
+    return _Plan(
+        name=name or entry.name,
+        source_id=f"catalog:{entry.name}",
+        sha256=(sha256 or entry.sha256 or "").lower() or None,
+        size=entry.size,
+        entry=entry,
+        onnx_urls=tuple(onnx_urls),
+        archive=archive,
+    )
+
+
+def _file_plan(location: str, *, name: str, source_id: str, pin: str | None) -> _Plan:
+    """A plan for one file, .onnx or .tar.gz, at a URL or a local path."""
+    if location.lower().endswith(_ARCHIVE_SUFFIXES):
+        return _Plan(name=name, source_id=source_id, sha256=pin, archive=_Archive((location,)))
+    return _Plan(name=name, source_id=source_id, sha256=pin, onnx_urls=(location,))
+
+
+def _plan(
+    source: str, *, catalog: Catalog, name: str | None, sha256: str | None, mirror: str | None
+) -> _Plan:
+    """Decide what SOURCE is: an http(s) URL, a local .onnx/.tar.gz, or a catalog name or alias."""
+    pin = sha256.lower() if sha256 else None
+    parsed = urllib.parse.urlparse(source)
+    if parsed.scheme in ("http", "https"):
+        if not name:
+            raise ZooError(
+                f"fetching a URL needs a name to store it under: pass --name NAME ({source})"
+            )
+        return _file_plan(source, name=name, source_id=source, pin=pin)
+    is_file_url = parsed.scheme == "file"
+    local = (
+        Path(urllib.request.url2pathname(parsed.path)) if is_file_url else Path(source).expanduser()
+    )
+    if local.is_file():
+        location = str(local)
+        return _file_plan(
+            location,
+            name=name or _default_name(location),
+            source_id=local.resolve().as_uri(),
+            pin=pin,
+        )
+    if is_file_url or os.sep in source or source.lower().endswith((".onnx", *_ARCHIVE_SUFFIXES)):
+        raise NotFound(
+            f"{source} is not a file; pass an .onnx or .tar.gz path, a URL or a catalog name"
+        )
+    return _entry_plan(catalog.resolve(source), name=name, sha256=pin, mirror=mirror)
+
+
+def _read_card(folder: Path) -> dict[str, Any] | None:
+    try:
+        card = json.loads((folder / CARD_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return card if isinstance(card, dict) and isinstance(card.get("sha256"), str) else None
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON through a temporary file and os.replace, so readers never see half a file."""
+    with disk_errors(path):
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(payload, handle, indent=2, default=str)
+                handle.write("\n")
+            os.replace(tmp_name, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+
+
+def _link(blob: Path, target: Path) -> None:
+    """Point `target` at `blob`: a hard link, or a copy on file systems without them."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.link")
+    try:
+        with disk_errors(target):
+            try:
+                os.link(blob, tmp)
+            except OSError:
+                copy_file(blob, target)
+                return
+            os.replace(tmp, target)
+    finally:
+        # rename() between two links to one file does nothing, leaving tmp behind.
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _result(models_dir: Path, name: str, card: dict[str, Any], *, cached: bool) -> FetchResult:
+    folder = models_dir / name
+    path, card_path = folder / MODEL_FILE, folder / CARD_FILE
+    return FetchResult(
+        name, path, card["sha256"], card["size"], card["source_url"], card_path, cached
+    )
+
+
+def _install(
+    models_dir: Path,
+    plan: _Plan,
+    staged: Path | None,
+    *,
+    sha256: str,
+    source_url: str,
+    cached: bool = False,
+) -> FetchResult:
+    """Give a checked file its blob (None: the blob is already there), link its name to it, write its card."""
+    blob = models_dir / BLOBS / sha256
+    if staged is not None:
+        os.replace(staged, blob)
+    size = blob.stat().st_size
+    folder = models_dir / plan.name
+    folder.mkdir(exist_ok=True)
+    _link(blob, folder / MODEL_FILE)
+    card = {
+        "name": plan.name,
+        "source": plan.source_id,
+        "source_url": source_url,
+        "sha256": sha256,
+        "size": size,
+        "entry": plan.entry.to_dict() if plan.entry else None,
+        "fetched_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+        "zoo_version": _zoo_version(),
+    }
+    write_json_atomic(folder / CARD_FILE, card)
+    return _result(models_dir, plan.name, card, cached=cached)
+
+
+def _present(models_dir: Path, plan: _Plan, *, force: bool) -> FetchResult | None:
+    """The model when it is already in the workspace and checks out; None when it must be fetched."""
+    folder = models_dir / plan.name
+    card = _read_card(folder)
+    if card is not None and card.get("source") != plan.source_id and not force:
+        raise ZooError(
+            f"{plan.name!r} already holds another model ({card.get('source')}); pass --force to "
+            "replace it, or --name to store this one under another name"
+        )
+    if force:
+        return None
+    if card is not None and (folder / MODEL_FILE).is_file():
+        expected = plan.sha256 or card["sha256"]
+        if card["sha256"] == expected and sha256_file(folder / MODEL_FILE) == expected:
+            return _result(models_dir, plan.name, card, cached=True)
+    blob = models_dir / BLOBS / (plan.sha256 or "")
+    if plan.sha256 and blob.is_file() and sha256_file(blob) == plan.sha256:
+        # Another name already holds this content: link it, no download needed.
+        source_url = card["source_url"] if card else (plan.onnx_urls or ("",))[0]
+        return _install(
+            models_dir, plan, None, sha256=plan.sha256, source_url=source_url, cached=True
+        )
+    return None
+
+
+def _download_model(plan: _Plan, staging: Path, *, progress: bool) -> tuple[Path, str]:
+    """Get the model file into `staging`: from its .onnx URLs, else out of its archive."""
+    onnx_error: OSError | None = None
+    if plan.onnx_urls or plan.archive is None:
+        model = staging / MODEL_FILE
+        try:
+            got = download(
+                plan.onnx_urls,
+                model,
+                sha256=plan.sha256,
+                size=plan.size,
+                progress=progress,
+                label=plan.name,
+            )
+            return model, got.url
+        except (DownloadError, ChecksumMismatch) as exc:
+            if plan.archive is None:
+                raise
+            onnx_error = exc
+    archive, archive_file = plan.archive, staging / "model.tar.gz"
+    try:
+        got = download(
+            archive.urls,
+            archive_file,
+            sha256=archive.sha256,
+            size=archive.size,
+            progress=progress,
+            label=f"{plan.name} (.tar.gz)",
+        )
+    except (DownloadError, ChecksumMismatch) as exc:
+        if onnx_error is None:
+            raise
+        tried = f"{onnx_error.tried}; then its archive: {exc.tried}"  # type: ignore[attr-defined]
+        raise DownloadError(f"could not download {plan.name}: {tried}; {WAYS_OUT}") from exc
+    from zoo.archive import extract_member
+
+    model = extract_member(archive_file, archive.member_name, staging / "extracted")
+    archive_file.unlink()
+    return model, got.url
+
+
+def fetch(
+    source: str,
+    *,
+    models_dir: str | os.PathLike[str],
+    catalog: Catalog,
+    name: str | None = None,
+    sha256: str | None = None,
+    mirror: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> FetchResult:
+    """Put SOURCE (catalog name or alias, local .onnx/.tar.gz, or URL with `name`) into the workspace."""
+    from filelock import FileLock, Timeout
+
+    plan = _plan(
+        source,
+        catalog=catalog,
+        name=name,
+        sha256=sha256,
+        mirror=os.fspath(mirror) if mirror is not None else None,
+    )
+    check_name(plan.name)
+    models_dir = Path(models_dir).expanduser()
+    with disk_errors(models_dir):
+        (models_dir / BLOBS).mkdir(parents=True, exist_ok=True)
+        (models_dir / ".locks").mkdir(exist_ok=True)
+    try:
+        with FileLock(models_dir / ".locks" / f"{plan.name}.lock", timeout=LOCK_TIMEOUT):
+            present = _present(models_dir, plan, force=force)
+            if present is not None:
+                return present
+            return _fetch_fresh(models_dir, plan, progress=progress)
+    except Timeout as exc:
+        raise ZooError(
+            f"another `zoo fetch` of {plan.name} has held {exc.lock_file} for {LOCK_TIMEOUT:.0f} s; "
+            "wait for it, or delete the lock file if no fetch is running"
+        ) from exc
+
+
+def _fetch_fresh(models_dir: Path, plan: _Plan, *, progress: bool) -> FetchResult:
+    from zoo.onnxfile import load_onnx
+
+    with disk_errors(models_dir):
+        staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=models_dir))
+    try:
+        if plan.bundled:
+            from zoo import bundled
+
+            staged, source_url = bundled.build_bundled(staging / MODEL_FILE), BUNDLED_SOURCE
+        else:
+            staged, source_url = _download_model(plan, staging, progress=progress)
+        actual = sha256_file(staged)
+        if plan.sha256 and actual != plan.sha256:
+            raise ChecksumMismatch(
+                f"the model taken from {source_url} has sha256 {actual}, expected {plan.sha256}; "
+                "the archive may have changed, pass --mirror DIR with a verified copy"
+            )
+        load_onnx(staged)  # an HTML page, LFS pointer or garbage never gets a name
+        return _install(models_dir, plan, staged, sha256=actual, source_url=source_url)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _workspace_folder(name_or_path: str, *, models_dir: Path, catalog: Catalog) -> Path | None:
+    """The workspace folder for a name, an alias or a path to a workspace model."""
+    candidate = Path(name_or_path).expanduser()
+    if candidate.is_dir() and (candidate / CARD_FILE).is_file():
+        return candidate
+    if (
+        candidate.is_file()
+        and candidate.name == MODEL_FILE
+        and (candidate.parent / CARD_FILE).is_file()
+    ):
+        return candidate.parent
+    if _NAME.fullmatch(name_or_path) and (models_dir / name_or_path / CARD_FILE).is_file():
+        return models_dir / name_or_path
+    try:
+        entry = catalog.resolve(name_or_path)
+    except NotFound:
+        return None
+    folder = models_dir / entry.name
+    return folder if (folder / CARD_FILE).is_file() else None
+
+
+def open_model(
+    name_or_path: str | os.PathLike[str], *, models_dir: str | os.PathLike[str], catalog: Catalog
+) -> OpenedModel:
+    """A workspace model (or a plain .onnx path) and its card, its sha256 checked again now."""
+    models_dir = Path(models_dir).expanduser()
+    text = os.fspath(name_or_path)
+    folder = _workspace_folder(text, models_dir=models_dir, catalog=catalog)
+    if folder is None:
+        path = Path(text).expanduser()
+        if path.is_file():
+            card = {
+                "name": _default_name(text),
+                "source": path.resolve().as_uri(),
+                "source_url": path.resolve().as_uri(),
+                "sha256": sha256_file(path),
+                "size": path.stat().st_size,
+                "entry": None,
+                "fetched_at": None,
+            }
+            return OpenedModel(path, card)
+        raise NotFound(
+            f"no model {text!r} in the workspace {models_dir}; run `zoo fetch {text}` first"
+        )
+    card = _read_card(folder)
+    name = folder.name
+    if card is None:
+        raise InvalidModelFile(
+            f"{folder / CARD_FILE} is missing or damaged; run `zoo fetch {name} --force`"
+        )
+    path = folder / MODEL_FILE
+    if not path.is_file():
+        raise NotFound(f"{path} is missing; run `zoo fetch {name} --force`")
+    actual = sha256_file(path)
+    if actual != card["sha256"]:
+        raise ChecksumMismatch(
+            f"{path} has sha256 {actual}, but was fetched as {card['sha256']}: it was changed or damaged; "
+            f"run `zoo fetch {name} --force`"
+        )
+    return OpenedModel(path, card)
+
+
+def list_workspace(models_dir: str | os.PathLike[str]) -> list[WorkspaceModel]:
+    """Every fetched model in the workspace, by name."""
+    models_dir = Path(models_dir).expanduser()
+    if not models_dir.is_dir():
+        return []
+    found = []
+    for folder in sorted(models_dir.iterdir()):
+        if not folder.is_dir() or folder.name.startswith(".") or folder.name == BLOBS:
+            continue
+        card = _read_card(folder)
+        if card is None or not (folder / MODEL_FILE).is_file():
+            continue
+        found.append(
+            WorkspaceModel(
+                name=folder.name,
+                path=folder / MODEL_FILE,
+                sha256=card["sha256"],
+                fetched_at=str(card.get("fetched_at") or ""),
+            )
+        )
+    return found
+
+
+def latest_model(models_dir: str | os.PathLike[str]) -> WorkspaceModel | None:
+    """The most recently fetched model, or None in an empty workspace."""
+
+    def when(model: WorkspaceModel) -> datetime:
+        try:
+            return datetime.fromisoformat(model.fetched_at)
+        except ValueError:
+            return datetime.min.replace(tzinfo=timezone.utc)
+
+    models = list_workspace(models_dir)
+    return max(models, key=when) if models else None
