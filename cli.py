@@ -94,7 +94,6 @@ def main(ctx: click.Context, models_dir: Path, catalog_file: Path | None, debug:
 def list_command(ctx: click.Context, as_json: bool) -> None:
     """List the catalog: every zoo classifier and the bundled model."""
     from zoo.cache import list_workspace
-
     from zoo.catalog import catalog_rows
 
     present = {m.name for m in list_workspace(_models_dir(ctx))}
@@ -361,6 +360,205 @@ def compare_command(
         ],
     )
     click.echo(str(result.folder))
+
+
+@main.command("inspect")
+@click.argument("name")
+@json_option
+@click.pass_context
+def inspect_command(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Import a fetched model into PyTorch and show its input, head, feature tensor and blocks."""
+    from pipeline.inspect import inspect_model, render_report
+    from zoo.cache import open_model
+
+    path, card = open_model(name, models_dir=_models_dir(ctx), catalog=_catalog(ctx))
+    report = inspect_model(path, name=card.get("name", name))
+    if as_json:
+        console.emit_json(report.to_dict())
+        return
+    render_report(report)
+
+
+@main.command("export")
+@click.argument("run", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Output file (default RUN/model.onnx).",
+)
+@click.option("--opset", type=click.IntRange(11, 21), default=17, show_default=True)
+@click.option(
+    "--atol", type=float, default=1e-4, show_default=True, help="Absolute tolerance of the gate."
+)
+@click.option(
+    "--rtol", type=float, default=1e-3, show_default=True, help="Relative tolerance of the gate."
+)
+@click.option("--no-verify", is_flag=True, help="Skip the verification gate (not recommended).")
+@click.option(
+    "--quantize", type=click.Choice(["int8"]), help="Also write a static INT8 copy beside it."
+)
+@json_option
+@click.pass_context
+def export_command(
+    ctx: click.Context,
+    run: Path | None,
+    out: Path | None,
+    opset: int,
+    atol: float,
+    rtol: float,
+    no_verify: bool,
+    quantize: str | None,
+    as_json: bool,
+) -> None:
+    """Export a run (default: the latest) to ONNX; fails unless onnxruntime matches PyTorch."""
+    from pipeline.deploy import export_run
+
+    summary = export_run(
+        run,
+        models_dir=_models_dir(ctx),
+        catalog=_catalog(ctx),
+        out=out,
+        opset=opset,
+        atol=atol,
+        rtol=rtol,
+        verify=not no_verify,
+        quantize=quantize,
+        log=console.info,
+    )
+    if as_json:
+        console.emit_json(summary.to_dict())
+        return
+    if summary.report is not None:
+        console.info(summary.report.render())
+    if summary.int8:
+        i8 = summary.int8
+        console.info(
+            f"int8: {i8['path']} ({i8['ratio']:.0%} of fp32), accuracy {i8.get('accuracy_int8')} "
+            f"vs {i8.get('accuracy_fp32')} fp32, top-1 agreement {i8.get('top1_agreement')}"
+        )
+    click.echo(str(summary.path))
+
+
+@main.command("verify")
+@click.argument("model", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--run",
+    "run_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The run the file came from: compare against its PyTorch model on its test split.",
+)
+@click.option("--runtimes", default="ort", show_default=True, help="Comma-separated: ort, opencv.")
+@click.option("--atol", type=float, default=1e-4, show_default=True)
+@click.option("--rtol", type=float, default=1e-3, show_default=True)
+@json_option
+@click.pass_context
+def verify_command(
+    ctx: click.Context,
+    model: Path,
+    run_dir: Path | None,
+    runtimes: str,
+    atol: float,
+    rtol: float,
+    as_json: bool,
+) -> None:
+    """Run the verification gate on an existing ONNX file."""
+    from pipeline.deploy import verify_file
+    from zoo.errors import VerificationFailed
+
+    result = verify_file(
+        model,
+        run_dir=run_dir,
+        models_dir=_models_dir(ctx),
+        catalog=_catalog(ctx),
+        runtimes=[r.strip() for r in runtimes.split(",") if r.strip()],
+        atol=atol,
+        rtol=rtol,
+    )
+    report = result.pop("report", None)
+    if as_json:
+        console.emit_json(result)
+    else:
+        if report is not None:
+            console.info(report.render())
+        for name, check in result["runtimes"].items():
+            state = (
+                "agrees"
+                if check["passed"]
+                else f"FAILS ({check.get('rejected') or check.get('error')})"
+            )
+            console.info(f"{name}: top-1 agreement {check.get('top1_agreement')} — {state}")
+    if not result["passed"]:
+        raise VerificationFailed(f"{model} failed verification; see the report above")
+
+
+@main.command("predict")
+@click.argument("model", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.argument("images", nargs=-1, required=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@json_option
+@click.pass_context
+def predict_command(
+    ctx: click.Context,
+    model: Path,
+    images: tuple[str, ...],
+    top_k: int,
+    provider: str,
+    as_json: bool,
+) -> None:
+    """Top-K labels for images, using nothing but the ONNX file."""
+    from pipeline.deploy import predict
+
+    predictions = predict(model, images, catalog=_catalog(ctx), top_k=top_k, provider=provider)
+    if as_json:
+        console.emit_json({"model": str(model), "predictions": [p.to_dict() for p in predictions]})
+    else:
+        for p in predictions:
+            if p.error:
+                click.echo(f"{p.image}: unreadable ({p.error})")
+            else:
+                click.echo(
+                    f"{p.image}: " + ", ".join(f"{label} {prob:.3f}" for label, prob in p.top)
+                )
+    if all(p.error for p in predictions):
+        ctx.exit(1)
+
+
+@main.command("evaluate")
+@click.argument("model", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--data", required=True, help="Any data source zoo adapt accepts; every image is used."
+)
+@click.option(
+    "--plot", type=click.Path(dir_okay=False, path_type=Path), help="Confusion matrix PNG."
+)
+@json_option
+@click.pass_context
+def evaluate_command(
+    ctx: click.Context, model: Path, data: str, plot: Path | None, as_json: bool
+) -> None:
+    """Accuracy, macro precision/recall/F1 and confusion matrix of an ONNX file, from onnxruntime alone."""
+    from pipeline.deploy import evaluate_file
+
+    plot = plot or model.with_name(f"{model.stem}-confusion.png")
+    metrics = evaluate_file(model, data, catalog=_catalog(ctx), plot=plot)
+    if as_json:
+        console.emit_json({**metrics.to_dict(), "plot": str(plot)})
+        return
+    console.table(
+        f"{model.name} on {data}",
+        ["images", "accuracy", "macro precision", "macro recall", "macro F1"],
+        [
+            (
+                metrics.num_images,
+                f"{metrics.accuracy:.4f}",
+                f"{metrics.macro_precision:.4f}",
+                f"{metrics.macro_recall:.4f}",
+                f"{metrics.macro_f1:.4f}",
+            )
+        ],
+    )
+    console.info(f"confusion matrix: {plot}")
 
 
 def run() -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline import runs
 from pipeline.checkpoint import write_json
 from pipeline.train import TrainConfig, TrainState
-from zoo.errors import DataError, UnsupportedModel, ZooError
+from zoo.errors import DataError, NotFound, UnsupportedModel, ZooError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -127,9 +127,11 @@ def imagenet_confidence(onnx_model: Any, *, input_name: str, batch: Any, output_
     """Mean top-1 probability of the pretrained head on a batch: a cheap similarity estimate."""
     import numpy as np
 
-    from pipeline.features import ort_session
+    from pipeline.features import any_input_size, ort_session
 
-    scores = ort_session(onnx_model).run(None, {input_name: batch.astype(np.float32)})[0]
+    scores = ort_session(any_input_size(onnx_model)).run(
+        None, {input_name: batch.astype(np.float32)}
+    )[0]
     scores = scores.reshape(scores.shape[0], -1)
     if not output_kind.startswith("probabilities"):
         scores = np.exp(scores - scores.max(1, keepdims=True))
@@ -256,10 +258,9 @@ def adapt(
     split: DataSplit | None = None,
 ) -> AdaptResult:
     """Run `zoo adapt` end to end and return its summary."""
-    from zoo.cache import latest_model, open_model
-
     from pipeline import fastpath
     from pipeline.train import fit, resolve_device
+    from zoo.cache import latest_model, open_model
 
     started = time.perf_counter()
     models_dir = Path(models_dir)
@@ -271,7 +272,12 @@ def adapt(
         options = dataclasses.replace(options, **previous["options"], resume=True, out=options.out)
     model_ref = options.model
     if model_ref is None:
-        model_ref = latest_model(models_dir).name
+        latest = latest_model(models_dir)
+        if latest is None:
+            raise NotFound(
+                f"no model in {models_dir} yet; fetch one first, e.g. `zoo fetch efficientnet-lite0` (works offline)"
+            )
+        model_ref = latest.name
         log(f"using {model_ref}, the model fetched most recently into {models_dir}")
     onnx_path, card = open_model(model_ref, models_dir=models_dir, catalog=catalog)
     model_name = card.get("name", Path(model_ref).stem)

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from torch import nn
+
 if TYPE_CHECKING:
     import numpy as np
-    from torch import nn
 
     from pipeline.data import DataSplit, Sample
     from pipeline.train import TrainConfig
@@ -90,23 +91,23 @@ def cached_features(
     cache_dir: Path,
     model_sha256: str,
     log: Callable[[str], None],
+    value: str | None = None,
 ) -> np.ndarray:
-    """Backbone features of `samples`, computed once with onnxruntime and cached on disk."""
+    """The ONNX value `value` (default: the feature tensor) for `samples`, via onnxruntime, cached."""
     from pipeline import features
 
     probe = imported.probe
+    value = value or probe.feature_name
     key = features.cache_key(
         model_sha256=model_sha256 or "unknown",
-        feature_name=probe.feature_name,
+        feature_name=value,
         preprocess=preprocess.to_dict(),
         refs=[s.ref for s in samples],
     )
     found = features.load_cached(cache_dir, key) if model_sha256 else None
     if found is not None and len(found) == len(samples):
         return found
-    cut = features.cut_at(
-        imported.onnx_model, input_name=probe.input_name, output_name=probe.feature_name
-    )
+    cut = features.cut_at(imported.onnx_model, input_name=probe.input_name, output_name=value)
     session = features.ort_session(cut)
     batches = (
         preprocessed_batch(samples[i : i + EVAL_BATCH], preprocess)
@@ -127,6 +128,7 @@ def _feature_loaders(
     cache_dir: Path,
     model_sha256: str,
     log: Callable[[str], None],
+    value: str | None = None,
 ) -> tuple[Callable[[int], Iterable], Iterable, Iterable]:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
@@ -139,6 +141,7 @@ def _feature_loaders(
             cache_dir=cache_dir,
             model_sha256=model_sha256,
             log=log,
+            value=value,
         )
         labels = torch.tensor([s.label for s in samples], dtype=torch.long)
         return TensorDataset(torch.from_numpy(feats), labels)
@@ -159,6 +162,65 @@ def _feature_loaders(
     )
 
 
+class _SuffixModel(nn.Module):
+    """The trainable top of an adapted model: frozen-prefix output in, logits out (shared weights)."""
+
+    def __init__(self, suffix: Any, pool: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.suffix, self.pool, self.head = suffix, pool, head
+
+    def forward(self, prefix_output: Any) -> Any:
+        return self.head(self.pool(self.suffix(prefix_output)))
+
+
+class _PlanOn:
+    """A FreezePlan applied to the whole adapted model while batches go through a part of it."""
+
+    def __init__(self, plan: Any, adapted: nn.Module) -> None:
+        self.plan, self.adapted = plan, adapted
+
+    def apply(self, model: nn.Module, epoch: int) -> bool:
+        return self.plan.apply(self.adapted, epoch)
+
+    def train_mode(self, model: nn.Module) -> None:
+        self.plan.train_mode(self.adapted)
+
+    def param_groups(self, model: nn.Module, **kwargs: Any) -> list[dict[str, Any]]:
+        return self.plan.param_groups(self.adapted, **kwargs)
+
+
+def suffix_from(adapted: nn.Module, boundary: str) -> Any | None:
+    """The backbone from ONNX value `boundary` to the feature tensor, as a GraphModule sharing weights.
+
+    None when a tensor other than `boundary` crosses the cut (then the prefix cannot be cached).
+    """
+    from torch import fx
+
+    from pipeline.surgery.head import _value_node
+
+    backbone = adapted.backbone
+    start = _value_node(backbone, adapted.onnx_outputs, boundary)
+    graph = fx.Graph()
+    env: dict[Any, Any] = {}
+    seen_start = False
+    for node in backbone.graph.nodes:
+        if node is start:
+            env[node] = graph.placeholder("prefix_output")
+            seen_start = True
+            continue
+        if not seen_start:
+            if node.op == "get_attr":
+                env[node] = graph.node_copy(node, lambda arg: env[arg])
+            continue
+        if any(isinstance(a, fx.Node) and a not in env for a in node.all_input_nodes):
+            return None
+        env[node] = graph.node_copy(node, lambda arg: env[arg])
+    suffix = fx.GraphModule(backbone, graph)  # references, not copies: training updates `adapted`
+    suffix.graph.eliminate_dead_code()
+    suffix.recompile()
+    return suffix
+
+
 def prepare(
     *,
     strategy: str,
@@ -172,9 +234,13 @@ def prepare(
     cache_dir: Path,
     model_sha256: str,
     log: Callable[[str], None],
+    fast: bool = True,
 ) -> TrainingSetup:
-    """Pick the fastest path that gives the same result as training the whole model on images."""
-    if strategy == "feature" and augment == "none":
+    """Pick the fastest path that gives the same result as training the whole model on images.
+
+    `fast=False` forces the plain path (the tests compare both).
+    """
+    if fast and strategy == "feature" and augment == "none":
         from pipeline.adapt import HeadOnlyPlan
 
         plan.apply(adapted, 0)  # freezes the backbone, so the saved model records it as frozen
@@ -187,13 +253,36 @@ def prepare(
             model_sha256=model_sha256,
             log=log,
         )
-        from torch import nn
-
         # pool + head see exactly what they would see behind the backbone: the ONNX feature tensor.
         head = nn.Sequential(adapted.pool, adapted.head).to(config.device)
         return TrainingSetup(
             head, HeadOnlyPlan(), make_train, val, test, "cached onnxruntime features"
         )
+    if fast and strategy == "finetune" and augment == "none":
+        # The frozen prefix's output never changes either: cache it, train only the top in torch.
+        plan.apply(adapted, 0)
+        boundary = plan.frozen_prefix_end(0)
+        suffix = suffix_from(adapted, boundary) if boundary else None
+        if suffix is not None:
+            make_train, val, test = _feature_loaders(
+                imported=imported,
+                split=split,
+                preprocess=preprocess,
+                config=config,
+                cache_dir=cache_dir,
+                model_sha256=model_sha256,
+                log=log,
+                value=boundary,
+            )
+            model = _SuffixModel(suffix, adapted.pool, adapted.head).to(config.device)
+            return TrainingSetup(
+                model,
+                _PlanOn(plan, adapted),
+                make_train,
+                val,
+                test,
+                "frozen prefix cached by onnxruntime",
+            )
     make_train, val, test = _image_loaders(split, preprocess, augment=augment, config=config)
     model = adapted.to(config.device)
     if config.channels_last:

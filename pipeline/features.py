@@ -19,18 +19,34 @@ if TYPE_CHECKING:
     import onnx
 
 
+def any_input_size(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose inputs and outputs take any batch and image size (fine-tuning may change the size).
+
+    Shapes recorded for intermediate values are dropped: they were inferred at the original size.
+    """
+    import onnx
+
+    flexible = onnx.ModelProto()
+    flexible.CopyFrom(model)
+    del flexible.graph.value_info[:]
+    initializers = {t.name for t in flexible.graph.initializer}
+    for value in [*flexible.graph.input, *flexible.graph.output]:
+        if value.name in initializers or not value.type.tensor_type.HasField("shape"):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        channel_axis = 3 if len(dims) == 4 and dims[3].dim_value in (1, 3) else 1
+        for axis, dim in enumerate(dims):
+            if axis != channel_axis:
+                dim.Clear()
+                dim.dim_param = f"d{axis}"
+    return flexible
+
+
 def cut_at(model: onnx.ModelProto, *, input_name: str, output_name: str) -> onnx.ModelProto:
-    """The sub-graph from the model input to `output_name` (the feature tensor)."""
+    """The sub-graph from the model input to `output_name` (the feature tensor), any input size."""
     from onnx.utils import Extractor
 
-    inferred = model
-    try:
-        import onnx
-
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # shape inference is a help for the extractor, not a requirement
-        inferred = model
-    return Extractor(inferred).extract_model([input_name], [output_name])
+    return any_input_size(Extractor(model).extract_model([input_name], [output_name]))
 
 
 def ort_session(model: onnx.ModelProto, *, threads: int | None = None) -> Any:

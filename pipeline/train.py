@@ -283,7 +283,6 @@ def fit(
         log(
             f"resuming after epoch {state.epoch} of {config.epochs} (best so far: epoch {state.best_epoch})"
         )
-    seed_everything(config.seed + state.epoch)
     loader = make_train_loader(state.batch_size)
     steps_per_epoch = max(1, len(loader)) if hasattr(loader, "__len__") else 1
     optimizer = None
@@ -297,7 +296,12 @@ def fit(
                     optimizer.load_state_dict(optimizer_state)
                     optimizer_state = None
             started = time.perf_counter()
+            # Each epoch's randomness depends on (seed, epoch) alone, so a resumed run replays
+            # exactly what the uninterrupted one would have done.
             while True:
+                seed_everything(config.seed * 1000 + epoch)
+                if getattr(loader, "generator", None) is not None:
+                    loader.generator.manual_seed(config.seed * 1000 + epoch)
                 total_steps = steps_per_epoch * config.epochs
                 bar = progress_factory(epoch, len(loader)) if progress_factory else None
                 try:

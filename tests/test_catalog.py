@@ -87,7 +87,12 @@ def test_private_catalog_merges_and_overrides(tmp_path, monkeypatch) -> None:
                         "sha256": "AB" * 32,
                         "size": 10,
                         "input": {"name": "x", "shape": [1, 3, 96, 96], "layout": "NCHW"},
-                        "preprocess": {"mean": [0, 0, 0], "std": [1, 1, 1], "crop": 96, "resize": 96},
+                        "preprocess": {
+                            "mean": [0, 0, 0],
+                            "std": [1, 1, 1],
+                            "crop": 96,
+                            "resize": 96,
+                        },
                     }
                 ]
             }

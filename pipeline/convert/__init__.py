@@ -1,0 +1,234 @@
+"""Import stage: a zoo ONNX classifier becomes a trainable torch.fx module that matches onnxruntime.
+
+`normalise` (in `pipeline.convert.normalisation`) prepares the graph; this module converts it, keeps
+every float weight trainable and measures import fidelity against onnxruntime.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pipeline.convert.normalisation import (
+    BATCH_DIM_PARAM,
+    CONFIG_OPS,
+    ONNX_DOMAINS,
+    TARGET_OPSET,
+    OpKey,
+    describe_ops,
+    normalise,
+    refuse_custom_domains,
+    unconvertible_ops,
+    weight_initializers,
+)
+from zoo.errors import ImportFidelityError, UnsupportedModel
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
+    from torch import fx
+
+    from pipeline.probe import ProbeResult
+
+__all__ = [
+    "BATCH_DIM_PARAM",
+    "CONFIG_OPS",
+    "FIDELITY_TOLERANCE",
+    "ONNX_DOMAINS",
+    "TARGET_OPSET",
+    "Fidelity",
+    "ImportedModel",
+    "OpKey",
+    "check_fidelity",
+    "convert_onnx",
+    "import_model",
+    "normalise",
+    "sample_batch",
+    "unconvertible_ops",
+    "weight_initializers",
+]
+
+FIDELITY_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How closely the converted module matches onnxruntime on the same inputs."""
+
+    max_abs: float  # largest absolute difference over all outputs
+    top1_agreement: float  # fraction of samples whose arg-max class agrees
+    n_inputs: int  # number of samples compared
+    # Largest absolute onnxruntime output: above 1 the tolerance is relative to it.
+    scale: float = 1.0
+
+
+@dataclass
+class ImportedModel:
+    """A converted model with its normalised ONNX graph, probe result and fidelity figures."""
+
+    module: fx.GraphModule
+    onnx_model: onnx.ModelProto
+    probe: ProbeResult
+    fidelity: Fidelity | None
+    notes: list[str] = field(default_factory=list)
+    name: str = "model"
+
+
+def _buffers_to_parameters(module: fx.GraphModule, onnx_model: onnx.ModelProto) -> int:
+    """Turn float initializer buffers that are ONNX weights into trainable parameters."""
+    import torch
+    from onnx2torch.onnx_graph import OnnxGraph
+
+    weights = set(weight_initializers(onnx_model))
+    onnx_nodes = OnnxGraph(onnx_model.graph).nodes
+    try:
+        container = module.get_submodule("initializers")
+    except AttributeError:
+        return 0  # no computed-operand initializers at all
+    converted = 0
+    for node in module.graph.nodes:
+        if node.op != "get_attr" or not node.target.startswith("initializers."):
+            continue
+        names = set()
+        for user in node.users:
+            if user.op != "call_module" or user.target not in onnx_nodes:
+                continue
+            onnx_inputs = onnx_nodes[user.target].input_values
+            for position, arg in enumerate(user.args):
+                if arg is node and position < len(onnx_inputs):
+                    names.add(onnx_inputs[position])
+        attr = node.target.split(".", 1)[1]
+        tensor = container._buffers.get(attr)
+        if tensor is None or not tensor.is_floating_point() or not names or not names <= weights:
+            continue
+        del container._buffers[attr]
+        container.register_parameter(attr, torch.nn.Parameter(tensor.clone()))
+        converted += 1
+    return converted
+
+
+def convert_onnx(onnx_model: onnx.ModelProto) -> fx.GraphModule:
+    """Convert a normalised graph with onnx2torch, keeping every float weight trainable."""
+    from onnx2torch import convert
+
+    try:
+        module = convert(onnx_model)
+    except (NotImplementedError, KeyError, ValueError) as exc:
+        raise UnsupportedModel(
+            f"onnx2torch could not convert the graph ({type(exc).__name__}: {exc}); pick another model"
+        ) from exc
+    _buffers_to_parameters(module, onnx_model)
+    return module
+
+
+def sample_batch(probe: ProbeResult, *, batch: int = 2, seed: int = 0) -> np.ndarray:
+    """Random standard-normal inputs in the model's layout and size."""
+    import numpy as np
+
+    height, width = probe.input_size
+    shape = (
+        (batch, height, width, probe.channels)
+        if probe.layout == "NHWC"
+        else (batch, probe.channels, height, width)
+    )
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def check_fidelity(
+    module: fx.GraphModule,
+    onnx_model: onnx.ModelProto,
+    inputs: np.ndarray,
+    *,
+    input_name: str,
+) -> Fidelity:
+    """Run onnxruntime (CPU) and the torch module on the same inputs and compare their outputs."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = min(2, os.cpu_count() or 1)
+    session = ort.InferenceSession(
+        onnx_model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    reference = session.run(None, {input_name: inputs})[0]
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        output = module(torch.from_numpy(inputs))
+    module.train(was_training)
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    actual = output.detach().numpy()
+    if actual.shape != reference.shape:
+        raise ImportFidelityError(
+            f"the converted model outputs shape {actual.shape}, onnxruntime {reference.shape}; "
+            "report this model, it cannot be imported"
+        )
+    flat_ref = reference.reshape(len(reference), -1)
+    flat_act = actual.reshape(len(actual), -1)
+    return Fidelity(
+        max_abs=float(np.max(np.abs(flat_ref - flat_act))) if flat_ref.size else 0.0,
+        top1_agreement=float(np.mean(flat_ref.argmax(1) == flat_act.argmax(1))),
+        n_inputs=len(inputs),
+        scale=float(np.max(np.abs(flat_ref))) if flat_ref.size else 0.0,
+    )
+
+
+def import_model(
+    onnx_path: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    check_fidelity: bool = True,
+    sample_inputs: np.ndarray | None = None,
+) -> ImportedModel:
+    """Load, normalise, convert and check an ONNX classifier against onnxruntime."""
+    from pipeline.probe import probe
+    from zoo.onnxfile import load_onnx
+
+    name = name or os.path.splitext(os.path.basename(os.fspath(onnx_path)))[0]
+    model = load_onnx(onnx_path)
+    refuse_custom_domains(model, name)
+    normalised, notes = normalise(model)
+    missing = unconvertible_ops(normalised)
+    if missing:
+        raise UnsupportedModel(
+            f"model {name!r} uses operators onnx2torch cannot convert: {describe_ops(missing)}; "
+            "pick another model or opset from `zoo list`"
+        )
+    found = probe(normalised)  # a graph without a recognisable head fails before converting
+    module = convert_onnx(normalised)
+    fidelity = None
+    if check_fidelity:
+        fidelity = _measure(module, normalised, found, sample_inputs)
+        if fidelity.max_abs > FIDELITY_TOLERANCE * max(1.0, fidelity.scale):
+            raise ImportFidelityError(
+                f"model {name!r} converts with a max difference of {fidelity.max_abs:.3g} from onnxruntime "
+                f"(tolerance {FIDELITY_TOLERANCE:g}); report it and pick another model or opset"
+            )
+    return ImportedModel(module, normalised, found, fidelity, notes, name)
+
+
+def _measure(
+    module: fx.GraphModule,
+    onnx_model: onnx.ModelProto,
+    found: ProbeResult,
+    sample_inputs: np.ndarray | None,
+) -> Fidelity:
+    """Compare on random inputs, plus any real-looking inputs given, and merge the figures."""
+    import numpy as np
+
+    batches = [sample_batch(found)]
+    if sample_inputs is not None:
+        batches.append(np.asarray(sample_inputs, dtype=np.float32))
+    results = [
+        check_fidelity(module, onnx_model, batch, input_name=found.input_name) for batch in batches
+    ]
+    n_inputs = sum(result.n_inputs for result in results)
+    return Fidelity(
+        max_abs=max(result.max_abs for result in results),
+        top1_agreement=sum(r.top1_agreement * r.n_inputs for r in results) / n_inputs,
+        n_inputs=n_inputs,
+        scale=max(result.scale for result in results),
+    )

@@ -1,0 +1,397 @@
+"""From a run to a deployable file and back: export with the gate, verify, predict, evaluate.
+
+`zoo export`, `zoo verify`, `zoo predict` and `zoo evaluate` each call one function here. The
+comparison itself is pipeline.verify's one oracle; the file format is pipeline.export's.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline import runs
+from zoo.errors import ChecksumMismatch, DataError, NotFound, VerificationFailed, ZooError
+
+if TYPE_CHECKING:
+    import numpy as np
+    from torch import nn
+
+    from pipeline.data import DataSplit, Sample
+    from pipeline.verify import VerifyInputs
+    from zoo.catalog import Catalog, Preprocess
+
+MAX_VERIFY_IMAGES = 256  # the test split is used whole up to this many images
+
+
+@dataclass
+class LoadedRun:
+    """A run rebuilt: its record, split, preprocessing and the model with its best weights."""
+
+    run_dir: Path
+    record: dict[str, Any]
+    split: DataSplit
+    preprocess: Preprocess
+    model: nn.Module
+
+
+def load_run(run_dir: Path, *, models_dir: Path, catalog: Catalog) -> LoadedRun:
+    """Rebuild the adapted model of a run from its source model, run.json and best checkpoint."""
+    from pipeline.adapt import build_model
+    from pipeline.checkpoint import load_weights
+    from pipeline.data import DataSplit
+    from pipeline.train import BEST_CHECKPOINT
+    from zoo.cache import open_model
+    from zoo.catalog import Preprocess
+
+    run_dir = Path(run_dir)
+    record = runs.read_run(run_dir)
+    checkpoint = run_dir / BEST_CHECKPOINT
+    if not checkpoint.exists():
+        raise NotFound(
+            f"{run_dir} has no {BEST_CHECKPOINT}: the run never finished an epoch; train it with zoo adapt"
+        )
+    source = record["source"]
+    try:
+        onnx_path, card = open_model(source["name"], models_dir=models_dir, catalog=catalog)
+    except NotFound:
+        onnx_path, card = open_model(source["path"], models_dir=models_dir, catalog=catalog)
+    if source.get("sha256") and card.get("sha256") and card["sha256"] != source["sha256"]:
+        raise ChecksumMismatch(
+            f"{onnx_path} is not the file {run_dir.name} was trained from (sha256 {card['sha256'][:12]}… "
+            f"instead of {source['sha256'][:12]}…); fetch the original again"
+        )
+    _, model = build_model(
+        onnx_path,
+        num_classes=record["num_classes"],
+        hidden=record["head"]["hidden"],
+        dropout=record["head"]["dropout"],
+        seed=record["seed"],
+    )
+    load_weights(model, checkpoint)
+    model.eval()
+    split = DataSplit.load(run_dir / runs.SPLIT_FILE)
+    return LoadedRun(run_dir, record, split, Preprocess.from_dict(record["preprocess"]), model)
+
+
+def _images(samples: Sequence[Sample], preprocess: Preprocess) -> np.ndarray:
+    from pipeline.fastpath import preprocessed_batch
+
+    return preprocessed_batch(samples, preprocess)
+
+
+def gate_inputs(loaded: LoadedRun, *, limit: int = MAX_VERIFY_IMAGES) -> VerifyInputs:
+    """The run's test split (or validation split) as real images, plus a few random tensors."""
+    from pipeline.verify import VerifyInputs
+
+    samples = (loaded.split.test or loaded.split.val)[:limit]
+    if not samples:
+        raise DataError(f"{loaded.run_dir} has no test or validation images to verify against")
+    return VerifyInputs.from_arrays(
+        _images(samples, loaded.preprocess), [s.label for s in samples], n_random=2
+    )
+
+
+def input_shape(preprocess: Preprocess) -> tuple[int, int, int]:
+    size, channels = preprocess.crop, preprocess.channels
+    return (channels, size, size) if preprocess.layout == "NCHW" else (size, size, channels)
+
+
+@dataclass
+class ExportSummary:
+    """What `zoo export` prints."""
+
+    path: Path
+    verified: bool
+    report: Any
+    size: int
+    opset: int
+    int8: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "verified": self.verified,
+            "size": self.size,
+            "opset": self.opset,
+            "verify": self.report.to_dict() if self.report is not None else None,
+            "int8": self.int8,
+            "notes": self.notes,
+        }
+
+
+def export_run(
+    run_dir: Path | None,
+    *,
+    models_dir: Path,
+    catalog: Catalog,
+    out: Path | None = None,
+    opset: int = 17,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    verify: bool = True,
+    quantize: str | None = None,
+    log: Callable[[str], None] = print,
+) -> ExportSummary:
+    """Export a run's model to ONNX with its metadata, gated by the verification oracle."""
+    from pipeline.export import export_model
+
+    run_dir = Path(run_dir) if run_dir else runs.latest_run(models_dir)
+    loaded = load_run(run_dir, models_dir=models_dir, catalog=catalog)
+    record = loaded.record
+    metrics_file = run_dir / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    inputs = gate_inputs(loaded)
+    log(
+        f"exporting {run_dir.name} (opset {opset}) and checking it on {inputs.n_images} test images"
+    )
+    result = export_model(
+        loaded.model,
+        out or run_dir / "model.onnx",
+        input_name=record["input_name"],
+        layout=loaded.preprocess.layout,
+        input_shape=input_shape(loaded.preprocess),
+        opset=opset,
+        metadata={
+            "labels": loaded.split.class_names,
+            "preprocess": loaded.preprocess,
+            "source": record["source"],
+            "strategy": record["strategy"],
+            "metrics": {
+                k: metrics.get(k)
+                for k in ("accuracy", "macro_f1", "macro_precision", "macro_recall")
+            },
+            "input_name": record["input_name"],
+            "layout": loaded.preprocess.layout,
+            "run": run_dir.name,
+        },
+        verify_inputs=inputs,
+        atol=atol,
+        rtol=rtol,
+        verify=verify,
+    )
+    summary = ExportSummary(
+        result.path, result.verified, result.report, result.size, result.opset, notes=result.notes
+    )
+    if quantize == "int8":
+        summary.int8 = _quantize(loaded, result.path, inputs, log=log)
+    return summary
+
+
+def _quantize(
+    loaded: LoadedRun, fp32_path: Path, inputs: VerifyInputs, *, log: Callable[[str], None]
+) -> dict[str, Any]:
+    from pipeline.quantize import compare_int8, quantize_int8
+
+    calibration = _images(loaded.split.train[:128], loaded.preprocess)
+    log(f"quantizing to INT8, calibrated on {len(calibration)} training images")
+    quantized = quantize_int8(
+        fp32_path, calibration=calibration, input_name=loaded.record["input_name"]
+    )
+    report = compare_int8(fp32_path, quantized.path, inputs)
+    summary = {
+        "path": str(quantized.path),
+        "size": quantized.size,
+        "fp32_size": quantized.fp32_size,
+        "ratio": round(quantized.ratio, 3),
+        **report.to_dict(),
+    }
+    if not report.passed:
+        quantized.path.unlink(missing_ok=True)
+        raise VerificationFailed(
+            f"INT8 accuracy {report.accuracy_int8:.2f}% is more than {report.max_drop} points below fp32 "
+            f"{report.accuracy_fp32:.2f}%; the INT8 file was removed. Calibrate on more images or keep fp32"
+        )
+    return summary
+
+
+def verify_file(
+    onnx_path: Path,
+    *,
+    run_dir: Path | None,
+    models_dir: Path,
+    catalog: Catalog,
+    runtimes: Sequence[str] = ("ort",),
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> dict[str, Any]:
+    """`zoo verify`: the gate against the run's torch model (with --run), plus other runtimes."""
+    from pipeline.export import read_metadata
+    from pipeline.verify import VerifyInputs, runtime_check, verify
+
+    onnx_path = Path(onnx_path)
+    metadata = read_metadata(onnx_path)
+    result: dict[str, Any] = {"path": str(onnx_path), "passed": True, "runtimes": {}}
+    inputs: VerifyInputs
+    if run_dir is not None:
+        loaded = load_run(Path(run_dir), models_dir=models_dir, catalog=catalog)
+        inputs = gate_inputs(loaded)
+        report = verify(loaded.model, onnx_path, inputs, atol=atol, rtol=rtol)
+        result["gate"] = report.to_dict()
+        result["report"] = report
+        result["passed"] = report.passed
+    elif metadata.preprocess is not None:
+        inputs = VerifyInputs.random_only(input_shape(metadata.preprocess), count=4)
+    else:
+        raise ZooError(
+            f"{onnx_path} carries no preprocessing metadata; pass --run RUN to verify it against its run"
+        )
+    for name in runtimes:
+        if name == "ort":
+            continue
+        check = runtime_check(name)(onnx_path, inputs)
+        result["runtimes"][name] = check.to_dict()
+        result["passed"] = result["passed"] and check.passed
+    return result
+
+
+def expand_images(patterns: Sequence[str]) -> list[Path]:
+    """Files, folders (their images, recursively) and globs -> image paths, in a stable order."""
+    from pipeline.images import is_image_name
+
+    found: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            found += sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and is_image_name(p.name) and not p.name.startswith(".")
+            )
+        elif any(ch in pattern for ch in "*?["):
+            found += sorted(
+                Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file()
+            )
+        else:
+            found.append(path)
+    return found
+
+
+@dataclass
+class Prediction:
+    image: str
+    top: list[tuple[str, float]]  # (label, probability), best first
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.error:
+            return {"image": self.image, "error": self.error}
+        return {
+            "image": self.image,
+            "top": [{"label": label, "probability": p} for label, p in self.top],
+        }
+
+
+def _labels_and_preprocess(onnx_path: Path, catalog: Catalog) -> tuple[list[str], Preprocess, str]:
+    """From the file's zoo metadata, or for a raw zoo model from its catalog card (ImageNet labels)."""
+    from pipeline.export import read_metadata
+    from zoo.onnxfile import load_onnx
+
+    metadata = read_metadata(onnx_path)
+    model = load_onnx(onnx_path, load_external_data=False)
+    input_name = metadata.input_name or model.graph.input[0].name
+    if metadata.labels and metadata.preprocess:
+        return list(metadata.labels), metadata.preprocess, input_name
+    card_path = onnx_path.parent / "card.json"
+    entry = json.loads(card_path.read_text()).get("entry") if card_path.exists() else None
+    if entry and entry.get("preprocess"):
+        from zoo.catalog import Preprocess
+
+        labels = (
+            (Path(__file__).parents[1] / "zoo" / "data" / "imagenet_labels.txt")
+            .read_text()
+            .splitlines()
+        )
+        count = entry.get("num_classes", 1000)
+        labels = labels if count == 1000 else [str(i) for i in range(count)]
+        return labels, Preprocess.from_dict(entry["preprocess"]), input_name
+    raise ZooError(
+        f"{onnx_path} has no zoo metadata (labels, preprocessing) and no catalog card beside it; "
+        "export it with `zoo export`, or fetch it with `zoo fetch`"
+    )
+
+
+def predict(
+    onnx_path: Path,
+    images: Sequence[str],
+    *,
+    catalog: Catalog,
+    top_k: int = 5,
+    provider: str = "cpu",
+) -> list[Prediction]:
+    """Top-K labels per image using only the ONNX file (and onnxruntime)."""
+    import numpy as np
+
+    from pipeline.images import open_image, preprocess_image
+    from pipeline.verify import create_session
+
+    onnx_path = Path(onnx_path)
+    labels, preprocess, input_name = _labels_and_preprocess(onnx_path, catalog)
+    session = create_session(
+        onnx_path, "CUDAExecutionProvider" if provider == "cuda" else "CPUExecutionProvider"
+    )
+    paths = expand_images(images)
+    if not paths:
+        raise DataError(
+            f"no images found in {' '.join(images)}; pass image files, folders or globs"
+        )
+    predictions = []
+    output_names = [o.name for o in session.get_outputs()]
+    for path in paths:
+        try:
+            batch = preprocess_image(
+                open_image(str(path), channels=preprocess.channels), preprocess
+            )[None]
+        except (ZooError, OSError) as exc:
+            predictions.append(Prediction(str(path), [], error=str(exc)))
+            continue
+        outputs = dict(
+            zip(
+                output_names, session.run(None, {input_name: batch.astype(np.float32)}), strict=True
+            )
+        )
+        if "probs" in outputs:
+            probs = outputs["probs"].reshape(-1)
+        else:
+            scores = next(iter(outputs.values())).reshape(-1).astype(np.float64)
+            probs = np.exp(scores - scores.max())
+            probs /= probs.sum()
+        order = np.argsort(-probs)[:top_k]
+        predictions.append(Prediction(str(path), [(labels[i], float(probs[i])) for i in order]))
+    return predictions
+
+
+def evaluate_file(
+    onnx_path: Path, data: str, *, catalog: Catalog, plot: Path | None = None, seed: int = 0
+) -> Any:
+    """`zoo evaluate`: metrics of the ONNX file alone on every image of a data source."""
+    import numpy as np
+
+    from pipeline.data import load_source
+    from pipeline.features import ort_session, run_batches
+    from pipeline.report import compute_metrics, plot_confusion
+    from zoo.onnxfile import load_onnx
+
+    onnx_path = Path(onnx_path)
+    labels, preprocess, input_name = _labels_and_preprocess(onnx_path, catalog)
+    split = load_source(data, seed=seed)
+    samples = split.train + split.val + split.test
+    unknown = [name for name in split.class_names if name not in labels]
+    if unknown:
+        raise DataError(
+            f"{data} has classes the model does not know ({', '.join(unknown[:5])}); "
+            f"the model's classes are {', '.join(labels[:10])}"
+        )
+    remap = [labels.index(name) for name in split.class_names]
+    session = ort_session(load_onnx(onnx_path))
+    batches = (_images(samples[i : i + 64], preprocess) for i in range(0, len(samples), 64))
+    scores = run_batches(session, input_name=input_name, batches=batches)
+    truth = np.array([remap[s.label] for s in samples])
+    metrics = compute_metrics(truth, scores.reshape(len(samples), -1), labels)
+    if plot is not None:
+        plot_confusion(Path(plot), metrics, title=f"{onnx_path.name} on {split.source_name}")
+    return metrics

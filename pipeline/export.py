@@ -1,0 +1,418 @@
+"""Export an adapted torch model to a self-describing ONNX file, behind the verification gate.
+
+The file gets two outputs (`logits` and `probs`), a dynamic batch, and `metadata_props` that name
+the classes and the preprocessing, so that anyone holding only the `.onnx` can use it. It is
+written under a temporary name in the target folder, verified there, and only then renamed into
+place: a failed export never leaves a file that looks finished, nor touches an earlier good one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import json
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.verify import VerifyInputs, VerifyReport, eval_on_cpu
+from pipeline.verify import verify as run_gate
+from zoo.catalog import Preprocess
+from zoo.errors import DiskFull, UnsupportedModel, VerificationFailed
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+
+PREFIX = "zoo."
+OUTPUT_NAMES = ("logits", "probs")
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf cannot serialise a single message past 2 GB
+REPORT_NAME = "verify.json"
+# Friendly metadata keys that have a typed field in ModelMetadata.
+KNOWN_KEYS = (
+    "labels",
+    "preprocess",
+    "source",
+    "strategy",
+    "metrics",
+    "version",
+    "input_name",
+    "layout",
+)
+
+
+def zoo_version() -> str:
+    """The installed version of the `zoo` tool."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("zoo")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass
+class ModelMetadata:
+    """What a zoo-exported file says about itself, decoded from its `metadata_props`."""
+
+    labels: tuple[str, ...] = ()  # class names in output order
+    preprocess: Preprocess | None = None  # how an image becomes the input
+    source: dict[str, Any] = field(default_factory=dict)  # the pretrained model: name, url, sha256
+    strategy: str | None = None  # how it was adapted (feature, finetune, ...)
+    metrics: dict[str, Any] = field(default_factory=dict)  # test metrics of the run
+    version: str | None = None  # zoo version that wrote the file
+    input_name: str | None = None
+    layout: str | None = None  # NCHW or NHWC
+    extra: dict[str, Any] = field(default_factory=dict)  # other zoo.* keys, JSON-decoded
+    raw: dict[str, str] = field(default_factory=dict)  # every metadata_props entry as stored
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = dataclasses.asdict(self)
+        raw["preprocess"] = None if self.preprocess is None else self.preprocess.to_dict()
+        raw["labels"] = list(self.labels)
+        return raw
+
+
+def encode_metadata(metadata: Mapping[str, Any]) -> dict[str, str]:
+    """`metadata_props` for `metadata`: keys get the `zoo.` prefix; non-strings become JSON."""
+    props: dict[str, str] = {}
+    for key, value in metadata.items():
+        if value is None:
+            continue
+        if isinstance(value, Preprocess):
+            value = value.to_dict()
+        name = key if key.startswith(PREFIX) else PREFIX + key
+        props[name] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return props
+
+
+def _decode(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value  # plain strings are stored as they are
+
+
+def decode_metadata(props: Mapping[str, str]) -> ModelMetadata:
+    """The `ModelMetadata` that `metadata_props` describe (missing keys stay empty)."""
+    values = {k[len(PREFIX) :]: _decode(v) for k, v in props.items() if k.startswith(PREFIX)}
+    pre = values.get("preprocess")
+    # Plain-text fields are read as stored: a strategy such as "1" must not become a number.
+    texts = {k: props.get(PREFIX + k) for k in ("strategy", "version", "input_name", "layout")}
+    return ModelMetadata(
+        labels=tuple(str(label) for label in values.get("labels") or ()),
+        preprocess=Preprocess.from_dict(pre) if isinstance(pre, Mapping) else None,
+        source=dict(values["source"]) if isinstance(values.get("source"), Mapping) else {},
+        metrics=dict(values["metrics"]) if isinstance(values.get("metrics"), Mapping) else {},
+        extra={k: v for k, v in values.items() if k not in KNOWN_KEYS},
+        raw=dict(props),
+        **texts,
+    )
+
+
+def read_metadata(onnx_path: str | os.PathLike[str]) -> ModelMetadata:
+    """Labels, preprocessing, source and metrics of a zoo-exported file, read from its metadata."""
+    from zoo.onnxfile import load_onnx
+
+    model = load_onnx(onnx_path, load_external_data=False)  # weights are not needed for this
+    return decode_metadata({p.key: p.value for p in model.metadata_props})
+
+
+def metadata_problems(
+    metadata: ModelMetadata, *, num_classes: int, input_shape: Sequence[int]
+) -> list[str]:
+    """What in `metadata` would mislead a user of the file (input_shape without batch)."""
+    problems: list[str] = []
+    if not metadata.labels:
+        problems.append("no class names (zoo.labels); pass the labels when exporting")
+    elif len(metadata.labels) != num_classes:
+        problems.append(f"{len(metadata.labels)} class names for {num_classes} outputs")
+    pre = metadata.preprocess
+    if pre is None:
+        problems.append("no preprocessing (zoo.preprocess); pass it when exporting")
+        return problems
+    layout = metadata.layout or pre.layout
+    if pre.layout != layout:
+        problems.append(f"preprocessing says {pre.layout} but the file says {layout}")
+    expected = (
+        (pre.channels, pre.crop, pre.crop)
+        if layout == "NCHW"
+        else (pre.crop, pre.crop, pre.channels)
+    )
+    if tuple(input_shape) != expected:
+        problems.append(
+            f"input shape {tuple(input_shape)} does not match the preprocessing's {expected}"
+        )
+    return problems
+
+
+@dataclass
+class ExportResult:
+    """What `export_model` wrote and how it was checked."""
+
+    path: Path
+    size: int  # bytes on disk, external data included
+    opset: int
+    input_name: str
+    layout: str
+    input_shape: tuple[int, ...]  # without the batch, in `layout` order
+    num_classes: int
+    verified: bool  # False only when the gate was skipped with verify=False
+    report: VerifyReport | None
+    report_path: Path | None  # verify.json beside the file
+    external_data: Path | None  # the .data file, for models over the threshold
+    slimmed: bool  # onnxslim simplified the graph (else its error is in notes)
+    notes: list[str] = field(default_factory=list)
+
+
+class _WithProbs:
+    """Builds the export wrapper lazily so importing this module does not import torch."""
+
+    @staticmethod
+    def wrap(model: torch.nn.Module) -> torch.nn.Module:
+        import torch
+
+        class WithProbs(torch.nn.Module):
+            def __init__(self, inner: torch.nn.Module) -> None:
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                logits = torch.flatten(self.inner(x), 1)  # 4-D [B,N,1,1] heads become [B,N]
+                return logits, torch.softmax(logits, dim=1)
+
+        return WithProbs(model).eval()
+
+
+def _torch_export(model: torch.nn.Module, path: Path, *, input_name: str, input_shape: tuple[int, ...], opset: int) -> None:  # fmt: skip
+    import torch
+
+    dummy = torch.randn(1, *input_shape)
+    dynamic = {name: {0: "batch"} for name in (input_name, *OUTPUT_NAMES)}
+    with warnings.catch_warnings():
+        # The legacy exporter warns that it is legacy; dynamo needs onnxscript, which we do not ship.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _WithProbs.wrap(model),
+            (dummy,),
+            str(path),
+            input_names=[input_name],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes=dynamic,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+
+
+def _slim(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    """The onnxslim-simplified graph if it checks, else the original and why."""
+    import onnx
+    import onnxslim
+
+    try:
+        slimmed = onnxslim.slim(model)
+        onnx.checker.check_model(slimmed, full_check=True)
+    except Exception as exc:  # any failure of an optional simplification keeps the plain graph
+        return (
+            model,
+            f"onnxslim failed ({type(exc).__name__}: {str(exc)[:200]}); kept the unslimmed graph",
+        )
+    return slimmed, None
+
+
+def _serialized_size(model: onnx.ModelProto) -> int:
+    try:
+        return model.ByteSize()
+    except Exception:  # protobuf refuses to size messages past its limit
+        return EXTERNAL_DATA_THRESHOLD + 1
+
+
+def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        temporary.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _disk_errors(target: Path) -> Any:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise DiskFull(
+                f"the disk is full while writing {target}; free some space and export again"
+            ) from exc
+        raise
+
+
+def export_model(
+    model: torch.nn.Module,
+    out_path: str | os.PathLike[str],
+    *,
+    input_name: str,
+    layout: str,
+    input_shape: Sequence[int],
+    opset: int = 17,
+    metadata: Mapping[str, Any],
+    verify_inputs: VerifyInputs | None = None,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    verify: bool = True,
+    external_data_threshold_bytes: int = EXTERNAL_DATA_THRESHOLD,
+) -> ExportResult:
+    """Export `model` (input -> logits) to `out_path` with logits+probs outputs, metadata and the gate."""
+    if layout not in ("NCHW", "NHWC"):
+        raise ValueError(f"layout must be NCHW or NHWC, not {layout!r}")
+    shape = tuple(int(d) for d in input_shape)
+    if verify_inputs is not None and verify_inputs.all_inputs.shape[1:] != shape:
+        raise ValueError(
+            f"verify inputs have shape {verify_inputs.all_inputs.shape[1:]}, the model takes {shape}"
+        )
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data_name = f"{out.name}.data"
+    # A temporary folder beside the target: the external-data file must already carry its final
+    # name inside the graph, so both files are written and verified here before either moves.
+    work = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
+    work.mkdir()
+    notes: list[str] = []
+    try:
+        graph, slimmed = _build_graph(model, work, input_name=input_name, input_shape=shape, opset=opset, notes=notes)  # fmt: skip
+        num_classes = graph.graph.output[0].type.tensor_type.shape.dim[1].dim_value
+        labels = metadata.get("labels") or metadata.get(PREFIX + "labels")
+        if labels is not None and len(labels) != num_classes:
+            raise ValueError(f"{len(labels)} labels for a model with {num_classes} outputs")
+        props = encode_metadata({"version": zoo_version(), "input_name": input_name, "layout": layout, **metadata})  # fmt: skip
+        _describe(graph, props, num_classes=num_classes)
+        notes += [f"metadata: {problem}" for problem in metadata_problems(decode_metadata(props), num_classes=num_classes, input_shape=shape)]  # fmt: skip
+        external = _serialized_size(graph) > external_data_threshold_bytes
+        staged = work / out.name
+        _save_checked(graph, staged, data_name=data_name if external else None)
+        report = report_path = None
+        if verify:
+            report, report_path = _gate(model, staged, out, verify_inputs, shape, atol=atol, rtol=rtol, notes=notes)  # fmt: skip
+        else:
+            notes.append(
+                "verification skipped (verify=False): the file was not compared with torch"
+            )
+        with _disk_errors(out):
+            if external:
+                # The data file moves first: the graph that names it must never arrive before it.
+                os.replace(work / data_name, out.parent / data_name)
+            os.replace(staged, out)
+        if not external:
+            (out.parent / data_name).unlink(missing_ok=True)  # a stale file from an earlier export
+        size = out.stat().st_size + ((out.parent / data_name).stat().st_size if external else 0)
+        return ExportResult(
+            path=out,
+            size=size,
+            opset=opset,
+            input_name=input_name,
+            layout=layout,
+            input_shape=shape,
+            num_classes=num_classes,
+            verified=verify,
+            report=report,
+            report_path=report_path,
+            external_data=out.parent / data_name if external else None,
+            slimmed=slimmed,
+            notes=notes,
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _build_graph(
+    model: torch.nn.Module,
+    work: Path,
+    *,
+    input_name: str,
+    input_shape: tuple[int, ...],
+    opset: int,
+    notes: list[str],
+) -> tuple[onnx.ModelProto, bool]:
+    """Trace the model with a probs output, then simplify; returns the graph and whether slim worked."""
+    import onnx
+
+    with eval_on_cpu(model):
+        try:
+            _torch_export(model, work / "raw.onnx", input_name=input_name, input_shape=input_shape, opset=opset)  # fmt: skip
+        except Exception as exc:
+            raise UnsupportedModel(
+                f"torch.onnx.export failed at opset {opset} ({type(exc).__name__}: {str(exc)[:300]}); "
+                "try another --opset (13 is the most widely supported)"
+            ) from exc
+    graph, slim_note = _slim(onnx.load(str(work / "raw.onnx")))
+    if slim_note:
+        notes.append(slim_note)
+    return graph, slim_note is None
+
+
+def _describe(graph: onnx.ModelProto, props: Mapping[str, str], *, num_classes: int) -> None:
+    """Write the metadata_props, producer and doc string that make the file self-describing."""
+    del graph.metadata_props[:]
+    for key, value in sorted(props.items()):
+        graph.metadata_props.add(key=key, value=value)
+    graph.producer_name = "zoo"
+    graph.producer_version = zoo_version()
+    graph.doc_string = (
+        f"zoo classifier: {num_classes} classes; outputs logits and probs [batch, {num_classes}]; "
+        "metadata_props zoo.labels and zoo.preprocess say how to use it"
+    )
+
+
+def _save_checked(graph: onnx.ModelProto, staged: Path, *, data_name: str | None) -> None:
+    """Save (with external data named `data_name`, if given) and run the full ONNX checker."""
+    import onnx
+
+    with _disk_errors(staged):
+        if data_name:
+            onnx.save(graph, str(staged), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)  # fmt: skip
+        else:
+            onnx.save(graph, str(staged))
+    try:
+        onnx.checker.check_model(str(staged), full_check=True)
+    except Exception as exc:
+        raise VerificationFailed(
+            f"the exported graph fails onnx.checker ({str(exc)[:300]}); report this with the model name"
+        ) from exc
+
+
+def _gate(
+    model: torch.nn.Module,
+    staged: Path,
+    out: Path,
+    inputs: VerifyInputs | None,
+    shape: tuple[int, ...],
+    *,
+    atol: float,
+    rtol: float,
+    notes: list[str],
+) -> tuple[VerifyReport, Path]:
+    """Run the oracle on the staged file; write verify.json; raise VerificationFailed on failure."""
+    if inputs is None:
+        notes.append("verified on random tensors only: no test images were given")
+        inputs = VerifyInputs.random_only(shape)
+    report = run_gate(model, staged, inputs, atol=atol, rtol=rtol)
+    report.onnx_path = str(out)  # the staged name is gone by the time anyone reads the report
+    report_path = out.parent / REPORT_NAME
+    payload = {**report.to_dict(), "written": report.passed}
+    with _disk_errors(report_path):
+        _write_json(report_path, payload)
+    if not report.passed:
+        reason = "; ".join(report.failures) or report.summary()
+        raise VerificationFailed(
+            f"the exported ONNX does not match the torch model ({reason}); {out.name} was not written, "
+            f"see {report_path}"
+        )
+    return report, report_path

@@ -1,0 +1,625 @@
+"""The one oracle: does an exported ONNX file compute what the torch model computes?
+
+`verify` runs the torch model and onnxruntime on the same inputs (real preprocessed images and a
+few random tensors, at batch 1 and at batch N) and returns a `VerifyReport`. The export gate,
+`zoo verify` and the tests all call it; nobody writes a second comparison.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from zoo.errors import InvalidModelFile, NotFound
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.export import ModelMetadata
+
+BATCH1_COUNT = 4  # the first few inputs also run one by one, to catch batch-dependent graphs
+CHUNK = 64  # the largest batch handed to either engine at once, to bound memory
+PROBS_TOLERANCE = 1e-4  # how far the probs output may sum away from 1
+
+
+@dataclass
+class VerifyInputs:
+    """What both engines see: preprocessed test images (with labels if known) plus random tensors."""
+
+    images: np.ndarray | None = None  # float32 [N, ...] in the model's layout, already preprocessed
+    labels: np.ndarray | None = None  # int [N] class indices of `images`, or None
+    random: np.ndarray | None = None  # float32 [R, ...] random tensors of the same shape
+
+    @classmethod
+    def from_arrays(
+        cls, images: Any, labels: Any = None, *, n_random: int = 2, seed: int = 0
+    ) -> VerifyInputs:
+        """Wrap preprocessed images (numpy or torch), adding `n_random` standard-normal tensors."""
+        image_array = _as_float32(images)
+        label_array = None if labels is None else np.asarray(_to_numpy(labels)).astype(np.int64)
+        if label_array is not None and len(label_array) != len(image_array):
+            raise ValueError(f"{len(label_array)} labels for {len(image_array)} images")
+        rng = np.random.default_rng(seed)
+        noise = rng.standard_normal((n_random, *image_array.shape[1:])).astype(np.float32)
+        return cls(images=image_array, labels=label_array, random=noise if n_random else None)
+
+    @classmethod
+    def random_only(cls, shape: Sequence[int], *, count: int = 4, seed: int = 0) -> VerifyInputs:
+        """Only random tensors of one input `shape` (without batch): for when no images are at hand."""
+        rng = np.random.default_rng(seed)
+        return cls(random=rng.standard_normal((count, *shape)).astype(np.float32))
+
+    @property
+    def all_inputs(self) -> np.ndarray:
+        parts = [a for a in (self.images, self.random) if a is not None and len(a)]
+        if not parts:
+            raise ValueError("VerifyInputs holds no inputs")
+        return np.concatenate(parts).astype(np.float32, copy=False)
+
+    @property
+    def n_images(self) -> int:
+        return 0 if self.images is None else len(self.images)
+
+
+@dataclass
+class ProviderResult:
+    """How one onnxruntime execution provider compares with torch."""
+
+    provider: str
+    n_inputs: int
+    max_abs: float  # of |logits_onnx - logits_torch|
+    mean_abs: float
+    max_rel: float  # |a - b| / |b|, with |b| floored at 1e-12
+    worst_excess: float  # max of |a-b| - (atol + rtol|b|); > 0 means the tolerance was broken
+    top1_agreement: float  # fraction of inputs whose argmax agrees
+    top5_agreement: float  # fraction whose top-5 indices (in order) agree
+    probs_max_sum_error: float | None  # max |sum(probs) - 1|, None when the file has no probs
+    accuracy_onnx: float | None  # on the labelled images, from onnxruntime
+    accuracy_torch: float | None  # on the same images, from torch
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+@dataclass
+class VerifyReport:
+    """The gate's verdict: one `ProviderResult` per provider that could run."""
+
+    onnx_path: str
+    atol: float
+    rtol: float
+    results: list[ProviderResult]
+    skipped: dict[str, str] = field(default_factory=dict)  # provider -> why it did not run
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.results) and all(r.passed for r in self.results)
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"{r.provider}: {msg}" for r in self.results for msg in r.failures]
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = dataclasses.asdict(self)
+        raw["passed"] = self.passed
+        for result, out in zip(self.results, raw["results"], strict=True):
+            out["passed"] = result.passed
+        return raw
+
+    def summary(self) -> str:
+        """One line: the verdict and the worst difference."""
+        if not self.results:
+            return f"not verified: no provider could run ({'; '.join(self.skipped.values())})"
+        worst = max(self.results, key=lambda r: r.max_abs)
+        verdict = "PASSED" if self.passed else "FAILED"
+        line = (
+            f"{verdict}: max |diff| {worst.max_abs:.3g} (atol {self.atol:g}, rtol {self.rtol:g}) "
+            f"over {worst.n_inputs} inputs on {', '.join(r.provider for r in self.results)}"
+        )
+        return line if self.passed else f"{line}; {'; '.join(self.failures)}"
+
+    def rich_table(self) -> Any:
+        """A rich Table of the per-provider figures, for the CLI to print in colour."""
+        from rich.table import Table
+
+        table = Table(title=f"ONNX vs torch: {Path(self.onnx_path).name}")
+        for column in ("provider", "inputs", "max abs", "mean abs", "max rel", "top-1", "top-5"):
+            table.add_column(column, justify="left" if column == "provider" else "right")
+        table.add_column("acc onnx / torch", justify="right")
+        table.add_column("verdict")
+        for r in self.results:
+            acc = (
+                "-"
+                if r.accuracy_onnx is None
+                else f"{r.accuracy_onnx:.2%} / {r.accuracy_torch:.2%}"
+            )
+            table.add_row(
+                r.provider.replace("ExecutionProvider", ""),
+                str(r.n_inputs),
+                f"{r.max_abs:.3g}",
+                f"{r.mean_abs:.3g}",
+                f"{r.max_rel:.3g}",
+                f"{r.top1_agreement:.1%}",
+                f"{r.top5_agreement:.1%}",
+                acc,
+                "pass" if r.passed else "FAIL",
+            )
+        return table
+
+    def render(self) -> str:
+        """The report as plain text: the table, then the verdict and any failures."""
+        import io
+
+        from rich.console import Console
+
+        buffer = io.StringIO()
+        console = Console(file=buffer, width=120, color_system=None, highlight=False)
+        console.print(self.rich_table())
+        for provider, why in self.skipped.items():
+            console.print(f"{provider} skipped: {why}")
+        console.print(self.summary())
+        return buffer.getvalue()
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _as_float32(value: Any) -> np.ndarray:
+    return np.ascontiguousarray(_to_numpy(value), dtype=np.float32)
+
+
+@contextlib.contextmanager
+def eval_on_cpu(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Put `model` in eval mode on the CPU for a while, then restore each module's mode and device."""
+    modes = {module: module.training for module in model.modules()}
+    tensor = next(iter(model.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(model.buffers()), None)
+    device = None if tensor is None else tensor.device
+    model.eval()
+    if device is not None and device.type != "cpu":
+        model.cpu()
+    try:
+        yield model
+    finally:
+        # Restore per module: a frozen backbone keeps its BatchNorm in eval while the head trains.
+        for module, training in modes.items():
+            module.training = training
+        if device is not None and device.type != "cpu":
+            model.to(device)
+
+
+def torch_logits(model: torch.nn.Module, inputs: np.ndarray) -> np.ndarray:
+    """The model's logits for `inputs`, in eval mode, without grad, float32, on the CPU."""
+    import torch
+
+    outputs = []
+    with eval_on_cpu(model), torch.no_grad():
+        for start in range(0, len(inputs), CHUNK):
+            out = model(torch.from_numpy(inputs[start : start + CHUNK]))
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            outputs.append(torch.flatten(out, 1).float().numpy())
+    return np.concatenate(outputs)
+
+
+def create_session(onnx_path: str | Path, provider: str) -> Any:
+    """An onnxruntime session that really runs on `provider`; NotFound says why not.
+
+    A file that even the CPU provider cannot load raises InvalidModelFile instead.
+    """
+    import onnxruntime as ort
+
+    if provider not in ort.get_available_providers():
+        raise NotFound(f"{provider} is not in this onnxruntime build; use CPUExecutionProvider")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # a missing CUDA library is reported by us, not as log spam
+    # TF32 would round float32 matmuls to 10 mantissa bits and break a 1e-4 tolerance on its own.
+    candidates: list[Any] = [(provider, {"use_tf32": "0"}), provider]
+    if provider != "CUDAExecutionProvider":
+        candidates = [provider]
+    last_error: Exception | None = None
+    for candidate in candidates:
+        try:
+            session = ort.InferenceSession(str(onnx_path), options, providers=[candidate])
+        except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
+            if provider == "CPUExecutionProvider":
+                message = " ".join(str(exc).split())[:300]
+                raise InvalidModelFile(
+                    f"onnxruntime cannot load {onnx_path} ({message}); re-export it with zoo export"
+                ) from exc
+            last_error = exc
+            continue
+        if session.get_providers()[0] == provider:
+            return session
+        last_error = RuntimeError(f"onnxruntime fell back to {session.get_providers()[0]}")
+    raise NotFound(f"{provider} cannot run here ({last_error}); use CPUExecutionProvider")
+
+
+def _missing_cuda_driver() -> str | None:
+    """Why CUDA cannot work here, checked before onnxruntime tries and logs a page of errors."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return "no NVIDIA driver (libcuda.so.1 not found)"
+    return None
+
+
+def default_providers(onnx_path: str | Path) -> tuple[list[str], dict[str, str]]:
+    """CPU always; CUDA too when onnxruntime lists it and a session can really be made on it."""
+    import onnxruntime as ort
+
+    skipped: dict[str, str] = {}
+    providers = ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        missing = _missing_cuda_driver()
+        if missing:
+            skipped["CUDAExecutionProvider"] = missing
+            return providers, skipped
+        try:
+            create_session(onnx_path, "CUDAExecutionProvider")
+            providers.append("CUDAExecutionProvider")
+        except NotFound as exc:
+            skipped["CUDAExecutionProvider"] = str(exc).split(";")[0]
+    return providers, skipped
+
+
+def run_session(session: Any, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    """All outputs of `session` by name, at batch 1 for the first few inputs and batch N for all."""
+    input_name = session.get_inputs()[0].name
+    names = [o.name for o in session.get_outputs()]
+    chunks: list[list[np.ndarray]] = []
+    for start in range(0, len(inputs), CHUNK):
+        chunks.append(session.run(names, {input_name: inputs[start : start + CHUNK]}))
+    batched = {name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(names)}
+    singles = [
+        session.run(names, {input_name: inputs[i : i + 1]})
+        for i in range(min(BATCH1_COUNT, len(inputs)))
+    ]
+    single = {name: np.concatenate([s[i] for s in singles]) for i, name in enumerate(names)}
+    return {
+        **{f"{k}@batchN": v for k, v in batched.items()},
+        **{f"{k}@batch1": v for k, v in single.items()},
+    }
+
+
+def logits_of(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The batch-N logits [N, C] from `run_session` outputs (a file without `logits`: its first output)."""
+    logits = outputs.get("logits@batchN")
+    if logits is None:
+        logits = next(v for k, v in outputs.items() if k.endswith("@batchN"))
+    return logits.reshape(len(logits), -1)
+
+
+def failed_result(provider: str, n_inputs: int, message: str) -> ProviderResult:
+    """A result for a provider whose outputs could not be compared at all."""
+    inf = float("inf")
+    return ProviderResult(
+        provider, n_inputs, inf, inf, inf, inf, 0.0, 0.0, None, None, None, [message]
+    )
+
+
+def _topk(logits: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-logits, axis=1, kind="stable")[:, :k]
+
+
+def compare_logits(
+    provider: str,
+    onnx_outputs: dict[str, np.ndarray],
+    reference: np.ndarray,
+    *,
+    labels: np.ndarray | None,
+    atol: float,
+    rtol: float,
+) -> ProviderResult:
+    """Compare onnxruntime outputs (from `run_session`) with torch logits; the gate's rules live here."""
+    batched = logits_of(onnx_outputs)
+    single_key = "logits@batch1" if "logits@batch1" in onnx_outputs else None
+    single = onnx_outputs[single_key].reshape(-1, batched.shape[1]) if single_key else batched[:0]
+    failures: list[str] = []
+    if batched.shape != reference.shape:
+        message = f"logits shape {batched.shape} differs from torch's {reference.shape}"
+        return failed_result(provider, len(reference), message)
+    onnx_all = np.concatenate([batched, single])
+    torch_all = np.concatenate([reference, reference[: len(single)]])
+    diff = np.abs(onnx_all.astype(np.float64) - torch_all)
+    bound = atol + rtol * np.abs(torch_all)
+    finite = bool(np.isfinite(onnx_all).all() and np.isfinite(torch_all).all())
+    max_abs = float(diff.max()) if finite else float("inf")
+    worst_excess = float((diff - bound).max()) if finite else float("inf")
+    k = min(5, reference.shape[1])
+    top1 = float(np.mean(batched.argmax(1) == reference.argmax(1)))
+    top1_single = (
+        np.mean(single.argmax(1) == reference[: len(single)].argmax(1)) if len(single) else 1.0
+    )
+    top5 = float(np.mean((_topk(batched, k) == _topk(reference, k)).all(axis=1)))
+    if not finite:
+        failures.append("non-finite logits")
+    elif worst_excess > 0:
+        where = np.unravel_index(int(np.argmax(diff - bound)), diff.shape)
+        failures.append(
+            f"|diff| {diff[where]:.3g} at input {where[0] % len(reference)} class {where[1]} exceeds "
+            f"atol {atol:g} + rtol {rtol:g}·|{torch_all[where]:.4g}|"
+        )
+    if top1 < 1.0 or top1_single < 1.0:
+        failures.append(f"top-1 agreement {min(top1, float(top1_single)):.1%}, not 100%")
+    probs = onnx_outputs.get("probs@batchN")
+    probs_error = None
+    if probs is not None:
+        probs_error = float(np.abs(probs.reshape(len(probs), -1).sum(1) - 1.0).max())
+        if not probs_error <= PROBS_TOLERANCE:
+            failures.append(f"probs sum to 1 ± {probs_error:.3g}, not within {PROBS_TOLERANCE:g}")
+    acc_onnx = acc_torch = None
+    if labels is not None and len(labels):
+        n = len(labels)
+        acc_onnx = float(np.mean(batched[:n].argmax(1) == labels))
+        acc_torch = float(np.mean(reference[:n].argmax(1) == labels))
+        if acc_onnx != acc_torch:
+            failures.append(
+                f"test accuracy {acc_onnx:.2%} (onnx) differs from {acc_torch:.2%} (torch)"
+            )
+    return ProviderResult(
+        provider=provider,
+        n_inputs=len(reference),
+        max_abs=max_abs,
+        mean_abs=float(diff.mean()) if finite else float("inf"),
+        max_rel=float((diff / np.maximum(np.abs(torch_all), 1e-12)).max())
+        if finite
+        else float("inf"),
+        worst_excess=worst_excess,
+        top1_agreement=top1,
+        top5_agreement=top5,
+        probs_max_sum_error=probs_error,
+        accuracy_onnx=acc_onnx,
+        accuracy_torch=acc_torch,
+        failures=failures,
+    )
+
+
+def verify(
+    torch_model: torch.nn.Module,
+    onnx_path: str | Path,
+    inputs: VerifyInputs,
+    *,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    providers: Sequence[str] | None = None,
+) -> VerifyReport:
+    """Compare `torch_model` with the ONNX file on `inputs` for each usable onnxruntime provider."""
+    batch = inputs.all_inputs
+    reference = torch_logits(torch_model, batch).astype(np.float64)
+    labels = None if inputs.labels is None else inputs.labels[: inputs.n_images]
+    if providers is None:
+        chosen, skipped = default_providers(onnx_path)
+    else:
+        chosen, skipped = list(providers), {}
+    results: list[ProviderResult] = []
+    for provider in chosen:
+        try:
+            session = create_session(onnx_path, provider)
+        except NotFound as exc:
+            skipped[provider] = str(exc).split(";")[0]
+            continue
+        try:
+            outputs = run_session(session, batch)
+        except (
+            Exception
+        ) as exc:  # a graph that loads but cannot run fails the gate, with the reason
+            message = " ".join(str(exc).split())[:300]
+            results.append(
+                failed_result(provider, len(batch), f"onnxruntime failed to run: {message}")
+            )
+            continue
+        results.append(
+            compare_logits(provider, outputs, reference, labels=labels, atol=atol, rtol=rtol)
+        )
+    return VerifyReport(
+        onnx_path=str(onnx_path), atol=atol, rtol=rtol, results=results, skipped=skipped
+    )
+
+
+# --- other runtimes: a registry, so `zoo verify --runtimes ort,opencv` can grow ----------------
+
+
+@dataclass
+class RuntimeReport:
+    """Whether another runtime loads the file and agrees with onnxruntime on top-1."""
+
+    runtime: str
+    loaded: bool
+    n_inputs: int = 0
+    top1_agreement: float | None = None
+    max_abs: float | None = None  # of its logits against onnxruntime's
+    error: str | None = None  # why it failed to load or run
+    rejected: str | None = None  # the op or layer it refused, when its message names one
+
+    @property
+    def passed(self) -> bool:
+        return self.loaded and self.error is None and self.top1_agreement == 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "passed": self.passed}
+
+
+RuntimeCheck = Callable[[Path, VerifyInputs], RuntimeReport]
+RUNTIME_CHECKS: dict[str, RuntimeCheck] = {}
+
+
+def register_runtime(name: str) -> Callable[[RuntimeCheck], RuntimeCheck]:
+    """Register a second-runtime check under `name`; duplicates are refused."""
+
+    def decorate(check: RuntimeCheck) -> RuntimeCheck:
+        if name in RUNTIME_CHECKS:
+            raise ValueError(f"runtime check {name!r} is already registered")
+        RUNTIME_CHECKS[name] = check
+        return check
+
+    return decorate
+
+
+def runtime_check(name: str) -> RuntimeCheck:
+    """The check registered under `name`; NotFound lists the known ones."""
+    if name not in RUNTIME_CHECKS:
+        known = ", ".join(["ort", *RUNTIME_CHECKS])
+        raise NotFound(f"no runtime check named {name!r}; choose from {known}")
+    return RUNTIME_CHECKS[name]
+
+
+_CV2_PATTERNS = (
+    re.compile(r"Node \[([\w.]+)@[^\]]*\]:\(([^)]*)\)"),  # Node [Op@ai.onnx]:(onnx_node!name)
+    re.compile(r'Can\'t create layer "([^"]+)" of type "([^"]+)"'),
+    re.compile(r"[Uu]nsupported (?:operation|layer|op)(?: type)?[:\s]+['\"]?([\w.]+)"),
+)
+
+
+def describe_cv2_error(message: str) -> str | None:
+    """The op and node OpenCV's error message names as rejected, or None."""
+    for pattern in _CV2_PATTERNS:
+        match = pattern.search(message)
+        if match:
+            groups = [g for g in match.groups() if g]
+            if pattern is _CV2_PATTERNS[1]:
+                groups.reverse()  # type first, like the other patterns
+            return " ".join([groups[0], *(f"({g})" for g in groups[1:])])
+    return None
+
+
+@register_runtime("opencv")
+def check_runtime_opencv(onnx_path: str | Path, inputs: VerifyInputs) -> RuntimeReport:
+    """Load the file with cv2.dnn, run it, and compare its top-1 with onnxruntime on the CPU."""
+    import cv2
+
+    batch = inputs.all_inputs
+    logging = cv2.utils.logging
+    level = logging.getLogLevel()
+    # OpenCV logs its own parse errors to stderr; the report carries them instead.
+    logging.setLogLevel(logging.LOG_LEVEL_SILENT)
+    loaded = False
+    try:
+        net = cv2.dnn.readNetFromONNX(str(onnx_path))
+        loaded = True
+        names = list(net.getUnconnectedOutLayersNames())
+        net.setInput(batch)
+        outs = net.forward(names)
+        logits = np.asarray(outs[names.index("logits") if "logits" in names else 0])
+    except cv2.error as exc:
+        message = " ".join(str(exc).split())
+        return RuntimeReport(
+            "opencv", loaded, error=message[-500:], rejected=describe_cv2_error(message)
+        )
+    finally:
+        logging.setLogLevel(level)
+    session = create_session(onnx_path, "CPUExecutionProvider")
+    reference = logits_of(run_session(session, batch))
+    logits = logits.reshape(len(batch), -1)
+    return RuntimeReport(
+        runtime="opencv",
+        loaded=True,
+        n_inputs=len(batch),
+        top1_agreement=float(np.mean(logits.argmax(1) == reference.argmax(1))),
+        max_abs=float(np.abs(logits - reference).max()),
+    )
+
+
+@dataclass
+class FileReport:
+    """`zoo verify MODEL.onnx`: metadata, the torch comparison if a model was given, other runtimes."""
+
+    path: str
+    metadata: ModelMetadata
+    problems: list[str]  # metadata that does not fit the graph, outputs that make no sense
+    torch_report: VerifyReport | None
+    runtimes: dict[str, RuntimeReport]
+
+    @property
+    def passed(self) -> bool:
+        torch_ok = self.torch_report is None or self.torch_report.passed
+        return not self.problems and torch_ok and all(r.passed for r in self.runtimes.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "passed": self.passed,
+            "metadata": self.metadata.to_dict(),
+            "problems": self.problems,
+            "torch": None if self.torch_report is None else self.torch_report.to_dict(),
+            "runtimes": {name: r.to_dict() for name, r in self.runtimes.items()},
+        }
+
+    def render(self) -> str:
+        """Plain text: the torch table if any, then one line per runtime and per metadata problem."""
+        lines = [self.torch_report.render().rstrip()] if self.torch_report else []
+        for name, r in self.runtimes.items():
+            if r.passed:
+                detail = f"top-1 agreement {r.top1_agreement:.1%} over {r.n_inputs} inputs"
+                if r.max_abs is not None:
+                    detail += f", max |diff| {r.max_abs:.3g}"
+            else:
+                detail = r.error or f"top-1 agreement {r.top1_agreement:.1%}"
+                if r.rejected:
+                    detail = f"rejected {r.rejected}: {detail}"
+            lines.append(f"{name}: {'pass' if r.passed else 'FAIL'} - {detail}")
+        lines += [f"problem: {problem}" for problem in self.problems]
+        lines.append(f"{self.path}: {'PASSED' if self.passed else 'FAILED'}")
+        return "\n".join(lines)
+
+
+def _input_shape(onnx_path: Path) -> tuple[int, ...]:
+    from zoo.onnxfile import load_onnx
+
+    graph_input = load_onnx(onnx_path, load_external_data=False).graph.input[0]
+    dims = graph_input.type.tensor_type.shape.dim
+    shape = tuple(d.dim_value for d in dims[1:])
+    if not shape or any(d <= 0 for d in shape):
+        raise InvalidModelFile(
+            f"{onnx_path} has no fixed input shape beyond the batch; pass --run RUN"
+        )
+    return shape
+
+
+def verify_file(
+    onnx_path: str | Path,
+    *,
+    torch_model: torch.nn.Module | None = None,
+    inputs: VerifyInputs | None = None,
+    runtimes: Sequence[str] = ("ort",),
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> FileReport:
+    """Check a finished file: its metadata, torch agreement (if a model is given), other runtimes."""
+    from pipeline.export import metadata_problems, read_metadata
+
+    path = Path(onnx_path)
+    metadata = read_metadata(path)
+    if inputs is None:
+        inputs = VerifyInputs.random_only(_input_shape(path))
+    session = create_session(path, "CPUExecutionProvider")
+    outputs = run_session(session, inputs.all_inputs)
+    logits = logits_of(outputs)
+    problems = metadata_problems(
+        metadata, num_classes=logits.shape[1], input_shape=inputs.all_inputs.shape[1:]
+    )
+    if not np.isfinite(logits).all():
+        problems.append("onnxruntime produced non-finite logits on the inputs")
+    probs = outputs.get("probs@batchN")
+    if probs is not None and not np.abs(probs.sum(1) - 1.0).max() <= PROBS_TOLERANCE:
+        problems.append("the probs output does not sum to 1")
+    torch_report = None
+    if torch_model is not None:
+        torch_report = verify(torch_model, path, inputs, atol=atol, rtol=rtol)
+    reports = {name: runtime_check(name)(path, inputs) for name in runtimes if name != "ort"}
+    return FileReport(str(path), metadata, problems, torch_report, reports)

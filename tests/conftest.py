@@ -1,0 +1,33 @@
+"""Shared fixtures for the test suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from onnx_builders import ExportCache
+
+
+@pytest.fixture(scope="session")
+def exported_onnx(tmp_path_factory: pytest.TempPathFactory) -> ExportCache:
+    """`exported_onnx(arch, opset)` -> path of that architecture exported with random weights."""
+    return ExportCache(tmp_path_factory.mktemp("exports"))
+
+
+@pytest.fixture(scope="session")
+def bundled_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real pretrained efficientnet-lite0, exported once per test session."""
+    from zoo.bundled import build_bundled
+
+    return build_bundled(tmp_path_factory.mktemp("bundled") / "model.onnx")
+
+
+@pytest.fixture(scope="session")
+def bundled_workspace(tmp_path_factory: pytest.TempPathFactory, bundled_onnx: Path) -> Path:
+    """A workspace with efficientnet-lite0 fetched into it (shared; copy it before writing)."""
+    from zoo.cache import fetch
+    from zoo.catalog import load_catalog
+
+    models_dir = tmp_path_factory.mktemp("workspace")
+    fetch("efficientnet-lite0", models_dir=models_dir, catalog=load_catalog(), progress=False)
+    return models_dir
