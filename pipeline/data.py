@@ -120,12 +120,15 @@ class DataSplit:
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(
-                f"split file is malformed ({type(exc).__name__}: {exc}); re-run `zoo train` to write it again"
+                f"split file is malformed ({type(exc).__name__}: {exc}); start a new run with `zoo adapt`"
             ) from exc
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the split as JSON (UTF-8)."""
-        Path(path).write_text(self.to_json(), encoding="utf-8")
+        """Write the split as JSON (UTF-8), atomically."""
+        from pipeline.checkpoint import atomic_write
+
+        text = self.to_json()
+        atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> DataSplit:
