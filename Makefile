@@ -23,8 +23,26 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The whole chain, offline: the bundled pretrained model, built-in digits, the export gate.
+DEMO_RUN     := $(DEMO_DIR)/demo-efficientnet-lite0-digits
+DEMO_SAMPLES := $(DEMO_DIR)/demo-samples
+ZOOD         := $(ZOO) --models-dir $(DEMO_DIR)
+
 demo: $(STAMP)
-	$(PY) -m pipeline.demo --models-dir $(DEMO_DIR)
+	$(ZOOD) list
+	$(ZOOD) fetch efficientnet-lite0
+	@rm -rf $(DEMO_RUN) $(DEMO_SAMPLES) && mkdir -p $(DEMO_SAMPLES)
+	@$(PY) -c "from skimage import data; from PIL import Image; Image.fromarray(data.chelsea()).save('$(DEMO_SAMPLES)/chelsea.png')"
+	$(ZOOD) predict $(DEMO_DIR)/efficientnet-lite0/model.onnx $(DEMO_SAMPLES)/chelsea.png --top-k 3
+	$(ZOOD) adapt efficientnet-lite0 --classes 10 --out $(DEMO_RUN)
+	$(ZOOD) export $(DEMO_RUN)
+	$(ZOOD) verify $(DEMO_RUN)/model.onnx --run $(DEMO_RUN) --runtimes ort,opencv
+	@$(PY) -c "from pipeline.data import DataSplit; from pipeline.images import open_image; s = DataSplit.load('$(DEMO_RUN)/split.json'); [open_image(r).save(f'$(DEMO_SAMPLES)/test{i}-true-{s.class_names[y]}.png') for i, (r, y) in enumerate(s.test[:6])]"
+	$(ZOOD) predict $(DEMO_RUN)/model.onnx $(DEMO_SAMPLES)/test*.png --top-k 2
+	@echo
+	@echo "Done. The fetched model:      $(DEMO_DIR)/efficientnet-lite0/model.onnx"
+	@echo "      The run (metrics, plots): $(DEMO_RUN)/"
+	@echo "      The deployable file:      $(DEMO_RUN)/model.onnx (labels and preprocessing in its metadata)"
 
 bench: $(STAMP)
 	$(PY) -m bench.run

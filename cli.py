@@ -368,7 +368,9 @@ def compare_command(
 @click.pass_context
 def inspect_command(ctx: click.Context, name: str, as_json: bool) -> None:
     """Import a fetched model into PyTorch and show its input, head, feature tensor and blocks."""
-    from pipeline.inspect import inspect_model, render_report
+    from rich.console import Console
+
+    from pipeline.inspect import inspect_model, render
     from zoo.cache import open_model
 
     path, card = open_model(name, models_dir=_models_dir(ctx), catalog=_catalog(ctx))
@@ -376,7 +378,7 @@ def inspect_command(ctx: click.Context, name: str, as_json: bool) -> None:
     if as_json:
         console.emit_json(report.to_dict())
         return
-    render_report(report)
+    render(report, Console(highlight=False))
 
 
 @main.command("export")

@@ -380,6 +380,14 @@ def fetch(
         ) from exc
 
 
+def _trusted(plan: _Plan, sha256: str) -> bool:
+    """True for the bundled model, and for a catalog entry whose file has the catalog's sha256."""
+    if plan.bundled:
+        return True
+    expected = plan.entry.sha256 if plan.entry is not None else None
+    return bool(expected) and sha256 == expected.lower()
+
+
 def _fetch_fresh(models_dir: Path, plan: _Plan, *, progress: bool) -> FetchResult:
     from zoo.onnxfile import load_onnx
 
@@ -399,6 +407,11 @@ def _fetch_fresh(models_dir: Path, plan: _Plan, *, progress: bool) -> FetchResul
                 "the archive may have changed, pass --mirror DIR with a verified copy"
             )
         load_onnx(staged)  # an HTML page, LFS pointer or garbage never gets a name
+        if not _trusted(plan, actual):
+            from zoo.sandbox import probe_in_child
+
+            # A file nobody vouched for opens in a child first: a crash there is a refusal here.
+            probe_in_child(staged)
         return _install(models_dir, plan, staged, sha256=actual, source_url=source_url)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
