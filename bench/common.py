@@ -6,6 +6,7 @@ run on the same data, interleaved A, B, A, B, ... and summarised by the median o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -42,7 +43,8 @@ class Scale:
     deploy_batch: int
     transfer_per_class: tuple[int, ...]  # benchmark 5
     transfer_epochs: int
-    memory_images: int  # benchmark 6
+    memory_images: int  # benchmark 6: images, and runs per process kind (memory is not noisy)
+    memory_repetitions: int
 
     def command(self, only: str) -> str:
         """The command that reproduces one benchmark's rows."""
@@ -54,17 +56,18 @@ FULL = Scale(
     repetitions=3,
     feature_images=1000,
     feature_epochs=10,
-    feature_plain_epochs_timed=2,
+    feature_plain_epochs_timed=1,
     finetune_images=256,
     finetune_epochs=2,
     convert_batch=16,
     convert_size=224,
-    convert_steps=3,
+    convert_steps=2,
     deploy_latency_calls=20,
     deploy_batch=32,
     transfer_per_class=(10, 20, 50),
-    transfer_epochs=10,
+    transfer_epochs=8,
     memory_images=128,
+    memory_repetitions=2,
 )
 
 QUICK = Scale(
@@ -75,14 +78,15 @@ QUICK = Scale(
     feature_plain_epochs_timed=1,
     finetune_images=64,
     finetune_epochs=1,
-    convert_batch=8,
-    convert_size=128,
+    convert_batch=4,
+    convert_size=96,
     convert_steps=2,
     deploy_latency_calls=5,
     deploy_batch=8,
     transfer_per_class=(10,),
     transfer_epochs=2,
     memory_images=64,
+    memory_repetitions=1,
 )
 
 
@@ -141,7 +145,7 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
     def cell(value: Any) -> str:
         if isinstance(value, float):
-            return f"{value:.3g}"
+            return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
         return str(value).replace("|", "\\|")
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
@@ -197,10 +201,8 @@ def machine_info() -> dict[str, str]:
             info[package] = version(package)
         except PackageNotFoundError:
             continue
-    try:
+    with contextlib.suppress(OSError):  # not every platform has a load average
         info["load average at start"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        pass
     return info
 
 

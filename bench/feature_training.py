@@ -60,7 +60,10 @@ def run(scale: Scale, *, work: Path) -> Section:
     onnx_path = bundled_onnx(work)
     split = digits_split(images=scale.feature_images)
     preprocess = preprocess_at(IMAGE_SIZE)
-    epochs, plain_epochs = scale.feature_epochs, min(scale.feature_plain_epochs_timed, scale.feature_epochs)
+    epochs, plain_epochs = (
+        scale.feature_epochs,
+        min(scale.feature_plain_epochs_timed, scale.feature_epochs),
+    )
     config = train_config(epochs=epochs)
     stages: dict[str, list[tuple[float, float]]] = {"zoo": [], "plain": []}
 

@@ -73,13 +73,34 @@ def run(scale: Scale, *, work: Path) -> Section:
         "the cached prefix pays off more: its set-up is paid once.",
         markdown_table(
             ["ratio", "value", "goal", "verdict"],
-            [["img/s, zoo ÷ plain", f"{speed_up:.2f}×", f"≥ {GOAL:g}× on CPU", goal_verdict(speed_up, GOAL)]],
+            [
+                [
+                    "img/s, zoo ÷ plain",
+                    f"{speed_up:.2f}×",
+                    f"≥ {GOAL:g}× on CPU",
+                    goal_verdict(speed_up, GOAL),
+                ]
+            ],
         ),  # fmt: skip
         markdown_table(
             ["path", "img/s (context)", "median s", "range s", "set-up s", "training s"],
             [
-                ["plain PyTorch, `requires_grad=False` on the prefix", plain_rate, median(times["plain"]), spread(times["plain"]), plain_setup, plain_training],
-                ["`zoo adapt`: frozen prefix cached by onnxruntime", zoo_rate, median(times["zoo"]), spread(times["zoo"]), setup, training],
+                [
+                    "plain PyTorch, `requires_grad=False` on the prefix",
+                    plain_rate,
+                    median(times["plain"]),
+                    spread(times["plain"]),
+                    plain_setup,
+                    plain_training,
+                ],
+                [
+                    "`zoo adapt`: frozen prefix cached by onnxruntime",
+                    zoo_rate,
+                    median(times["zoo"]),
+                    spread(times["zoo"]),
+                    setup,
+                    training,
+                ],
             ],
         ),  # fmt: skip
         f"Where zoo's time goes (median): prefix caching {setup:.2f} s "

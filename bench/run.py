@@ -100,15 +100,25 @@ def run_benchmarks(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of every benchmark")
-    parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the markdown file to rewrite")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes: a smoke run of every benchmark"
+    )
+    parser.add_argument(
+        "--only", default="", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="the markdown file to rewrite"
+    )
     args = parser.parse_args(argv)  # fmt: skip
     keys = [k.strip() for k in args.only.split(",") if k.strip()] or list(BENCHMARKS)
     unknown = [k for k in keys if k not in BENCHMARKS]
     if unknown:
-        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+        parser.error(
+            f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}"
+        )
     scale = QUICK if args.quick else FULL
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     clock = time.perf_counter()

@@ -190,8 +190,24 @@ class _WithProbs:
         return WithProbs(model).eval()
 
 
+def _let_onnx2torch_see_the_opset() -> None:
+    """onnx2torch's converted Shape/Gather/Squeeze/Reduce modules read the export opset from
+    `torch.onnx.symbolic_helper`, where torch >= 2.9 no longer keeps it; point them at its new home."""
+    import torch.onnx.symbolic_helper as helper
+
+    if hasattr(helper, "GLOBALS") or hasattr(helper, "_export_onnx_opset_version"):
+        return
+    try:
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:  # a torch that moved it again: converted models without those ops still export
+        return
+    helper.GLOBALS = GLOBALS
+
+
 def _torch_export(model: torch.nn.Module, path: Path, *, input_name: str, input_shape: tuple[int, ...], opset: int) -> None:  # fmt: skip
     import torch
+
+    _let_onnx2torch_see_the_opset()
 
     dummy = torch.randn(1, *input_shape)
     dynamic = {name: {0: "batch"} for name in (input_name, *OUTPUT_NAMES)}
@@ -377,7 +393,7 @@ def _save_checked(graph: onnx.ModelProto, staged: Path, *, data_name: str | None
 
     with _disk_errors(staged):
         if data_name:
-            onnx.save(graph, str(staged), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)  # fmt: skip
+            onnx.save(graph, str(staged), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=0)  # fmt: skip
         else:
             onnx.save(graph, str(staged))
     try:

@@ -146,9 +146,9 @@ def _feature_loaders(
         labels = torch.tensor([s.label for s in samples], dtype=torch.long)
         return TensorDataset(torch.from_numpy(feats), labels)
 
-    log(
-        f"computing backbone features once with onnxruntime ({len(split.train) + len(split.val) + len(split.test)} images)"
-    )
+    total = len(split.train) + len(split.val) + len(split.test)
+    cut = value or imported.probe.feature_name
+    log(f"running the frozen part once with onnxruntime ({total} images, cut at {cut})")
     train_set, val_set, test_set = tensors(split.train), tensors(split.val), tensors(split.test)
 
     def make_train_loader(batch_size: int) -> DataLoader:
@@ -240,27 +240,10 @@ def prepare(
 
     `fast=False` forces the plain path (the tests compare both).
     """
-    if fast and strategy == "feature" and augment == "none":
-        from pipeline.adapt import HeadOnlyPlan
-
-        plan.apply(adapted, 0)  # freezes the backbone, so the saved model records it as frozen
-        make_train, val, test = _feature_loaders(
-            imported=imported,
-            split=split,
-            preprocess=preprocess,
-            config=config,
-            cache_dir=cache_dir,
-            model_sha256=model_sha256,
-            log=log,
-        )
-        # pool + head see exactly what they would see behind the backbone: the ONNX feature tensor.
-        head = nn.Sequential(adapted.pool, adapted.head).to(config.device)
-        return TrainingSetup(
-            head, HeadOnlyPlan(), make_train, val, test, "cached onnxruntime features"
-        )
-    if fast and strategy == "finetune" and augment == "none":
-        # The frozen prefix's output never changes either: cache it, train only the top in torch.
-        plan.apply(adapted, 0)
+    if fast and augment == "none" and strategy in ("feature", "finetune"):
+        # What is frozen never changes between epochs: onnxruntime computes it once (cut at the
+        # first trainable layer, or at the feature tensor for `feature`), and torch trains the top.
+        plan.apply(adapted, 0)  # the saved model records the frozen part as frozen
         boundary = plan.frozen_prefix_end(0)
         suffix = suffix_from(adapted, boundary) if boundary else None
         if suffix is not None:
@@ -275,14 +258,12 @@ def prepare(
                 value=boundary,
             )
             model = _SuffixModel(suffix, adapted.pool, adapted.head).to(config.device)
-            return TrainingSetup(
-                model,
-                _PlanOn(plan, adapted),
-                make_train,
-                val,
-                test,
-                "frozen prefix cached by onnxruntime",
+            what = (
+                "cached onnxruntime features"
+                if boundary == imported.probe.feature_name
+                else "frozen prefix cached by onnxruntime"
             )
+            return TrainingSetup(model, _PlanOn(plan, adapted), make_train, val, test, what)
     make_train, val, test = _image_loaders(split, preprocess, augment=augment, config=config)
     model = adapted.to(config.device)
     if config.channels_last:

@@ -9,6 +9,7 @@ two of the exports and agrees on top-1; INT8 shrinks the bundled model and keeps
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ import torch
 from onnx_builders import TORCHVISION_ARCHS, input_size
 
 from pipeline.adapt import AdaptOptions, AdaptResult, adapt
+from pipeline.data import DataSplit, load_source, subsample_per_class
 from pipeline.deploy import export_run, gate_inputs, load_run
 from pipeline.verify import runtime_check
 from zoo.cache import fetch
@@ -31,6 +33,8 @@ SOURCE_OPSET = 13  # the opset the torchvision files are written at before zoo i
 EXPORT_OPSETS = (13, 17)
 ARCHS = [*TORCHVISION_ARCHS, BUNDLED_NAME]
 BUNDLED_SIZE = 64  # digits are trained at 64 px by default
+TEST_PER_CLASS = 8
+N_TEST = 10 * TEST_PER_CLASS
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -88,8 +92,22 @@ def _size(arch: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def adapted_run(workspace: tuple[Path, Catalog]) -> Callable[[str], AdaptResult]:
-    """`adapted_run(arch)`: that architecture adapted (full, one epoch, 3 digits per class), once."""
+def tiny_digits() -> DataSplit:
+    """The digits split cut to 3 training, 2 validation and 8 test images per class."""
+    split = load_source("builtin:digits", seed=0)
+    return dataclasses.replace(
+        split,
+        train=subsample_per_class(split.train, 3, seed=0),
+        val=subsample_per_class(split.val, 2, seed=0),
+        test=subsample_per_class(split.test, TEST_PER_CLASS, seed=0),
+    )
+
+
+@pytest.fixture(scope="module")
+def adapted_run(
+    workspace: tuple[Path, Catalog], tiny_digits: DataSplit
+) -> Callable[[str], AdaptResult]:
+    """`adapted_run(arch)`: that architecture adapted (full, one epoch, on the tiny digits), once."""
     models_dir, catalog = workspace
     done: dict[str, AdaptResult] = {}
 
@@ -101,12 +119,17 @@ def adapted_run(workspace: tuple[Path, Catalog]) -> Callable[[str], AdaptResult]
                 classes=10,
                 strategy="full",
                 epochs=1,
-                train_per_class=3,
                 image_size=_size(arch),
                 device="cpu",
                 out=models_dir / f"run-{arch}",
             )
-            done[arch] = adapt(options, models_dir=models_dir, catalog=catalog, log=lambda _: None)
+            done[arch] = adapt(
+                options,
+                models_dir=models_dir,
+                catalog=catalog,
+                log=lambda _: None,
+                split=tiny_digits,
+            )
         return done[arch]
 
     return run
@@ -130,11 +153,13 @@ def test_adapted_arch_exports_through_the_gate(
     report = summary.report
     assert report.passed, report.summary()
     cpu = next(r for r in report.results if r.provider == "CPUExecutionProvider")
-    # The first 256 test images of the split (of 359 digits) plus two random tensors.
-    assert cpu.n_inputs == 256 + 2
+    # Every test image of the split plus two random tensors.
+    assert cpu.n_inputs == N_TEST + 2
     assert cpu.max_abs <= 1e-4, cpu
     assert cpu.top1_agreement == 1.0 and cpu.top5_agreement == 1.0
     assert cpu.accuracy_onnx is not None and cpu.accuracy_onnx == cpu.accuracy_torch
+    # The model rebuilt from the run directory is the one adapt tested.
+    assert cpu.accuracy_torch == pytest.approx(result.metrics.accuracy)
     print(f"{arch} opset {opset}: max |diff| {cpu.max_abs:.3g}, accuracy {cpu.accuracy_onnx:.3f}")
 
 
@@ -149,9 +174,11 @@ def test_opencv_loads_the_export_and_agrees(
     loaded = load_run(result.run_dir, models_dir=models_dir, catalog=catalog)
     check = runtime_check("opencv")(out, gate_inputs(loaded))
     assert check.loaded and check.error is None, check
-    assert check.n_inputs == 256 + 2
+    assert check.n_inputs == N_TEST + 2
     assert check.passed and check.top1_agreement == 1.0, check
-    print(f"opencv on {arch}: top-1 agreement {check.top1_agreement}, max |diff| {check.max_abs:.3g}")
+    print(
+        f"opencv on {arch}: top-1 agreement {check.top1_agreement}, max |diff| {check.max_abs:.3g}"
+    )
 
 
 def test_int8_is_small_and_keeps_accuracy(workspace: tuple[Path, Catalog]) -> None:
@@ -168,7 +195,9 @@ def test_int8_is_small_and_keeps_accuracy(workspace: tuple[Path, Catalog]) -> No
     )
     result = adapt(options, models_dir=models_dir, catalog=catalog, log=lambda _: None)
     assert result.fast_path == "cached onnxruntime features"
-    assert result.metrics.accuracy > 0.75  # meaningful accuracy, so the INT8 comparison means something
+    assert (
+        result.metrics.accuracy > 0.75
+    )  # meaningful accuracy, so the INT8 comparison means something
     summary = export_run(
         result.run_dir, models_dir=models_dir, catalog=catalog, quantize="int8", log=print
     )

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
@@ -47,6 +47,10 @@ class FetchResult:
     source_url: str
     card_path: Path
     cached: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready data (`zoo fetch --json`)."""
+        return {**asdict(self), "path": str(self.path), "card_path": str(self.card_path)}
 
 
 @dataclass(frozen=True)

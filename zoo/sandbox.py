@@ -14,10 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from zoo.errors import UnsupportedModel
+from zoo.errors import InvalidModelFile, UnsupportedModel
 
 PROBE_TIMEOUT = 120.0  # seconds; a real classifier opens and runs once on zeros well within this
-ORT_REFUSED = 3  # the child's exit code when onnxruntime raised a Python exception (no crash)
+ORT_REFUSED = 3  # the child's exit code when onnxruntime raised an exception (no crash)
 
 # The child's program. It prints the phase it enters, so the parent can say where it died.
 CHILD_SCRIPT = """
@@ -34,17 +34,20 @@ try:
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
-    feeds = {}
-    for graph_input in session.get_inputs():
-        if graph_input.type not in TYPES:
-            sys.exit(0)  # nothing sensible to feed; the session itself opened
-        shape = [d if isinstance(d, int) and 0 < d <= 4096 else 1 for d in graph_input.shape]
-        feeds[graph_input.name] = np.zeros(shape, dtype=TYPES[graph_input.type])
-    print("run", flush=True)
-    session.run(None, feeds)
 except Exception as exc:
     print(f"{type(exc).__name__}: {exc}".splitlines()[0][:300], file=sys.stderr, flush=True)
     sys.exit(3)
+feeds = {}
+for graph_input in session.get_inputs():
+    shape = [d if isinstance(d, int) and d > 0 else 1 for d in graph_input.shape]
+    if graph_input.type not in TYPES or np.prod(shape) > 1 << 26:
+        sys.exit(0)  # nothing sensible (or small enough) to feed; the session itself opened
+    feeds[graph_input.name] = np.zeros(shape, dtype=TYPES[graph_input.type])
+print("run", flush=True)
+try:
+    session.run(None, feeds)
+except Exception:
+    pass  # zeros of a guessed shape may be refused politely; only a crash matters here
 """
 
 
@@ -56,10 +59,11 @@ def _signal_name(returncode: int) -> str:
 
 
 def probe_in_child(path: str | os.PathLike[str], *, timeout: float = PROBE_TIMEOUT) -> None:
-    """Open `path` with onnxruntime in a child process; refuse it if that process crashes or hangs.
+    """Open `path` with onnxruntime in a child process; refuse it if that fails, crashes or hangs.
 
-    A Python-level refusal by onnxruntime (an unsupported operator, say) is not a crash: it is
-    left to the pipeline, which reports it with its own message when the model is used.
+    Every stage of the pipeline checks itself against onnxruntime, so a model it cannot open
+    (an unknown operator, a broken graph) is refused now as InvalidModelFile; a crash or a hang
+    is UnsupportedModel.
     """
     path = Path(path)
     try:
@@ -75,8 +79,15 @@ def probe_in_child(path: str | os.PathLike[str], *, timeout: float = PROBE_TIMEO
             f"{path.name}: onnxruntime did not finish opening and running it in {timeout:.0f} s; "
             "it was refused, get the model from a trusted source"
         ) from exc
-    if child.returncode in (0, ORT_REFUSED):
+    if child.returncode == 0:
         return
+    if child.returncode == ORT_REFUSED:
+        lines = child.stderr.strip().splitlines()
+        reason = lines[-1] if lines else "no reason given"
+        raise InvalidModelFile(
+            f"{path.name}: onnxruntime cannot open it ({reason}); the file is damaged or uses "
+            "what onnxruntime does not support, get it again or pick another model"
+        )
     phases = child.stdout.split()
     phase = "running it" if phases[-1:] == ["run"] else "creating a session"
     how = (

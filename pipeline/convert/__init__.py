@@ -22,7 +22,7 @@ from pipeline.convert.normalisation import (
     unconvertible_ops,
     weight_initializers,
 )
-from zoo.errors import ImportFidelityError, UnsupportedModel
+from zoo.errors import ImportFidelityError, UnsupportedModel, ZooError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -184,12 +184,32 @@ def import_model(
     sample_inputs: np.ndarray | None = None,
 ) -> ImportedModel:
     """Load, normalise, convert and check an ONNX classifier against onnxruntime."""
-    from pipeline.probe import probe
     from zoo.onnxfile import load_onnx
 
     name = name or os.path.splitext(os.path.basename(os.fspath(onnx_path)))[0]
     model = load_onnx(onnx_path)
     refuse_custom_domains(model, name)
+    try:
+        return _import_checked(
+            model, name=name, check_fidelity=check_fidelity, sample_inputs=sample_inputs
+        )
+    except ZooError:
+        raise
+    except (
+        Exception
+    ) as exc:  # a damaged graph breaks onnx, onnx2torch or torch.fx in many ways: say so once
+        detail = str(exc).splitlines()[0][:160] if str(exc) else ""
+        raise UnsupportedModel(
+            f"model {name!r} could not be imported ({type(exc).__name__}: {detail}); "
+            "the file may be damaged: fetch it again with --force, or pick another model"
+        ) from exc
+
+
+def _import_checked(
+    model: onnx.ModelProto, *, name: str, check_fidelity: bool, sample_inputs: np.ndarray | None
+) -> ImportedModel:
+    from pipeline.probe import probe
+
     normalised, notes = normalise(model)
     missing = unconvertible_ops(normalised)
     if missing:

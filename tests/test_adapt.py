@@ -1,0 +1,414 @@
+"""`zoo adapt` and `zoo compare` end to end on the bundled model: awkward data, every strategy,
+`auto`, a run killed mid-epoch and resumed, and the one-line errors of bad data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from image_builders import build_awkward_folder, make_image_folder, write_rgb
+
+from cli import main
+from pipeline.adapt import AdaptOptions, AdaptResult, adapt, build_model, choose_strategy
+from pipeline.data import DataSplit
+from pipeline.deploy import load_run
+from pipeline.train import RESUME_POINT
+from zoo.catalog import Catalog, load_catalog
+
+MODEL = "efficientnet-lite0"
+ROOT = Path(__file__).resolve().parents[1]
+RUN_FILES = (
+    "run.json",
+    "split.json",
+    "checkpoint.safetensors",
+    "last.safetensors",
+    "history.csv",
+    "metrics.json",
+    "curves.png",
+    "confusion.png",
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread: on a shared 2-core machine, oversubscribed threads make this 100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory, bundled_workspace: Path) -> Path:
+    models_dir = tmp_path_factory.mktemp("adapt")
+    shutil.copytree(bundled_workspace, models_dir, dirs_exist_ok=True, symlinks=True)
+    return models_dir
+
+
+@pytest.fixture(scope="module")
+def catalog() -> Catalog:
+    return load_catalog()
+
+
+def zoo(*args: str, models_dir: Path) -> tuple[int, str, str]:
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    result = CliRunner().invoke(
+        main, ["--models-dir", str(models_dir), *args], catch_exceptions=False
+    )
+    return result.exit_code, result.stdout, result.stderr
+
+
+def one_line(text: str) -> str:
+    """Log text with rich's line wrapping undone."""
+    return " ".join(text.split())
+
+
+def history(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "history.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def resume_epoch(run_dir: Path) -> int:
+    """Epochs completed according to the resume point."""
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / RESUME_POINT), framework="pt") as handle:
+        return json.loads(handle.metadata()["state"])["epoch"]
+
+
+# --- awkward data --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_awkward_image_folder_trains_and_reports_bad_files(workspace: Path, tmp_path: Path) -> None:
+    data = tmp_path / "photos dé test"
+    expected = build_awkward_folder(data)
+    code, out, err = zoo(
+        "adapt", MODEL, "--data", str(data), "--strategy", "feature", "--epochs", "1", "--json",
+        models_dir=workspace,
+    )  # fmt: skip
+    assert code == 0, err
+    summary = json.loads(out)
+    run = Path(summary["run_dir"])
+    assert run.parent == workspace and run.name.isascii()
+    record = json.loads((run / "run.json").read_text(encoding="utf-8"))
+    assert record["status"] == "done" and record["epochs_run"] == 1
+    assert record["class_names"] == ["café au lait", "plain", "猫"]
+    # The three unreadable files are counted, named in the log, and listed in the split.
+    assert record["data"]["skipped"] == len(expected["bad"]) == 3
+    log = one_line(err)
+    assert "skipped 3 unreadable file(s)" in log
+    for bad in expected["bad"]:
+        assert Path(bad).name in log
+    split = DataSplit.load(run / "split.json")
+    assert sorted(path for path, _ in split.skipped) == sorted(expected["bad"])
+    # Every good file is used (CMYK, RGBA, 16-bit, palette, EXIF, 1x1, BMP, WebP, a symlink);
+    # hidden files, .DS_Store, non-images and .git are not even listed.
+    used = [s.ref for s in split.train + split.val + split.test]
+    assert sorted(map(os.path.realpath, used)) == sorted(map(os.path.realpath, expected["good"]))
+    assert not set(used) & set(expected["ignored"])
+    assert record["data"]["train"] + record["data"]["val"] + record["data"]["test"] == 12
+    assert summary["test_images"] == len(split.test) > 0
+    for name in RUN_FILES:
+        assert (run / name).is_file(), name
+
+
+# --- every strategy ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def strategy_runs(workspace: Path, catalog: Catalog) -> dict[str, AdaptResult]:
+    """Each strategy trained for 2 epochs on 3 digits per class, once for the tests below."""
+    results = {}
+    for strategy, unfreeze in [
+        ("feature", None),
+        ("finetune", 2),
+        ("gradual", None),
+        ("full", None),
+        ("scratch", None),
+    ]:
+        options = AdaptOptions(
+            model=MODEL,
+            classes=10,
+            strategy=strategy,
+            unfreeze=unfreeze,
+            epochs=2,
+            train_per_class=3,
+            device="cpu",
+            out=workspace / "strategies" / strategy,
+        )
+        results[strategy] = adapt(
+            options, models_dir=workspace, catalog=catalog, log=lambda _: None
+        )
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["feature", "finetune", "gradual", "full", "scratch"])
+def test_every_strategy_completes_and_writes_its_run(
+    strategy: str, strategy_runs: dict[str, AdaptResult]
+) -> None:
+    result = strategy_runs[strategy]
+    assert result.strategy == strategy and result.strategy_reason == "chosen with --strategy"
+    assert result.epochs_run == 2 and result.stopped == "epochs done"
+    for name in RUN_FILES:
+        assert (result.run_dir / name).is_file(), name
+    rows = history(result.run_dir)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    record = json.loads((result.run_dir / "run.json").read_text())
+    assert record["status"] == "done" and record["strategy"] == strategy
+    assert record["data"]["train"] == 30 and record["preprocess"]["crop"] == 64
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert metrics["num_images"] == 359 == result.metrics.num_images
+
+
+@pytest.mark.slow
+def test_trainable_parameters_follow_the_strategy(
+    workspace: Path, strategy_runs: dict[str, AdaptResult]
+) -> None:
+    trainable = {
+        s: [int(r["trainable_params"]) for r in history(result.run_dir)]
+        for s, result in strategy_runs.items()
+    }
+    _, model = build_model(
+        workspace / MODEL / "model.onnx", num_classes=10, hidden=None, dropout=0.0, seed=0
+    )
+    total = sum(p.numel() for p in model.parameters())
+    head = sum(p.numel() for p in model.head.parameters())
+    assert trainable["feature"] == [head, head]
+    assert head < trainable["finetune"][0] == trainable["finetune"][1] < total
+    assert trainable["gradual"][0] == head < trainable["gradual"][1] < total  # grows
+    assert trainable["full"] == trainable["scratch"] == [total, total]
+
+
+@pytest.mark.slow
+def test_scratch_leaves_the_pretrained_weights_and_feature_keeps_them(
+    workspace: Path, catalog: Catalog, strategy_runs: dict[str, AdaptResult]
+) -> None:
+    _, pretrained = build_model(
+        workspace / MODEL / "model.onnx", num_classes=10, hidden=None, dropout=0.0, seed=0
+    )
+    reference = dict(pretrained.backbone.named_parameters())
+    weights = {}
+    for strategy in ("scratch", "feature", "full"):
+        loaded = load_run(strategy_runs[strategy].run_dir, models_dir=workspace, catalog=catalog)
+        weights[strategy] = dict(loaded.model.backbone.named_parameters())
+    matrices = [n for n, p in reference.items() if p.dim() >= 2]
+    assert len(matrices) > 30
+    for name in matrices:
+        assert torch.equal(weights["feature"][name], reference[name]), name
+        # Re-initialised, not fine-tuned: far from the pretrained values everywhere.
+        assert not torch.allclose(weights["scratch"][name], reference[name], atol=1e-3), name
+    # Fine-tuning from pretrained weights stays close to them after two epochs.
+    drift = max(float((weights["full"][n] - reference[n]).abs().max()) for n in matrices)
+    assert 0 < drift < 0.1
+
+
+# --- auto -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def auto_run(workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, str]:
+    """`zoo adapt --json` with the default strategy on 3 digits per class: (summary, run.json, log)."""
+    run = tmp_path_factory.mktemp("auto") / "run"
+    code, out, err = zoo(
+        "adapt", MODEL, "--classes", "10", "--train-per-class", "3", "--epochs", "1",
+        "--out", str(run), "--json",
+        models_dir=workspace,
+    )  # fmt: skip
+    assert code == 0, err
+    return json.loads(out), json.loads((run / "run.json").read_text()), one_line(err)
+
+
+@pytest.mark.slow
+def test_auto_says_which_strategy_and_why(auto_run: tuple[dict, dict, str]) -> None:
+    summary, record, log = auto_run
+    strategy, reason = record["strategy"], record["strategy_reason"]
+    assert summary["strategy"] == strategy and summary["strategy_reason"] == reason
+    assert f"strategy auto -> {strategy}: {reason}" in log
+    assert reason.startswith("small data (3 training images per class), ")
+    # The choice is the documented rule applied to the figures the reason gives.
+    confidence = float(re.search(r"mean confidence is ([0-9.]+)", reason).group(1))
+    assert 0 < confidence < 1
+    chosen = choose_strategy(per_class=3, confidence=confidence, num_blocks=len(record["blocks"]))
+    assert chosen == (strategy, record["unfreeze"], reason)
+    assert record["epochs_run"] == 1 and record["status"] == "done"
+
+
+@pytest.mark.slow
+def test_auto_judges_handwritten_digits_unlike_imagenet(auto_run: tuple[dict, dict, str]) -> None:
+    _, record, _ = auto_run
+    assert "unlike ImageNet" in record["strategy_reason"]
+    assert record["strategy"] == "finetune"
+
+
+# --- kill and resume --------------------------------------------------------------------------
+
+
+def _cli(models_dir: Path, *args: str) -> list[str]:
+    return [sys.executable, "-c", "import cli; cli.run()", "--models-dir", str(models_dir), *args]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_epochs(
+    workspace: Path, catalog: Catalog, tmp_path: Path
+) -> None:
+    run = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    options = ["--strategy", "full", "--epochs", "3", "--train-per-class", "5", "--device", "cpu"]
+    process = subprocess.Popen(
+        _cli(workspace, "adapt", MODEL, *options, "--out", str(run)),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for line in process.stderr:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    seen = []
+    try:
+        while True:
+            line = lines.get(timeout=180)
+            assert line is not None, "the run ended before epoch 1 was logged:\n" + "".join(seen)
+            seen.append(line)
+            if line.lstrip().startswith("epoch   1/3"):
+                break
+        # Epoch 1 is saved and logged; epoch 2 (50 images, then 359 to validate) takes seconds.
+        threading.Event().wait(0.3)
+        assert process.poll() is None, "the run finished before it could be killed"
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert resume_epoch(run) == 1
+    assert not (run / "history.csv").exists() and not (run / "metrics.json").exists()
+    assert json.loads((run / "run.json").read_text())["status"] == "training"
+
+    resumed = subprocess.run(
+        _cli(workspace, "adapt", "--out", str(run), "--resume", "--json"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after epoch 1 of 3" in one_line(resumed.stderr)
+    assert "epoch   1/3" not in resumed.stderr  # epoch 1 is not trained again
+    summary = json.loads(resumed.stdout)
+    assert summary["epochs_run"] == 3 and summary["strategy"] == "full"
+    rows = history(run)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert resume_epoch(run) == 3
+    assert json.loads((run / "run.json").read_text())["status"] == "done"
+
+    # The same run without the kill: each epoch's randomness depends on (seed, epoch) alone.
+    straight = adapt(
+        AdaptOptions(
+            model=MODEL,
+            strategy="full",
+            epochs=3,
+            train_per_class=5,
+            device="cpu",
+            out=tmp_path / "straight",
+        ),
+        models_dir=workspace,
+        catalog=catalog,
+        log=lambda _: None,
+    )
+    for got, want in zip(rows, straight.history, strict=True):
+        assert float(got["val_loss"]) == pytest.approx(want.val_loss, rel=1e-4)
+        assert float(got["train_loss"]) == pytest.approx(want.train_loss, rel=1e-4)
+
+
+# --- compare ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_compare_writes_plot_and_table(workspace: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "comparison"
+    code, out, err = zoo(
+        "compare", MODEL, "--strategies", "scratch,feature", "--epochs", "1",
+        "--train-per-class", "3", "--out", str(folder), "--json",
+        models_dir=workspace,
+    )  # fmt: skip
+    assert code == 0, err
+    table = json.loads((folder / "compare.json").read_text())
+    assert table == json.loads(out)
+    assert [r["strategy"] for r in table["runs"]] == ["scratch", "feature"]
+    for row in table["runs"]:
+        run = Path(row["run_dir"])
+        assert run == folder / row["strategy"] and (run / "checkpoint.safetensors").is_file()
+        assert row["epochs_run"] == 1 and 0 <= row["test_accuracy"] <= 1
+    # Both runs trained on the very same split.
+    splits = {(folder / s / "split.json").read_text() for s in ("scratch", "feature")}
+    assert len(splits) == 1
+    plot = folder / "compare.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000
+    assert Path(table["plot"]) == plot
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def test_classes_mismatch_names_both_numbers(workspace: Path, tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "two", {"cat": 5, "dog": 5})
+    code, out, err = zoo(
+        "adapt", MODEL, "--data", str(data), "--classes", "5", models_dir=workspace
+    )
+    assert code == 1 and out == ""
+    errors = [line for line in err.splitlines() if line.startswith("zoo: error:")]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err
+    assert "--classes 5" in errors[0] and "2 classes (cat, dog)" in errors[0]
+
+
+def _bad_sources(root: Path) -> dict[str, tuple[Path, str]]:
+    """Data sources that cannot train, and the words their error must contain."""
+    empty = root / "empty"
+    empty.mkdir()
+    only_bad = root / "only-bad"
+    (only_bad / "a").mkdir(parents=True)
+    (only_bad / "a" / "x.png").write_bytes(b"")
+    (only_bad / "b").mkdir()
+    (only_bad / "b" / "y.jpg").write_bytes(b"not a jpeg")
+    single = root / "single"
+    for i in range(4):
+        write_rgb(single / "cat" / f"{i}.png", seed=i)
+    return {
+        "empty": (empty, "no readable images found"),
+        "unreadable": (only_bad, "no readable images"),
+        "single class": (single, "only one class ('cat')"),
+        "missing": (root / "nowhere", "does not exist"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["empty", "unreadable", "single class", "missing"])
+def test_bad_data_is_a_one_line_error(kind: str, workspace: Path, tmp_path: Path) -> None:
+    data, words = _bad_sources(tmp_path)[kind]
+    code, out, err = zoo("adapt", MODEL, "--data", str(data), "--epochs", "1", models_dir=workspace)
+    assert code == 1 and out == ""
+    errors = [line for line in err.splitlines() if line.startswith("zoo: error:")]
+    assert len(errors) == 1 and words in errors[0], err
+    assert err.strip().splitlines()[-1] == errors[0]  # the error is the last word, no traceback
+    assert "Traceback" not in err

@@ -1,0 +1,196 @@
+"""The benchmark machinery: interleaving, medians, tables, sections, memory probes, CPU code paths."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+# bench/ is a folder of scripts beside the installed packages, not one of them: `python -m pytest`
+# finds it through the working directory, the `pytest` entry point needs the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import common, run  # noqa: E402
+
+
+def test_interleave_alternates_candidates_and_keeps_their_own_times() -> None:
+    calls: list[str] = []
+
+    def candidate(name: str, seconds: float):
+        def measure() -> float:
+            calls.append(name)
+            return seconds
+
+        return measure
+
+    times = common.interleave(
+        {"a": candidate("a", 1.0), "b": candidate("b", 2.0)}, repetitions=3, warmup=True
+    )
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up round first, untimed
+    assert times == {"a": [1.0] * 3, "b": [2.0] * 3}
+    with pytest.raises(ValueError):
+        common.interleave({"a": candidate("a", 1.0)}, repetitions=0)
+
+
+def test_ratio_uses_medians_so_one_outlier_does_not_move_it() -> None:
+    baseline, ours = [10.0, 11.0, 95.0], [1.0, 1.0, 1.2]
+    assert common.median(baseline) == 11.0
+    assert common.ratio(baseline, ours) == pytest.approx(11.0)
+    assert common.spread([3.0, 1.0, 2.0]) == "1–3"
+
+
+@pytest.mark.parametrize(
+    ("value", "goal", "higher", "verdict"),
+    [
+        (25.0, 20.0, True, "met"),
+        (15.0, 20.0, True, "missed by 25%"),
+        (1.2, 1.3, False, "met"),
+        (1.69, 1.3, False, "missed by 30%"),
+    ],
+)
+def test_goal_verdict_says_by_how_much(
+    value: float, goal: float, higher: bool, verdict: str
+) -> None:
+    assert common.goal_verdict(value, goal, higher_is_better=higher) == verdict
+
+
+def test_markdown_table_formats_numbers_and_escapes_pipes() -> None:
+    table = common.markdown_table(["a", "b"], [[1.23456, "x|y"], [1234.5, 3]])
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| 1.23 | x\\|y |", "| 1234 | 3 |"]
+
+
+def test_section_markdown_names_its_command() -> None:
+    section = common.Section(
+        "feature", "1. Title", ["body"], command=common.QUICK.command("feature")
+    )
+    text = section.markdown()
+    assert text.startswith("## 1. Title\n\nbody")
+    assert "`.venv/bin/python -m bench.run --only feature --quick`" in text
+    assert common.FULL.command("gpu") == ".venv/bin/python -m bench.run --only gpu"
+
+
+def test_replace_sections_rewrites_only_the_named_ones_in_order() -> None:
+    order = ["machine", "feature", "finetune"]
+    first = run.replace_sections(
+        run.INTRO, {"finetune": "old finetune", "machine": "m1"}, order=order
+    )
+    assert first.index("m1") < first.index("old finetune")
+    second = run.replace_sections(first, {"feature": "new feature", "machine": "m2"}, order=order)
+    assert second.startswith("# Benchmarks")
+    assert "old finetune" in second and "new feature" in second and "m1" not in second
+    assert second.index("m2") < second.index("new feature") < second.index("old finetune")
+    assert run.replace_sections(second, {}, order=order) == second  # idempotent
+
+
+def test_a_failing_benchmark_becomes_a_section_that_says_why(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def broken(scale: common.Scale, *, work: Path) -> common.Section:
+        raise RuntimeError("no model")
+
+    fake = types.ModuleType("bench_fake")
+    fake.TITLE, fake.run = "9. Fake", broken
+    monkeypatch.setitem(sys.modules, "bench_fake", fake)
+    monkeypatch.setitem(run.BENCHMARKS, "fake", "bench_fake")
+    sections = run.run_benchmarks(["fake"], common.QUICK, work=tmp_path, log=lambda _m: None)
+    text = sections["fake"].markdown()
+    assert "**Failed:** `RuntimeError: no model`" in text
+    assert "--only fake --quick" in text
+
+
+def test_peak_rss_of_a_child_is_its_own_not_the_parents() -> None:
+    from bench.memory import own_peak_kib, peak_rss_mib
+
+    report = "import re; print('peak_kib', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"  # fmt: skip
+    small = peak_rss_mib([sys.executable, "-c", report])
+    big = peak_rss_mib([sys.executable, "-c", "b = bytearray(300 * 1024 * 1024); b[::4096] = b'x' * len(b[::4096]); " + report])  # fmt: skip
+    assert small < 60  # a bare interpreter, although this parent holds torch
+    assert big - small > 250
+    assert own_peak_kib() > 1024 * small
+    with pytest.raises(RuntimeError, match="exited with 3"):
+        peak_rss_mib([sys.executable, "-c", "raise SystemExit(3)"])
+
+
+def _tiny_net():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
+
+
+def test_gpu_finetune_rows_run_on_the_cpu_with_bf16_and_channels_last() -> None:
+    from bench.gpu import finetune_rows
+
+    model = _tiny_net()
+    rows = finetune_rows(model, device="cpu", batch=4, size=16, steps=1, repetitions=1)
+    assert [r[1] for r in rows[:2]] == ["fp32", "bf16 + channels_last"]
+    assert all(r[2] > 0 for r in rows[:2])
+    assert rows[2][2].endswith("×")
+    assert all(p.grad is not None for p in model.parameters())  # backward really ran
+
+
+def test_gpu_inference_rows_compare_onnxruntime_with_torch_on_the_cpu(tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+
+    from bench.gpu import inference_rows
+
+    model = _tiny_net().eval()
+    path = tmp_path / "tiny.onnx"
+    torch.onnx.export(
+        model,
+        torch.zeros(1, 3, 16, 16),
+        str(path),
+        dynamo=False,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+    )
+    images = np.random.default_rng(0).standard_normal((4, 3, 16, 16), dtype=np.float32)
+    rows = inference_rows(model, path, images, device="cpu", calls=2, repetitions=2)
+    assert [r[1] for r in rows] == ["PyTorch", "onnxruntime CPUExecutionProvider"]
+    assert rows[0][4] == "1.00×" and rows[1][2] > 0
+
+
+def test_gpu_section_says_not_run_without_cuda(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import torch
+
+    from bench import gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    text = gpu.run(common.QUICK, work=tmp_path).markdown()
+    assert "not run: no GPU" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("strategy", "fast"), [("feature", True), ("feature", False)])
+def test_time_training_path_takes_the_path_asked_for(
+    bundled_onnx: Path, tmp_path: Path, strategy: str, fast: bool
+) -> None:
+    split = common.digits_split(images=8)
+    assert len(split.train) == 8 and not split.val and not split.test
+    timing = common.time_training_path(
+        onnx_path=bundled_onnx,
+        strategy=strategy,
+        unfreeze=None,
+        split=split,
+        preprocess=common.preprocess_at(32),
+        config=common.train_config(epochs=1, batch_size=4),
+        fast=fast,
+        epochs=1,
+        cache_dir=tmp_path,
+    )
+    assert timing.training > 0 and timing.total == timing.setup + timing.training
+    if fast:
+        assert timing.setup > 0  # the features were computed, not found in a cache

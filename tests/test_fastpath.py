@@ -1,0 +1,175 @@
+"""The fast paths train the same model as the plain path: cached features and the frozen prefix.
+
+With the same data, seed and initial weights, a head trained on onnxruntime's cached features
+(and the top blocks trained on a cached frozen prefix) must end where training the whole model
+end to end on images ends; only float rounding between onnxruntime and torch may differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+
+from pipeline.adapt import build_model
+from pipeline.data import DataSplit, load_source, subsample_per_class
+from pipeline.fastpath import prepare
+from pipeline.surgery import make_plan
+from pipeline.train import TrainConfig, TrainState, fit
+from zoo.cache import open_model
+from zoo.catalog import Preprocess, load_catalog
+
+EPOCHS = 2
+SIZE = 64
+# The fast paths see onnxruntime's features, the plain path torch's: they differ by ~1e-6,
+# and two epochs of Adam carry that into the weights without amplifying it much.
+WEIGHT_TOLERANCE = 1e-4
+LOSS_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread: on a shared 2-core machine, oversubscribed threads make this 100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def bundled(bundled_workspace: Path) -> tuple[Path, str, Preprocess]:
+    """The bundled model's file, sha256 and preprocessing at 64 px."""
+    path, card = open_model(
+        "efficientnet-lite0", models_dir=bundled_workspace, catalog=load_catalog()
+    )
+    return path, card["sha256"], Preprocess.from_dict(card["entry"]["preprocess"]).at_size(SIZE)
+
+
+@pytest.fixture(scope="module")
+def digits() -> DataSplit:
+    """Digits with 4 training, 2 validation and 2 test images per class."""
+    split = load_source("builtin:digits", seed=0)
+    return dataclasses.replace(
+        split,
+        train=subsample_per_class(split.train, 4, seed=0),
+        val=subsample_per_class(split.val, 2, seed=0),
+        test=subsample_per_class(split.test, 2, seed=0),
+    )
+
+
+class Trained(NamedTuple):
+    weights: dict[str, torch.Tensor]  # the adapted model's state after training
+    trainable: set[str]  # names of the parameters that trained
+    state: TrainState
+    path: str  # the setup's description
+
+
+def train(
+    *,
+    strategy: str,
+    unfreeze: int | None,
+    fast: bool,
+    bundled: tuple[Path, str, Preprocess],
+    split: DataSplit,
+    folder: Path,
+) -> Trained:
+    """Build the adapted model from the seed, then train it for EPOCHS on the chosen path."""
+    onnx_path, sha256, preprocess = bundled
+    imported, adapted = build_model(
+        onnx_path, num_classes=len(split.class_names), hidden=None, dropout=0.0, seed=0
+    )
+    plan = make_plan(adapted, strategy, unfreeze=unfreeze)
+    config = TrainConfig(epochs=EPOCHS, batch_size=8, lr=3e-3, seed=0, device="cpu")
+    setup = prepare(
+        strategy=strategy,
+        augment="none",
+        imported=imported,
+        adapted=adapted,
+        plan=plan,
+        split=split,
+        preprocess=preprocess,
+        config=config,
+        cache_dir=folder / "cache",
+        model_sha256=sha256,
+        log=lambda _: None,
+        fast=fast,
+    )
+    state = fit(
+        setup.model,
+        setup.plan,
+        make_train_loader=setup.make_train_loader,
+        val_loader=setup.val_loader,
+        config=config,
+        run_dir=folder,
+        saved_model=adapted,
+        log=lambda _: None,
+    )
+    trainable = {name for name, p in adapted.named_parameters() if p.requires_grad}
+    weights = {k: v.detach().clone() for k, v in adapted.state_dict().items()}
+    return Trained(weights, trainable, state, setup.description)
+
+
+def max_weight_diff(a: Trained, b: Trained, names: set[str]) -> float:
+    return max(float((a.weights[n] - b.weights[n]).abs().max()) for n in names)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "unfreeze", "fast_description"),
+    [
+        ("feature", None, "cached onnxruntime features"),
+        ("finetune", 2, "frozen prefix cached by onnxruntime"),
+    ],
+)
+def test_fast_path_trains_what_the_plain_path_trains(
+    strategy: str,
+    unfreeze: int | None,
+    fast_description: str,
+    bundled: tuple[Path, str, Preprocess],
+    digits: DataSplit,
+    tmp_path: Path,
+) -> None:
+    runs = {
+        fast: train(
+            strategy=strategy,
+            unfreeze=unfreeze,
+            fast=fast,
+            bundled=bundled,
+            split=digits,
+            folder=tmp_path / ("fast" if fast else "plain"),
+        )
+        for fast in (True, False)
+    }
+    fast, plain = runs[True], runs[False]
+    assert fast.path == fast_description
+    assert plain.path == "images through the whole model"
+    assert fast.trainable == plain.trainable
+    head = {n for n in fast.trainable if n.startswith("head.")}
+    assert head and (strategy == "feature") == (fast.trainable == head)
+    # The weights really moved: a path that trained nothing would agree trivially.
+    _, initial = build_model(bundled[0], num_classes=10, hidden=None, dropout=0.0, seed=0)
+    start = {k: v.detach() for k, v in initial.state_dict().items()}
+    moved = max(float((plain.weights[n] - start[n]).abs().max()) for n in head)
+    assert moved > 1e-3
+    # Every weight that trained, and every BatchNorm statistic, ends in the same place.
+    head_diff = max_weight_diff(fast, plain, head)
+    all_diff = max(float((fast.weights[k] - plain.weights[k]).abs().max()) for k in plain.weights)
+    print(
+        f"{strategy}: head moved {moved:.3g}; fast vs plain max |diff| head {head_diff:.3g}, "
+        f"every tensor {all_diff:.3g}"
+    )
+    assert head_diff <= WEIGHT_TOLERANCE
+    assert all_diff <= WEIGHT_TOLERANCE
+    # The frozen weights did not change at all on either path.
+    frozen = {n for n, _ in initial.named_parameters()} - fast.trainable
+    assert frozen and max_weight_diff(plain, runs[True], frozen) == 0.0
+    assert max(float((plain.weights[n] - start[n]).abs().max()) for n in frozen) == 0.0
+    assert [r.epoch for r in fast.state.history] == [r.epoch for r in plain.state.history] == [1, 2]
+    for f, p in zip(fast.state.history, plain.state.history, strict=True):
+        assert f.val_loss == pytest.approx(p.val_loss, rel=LOSS_TOLERANCE), (f, p)
+        assert f.train_loss == pytest.approx(p.train_loss, rel=LOSS_TOLERANCE), (f, p)
+        assert f.val_acc == p.val_acc and f.train_acc == p.train_acc
+    assert fast.state.best_epoch == plain.state.best_epoch
