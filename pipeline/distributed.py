@@ -182,6 +182,11 @@ def init_from_env(*, device: str, sync_bn: bool = False) -> DistContext:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     backend = "nccl" if resolved == "cuda" else "gloo"
     if resolved == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise TrainingError(
+                f"worker {local_rank} has no GPU of its own ({torch.cuda.device_count()} on this machine); "
+                "start at most one worker per GPU (--nproc)"
+            )
         torch.cuda.set_device(local_rank)  # so that "cuda" means this worker's own GPU
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
