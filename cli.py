@@ -283,19 +283,65 @@ def _adapt_options(function):  # noqa: ANN001, ANN202
 @click.option(
     "--resume", is_flag=True, help="Continue the run in --out from its last complete epoch."
 )
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes on this machine, started by torch's elastic launcher (one per GPU).",
+)
+@click.option(
+    "--nnodes",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Machines taking part; start zoo adapt on each with its --node-rank.",
+)
+@click.option(
+    "--node-rank",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="This machine's number, 0 being the one at --rdzv-endpoint.",
+)
+@click.option("--rdzv-endpoint", help="HOST:PORT on node 0 where the machines meet.")
+@click.option(
+    "--sync-bn", is_flag=True, help="Share BatchNorm batch statistics across GPU workers."
+)
 @json_option
 @click.pass_context
 def adapt_command(ctx: click.Context, model: str | None, as_json: bool, **values) -> None:
     """Fine-tune MODEL (default: the latest fetched) on your images; writes a run directory."""
+    from pipeline import distributed
     from pipeline.adapt import AdaptOptions, adapt
 
-    result = adapt(
-        AdaptOptions(model=model, **values),
-        models_dir=_models_dir(ctx),
-        catalog=_catalog(ctx),
-        log=console.info,
-        progress=sys.stderr.isatty(),
+    request = distributed.Launch(
+        nproc=values.pop("nproc"),
+        nnodes=values.pop("nnodes"),
+        node_rank=values.pop("node_rank"),
+        rdzv_endpoint=values.pop("rdzv_endpoint"),
     )
+    sync_bn = values.pop("sync_bn")
+    if request.requested:
+        # The workers run this same command without the launch options; rank 0 prints the result.
+        launch_options = ("nproc", "nnodes", "node_rank", "rdzv_endpoint")
+        distributed.launch(request, argv=_argv_of(ctx, skip=launch_options), out=values["out"])
+        return
+    dist = distributed.init_from_env(device=values["device"], sync_bn=sync_bn)
+    try:
+        with distributed.peers_watched(dist):
+            result = adapt(
+                AdaptOptions(model=model, **values),
+                models_dir=_models_dir(ctx),
+                catalog=_catalog(ctx),
+                log=console.info if dist.is_main else lambda _: None,
+                progress=dist.is_main and sys.stderr.isatty(),
+                dist=dist,
+            )
+    finally:
+        distributed.shutdown(dist)
+    if result is None:
+        return
     if as_json:
         console.emit_json(result.to_dict())
         return
@@ -315,6 +361,29 @@ def adapt_command(ctx: click.Context, model: str | None, as_json: bool, **values
         ],
     )
     click.echo(str(result.run_dir))
+
+
+def _argv_of(ctx: click.Context, *, skip: tuple[str, ...] = ()) -> list[str]:
+    """The command line that gives `ctx`'s parsed values again (for worker processes)."""
+    argv: list[str] = []
+    positional: list[str] = []
+    for level in (ctx.parent, ctx):
+        if level is None:
+            continue
+        if level is ctx:
+            argv.append(ctx.info_name or "")
+        for param in level.command.params:
+            value = level.params.get(param.name)
+            if param.name in skip or value is None or param.name not in level.params:
+                continue
+            if isinstance(param, click.Argument):
+                positional.append(str(value))
+            elif getattr(param, "is_flag", False):
+                if value:
+                    argv.append(param.opts[0])
+            else:
+                argv += [param.opts[0], str(value)]
+    return argv + (["--", *positional] if positional else [])
 
 
 @main.command("compare")

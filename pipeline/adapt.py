@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from pipeline.data import DataSplit
+    from pipeline.distributed import DistContext
     from pipeline.report import Metrics
     from zoo.catalog import Catalog, Preprocess
 
@@ -256,19 +257,26 @@ def adapt(
     log: Callable[[str], None] = print,
     progress: bool = False,
     split: DataSplit | None = None,
-) -> AdaptResult:
-    """Run `zoo adapt` end to end and return its summary."""
+    dist: DistContext | None = None,
+) -> AdaptResult | None:
+    """Run `zoo adapt` end to end and return its summary (None on ranks other than 0).
+
+    Under `dist` (a worker of a distributed run) rank 0 alone touches the run directory and
+    hands the others what they need from it.
+    """
     from pipeline import fastpath
+    from pipeline.distributed import SINGLE
     from pipeline.train import fit, resolve_device
     from zoo.cache import latest_model, open_model
 
+    dist = dist or SINGLE
     started = time.perf_counter()
     models_dir = Path(models_dir)
     previous: dict[str, Any] = {}
     if options.resume:
         if options.out is None:
             raise ZooError("--resume needs --out RUN_DIR, the run to continue")
-        previous = runs.read_run(options.out)
+        previous = dist.broadcast_object(runs.read_run(options.out) if dist.is_main else None)
         options = dataclasses.replace(options, **previous["options"], resume=True, out=options.out)
     model_ref = options.model
     if model_ref is None:
@@ -282,18 +290,24 @@ def adapt(
     onnx_path, card = open_model(model_ref, models_dir=models_dir, catalog=catalog)
     model_name = card.get("name", Path(model_ref).stem)
 
-    run_dir = runs.claim_out_dir(options.out, resume=options.resume) if options.out else None
-    split = split or prepare_data(options, run_dir=run_dir)
+    run_dir = None
+    if dist.is_main:
+        run_dir = runs.claim_out_dir(options.out, resume=options.resume) if options.out else None
+        split = split or prepare_data(options, run_dir=run_dir)
+        if run_dir is None:
+            base = (
+                f"{runs.slug(model_name)}-{runs.slug(split.source_name)}-{len(split.class_names)}c"
+            )
+            run_dir = runs.new_run_dir(models_dir, base)
+        if split.skipped:
+            names = ", ".join(Path(p).name for p, _ in split.skipped[:3])
+            log(
+                f"skipped {len(split.skipped)} unreadable file(s): {names}{' …' if len(split.skipped) > 3 else ''}"
+            )
+        split.save(run_dir / runs.SPLIT_FILE)
+    # One run directory and one split for all workers, whatever each machine's disk holds.
+    run_dir, split = dist.broadcast_object((run_dir, split))
     preprocess = _resolve_preprocess(card, split, options.image_size)
-    if run_dir is None:
-        base = f"{runs.slug(model_name)}-{runs.slug(split.source_name)}-{len(split.class_names)}c"
-        run_dir = runs.new_run_dir(models_dir, base)
-    if split.skipped:
-        names = ", ".join(Path(p).name for p, _ in split.skipped[:3])
-        log(
-            f"skipped {len(split.skipped)} unreadable file(s): {names}{' …' if len(split.skipped) > 3 else ''}"
-        )
-    split.save(run_dir / runs.SPLIT_FILE)
 
     device = resolve_device(options.device)
     imported, adapted = build_model(
@@ -324,6 +338,8 @@ def adapt(
             per_class=per_class, confidence=confidence, num_blocks=len(blocks)
         )
         log(f"strategy auto -> {strategy}: {reason}")
+    # Workers must agree even if their onnxruntime scores differ in the last bit.
+    strategy, unfreeze, reason = dist.broadcast_object((strategy, unfreeze, reason))
     plan = make_plan(adapted, strategy, unfreeze=unfreeze, every=options.unfreeze_every)
 
     config = TrainConfig(
@@ -377,7 +393,10 @@ def adapt(
         "versions": _versions(),
         "import_fidelity": dataclasses.asdict(imported.fidelity) if imported.fidelity else None,
     }
-    write_json(run_dir / runs.RUN_FILE, record)
+    if dist.enabled:
+        record["distributed"] = dist.to_dict()
+    if dist.is_main:
+        write_json(run_dir / runs.RUN_FILE, record)
     log(
         f"adapting {model_name} to {len(split.class_names)} classes ({len(split.train)} train / {len(split.val)} val / "
         f"{len(split.test)} test images, {preprocess.crop} px) with {strategy} on {device}; run: {run_dir}"
@@ -395,7 +414,10 @@ def adapt(
         cache_dir=models_dir / ".cache" / "features",
         model_sha256=card.get("sha256") or "",
         log=log,
+        dist=dist,
     )
+    if not dist.is_main and not setup.dist.enabled:
+        return None  # the features are shared out; rank 0 trains the head on its own
     from zoo.console import epoch_bar_factory
 
     state: TrainState = fit(
@@ -409,13 +431,16 @@ def adapt(
         saved_model=adapted,
         log=log,
         progress_factory=epoch_bar_factory() if progress else None,
+        dist=setup.dist,
     )
 
     from pipeline.report import write_run_report
     from pipeline.train import count_trainable, evaluate
 
-    test = evaluate(setup.model, setup.test_loader, config=config)
+    test = evaluate(setup.model, setup.test_loader, config=config, dist=setup.dist)
     title = f"{model_name} → {split.source_name}, {strategy}"
+    if not dist.is_main:
+        return None  # the test metrics are rank 0's to write and report
     metrics = write_run_report(
         run_dir,
         history=state.history,

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from pipeline.distributed import SINGLE, DistContext
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -34,6 +36,7 @@ class TrainingSetup:
     val_loader: Iterable
     test_loader: Iterable
     description: str
+    dist: DistContext = SINGLE  # the context training runs under (SINGLE: rank 0 trains alone)
 
 
 def preprocessed_batch(samples: Sequence[Sample], preprocess: Preprocess) -> np.ndarray:
@@ -49,10 +52,34 @@ def preprocessed_batch(samples: Sequence[Sample], preprocess: Preprocess) -> np.
     return np.stack(arrays).astype(np.float32)
 
 
-def _image_loaders(
-    split: DataSplit, preprocess: Preprocess, *, augment: str, config: TrainConfig
-) -> tuple[Callable[[int], Iterable], Iterable, Iterable]:
+def _train_loader(
+    dataset: Any, batch_size: int, *, config: TrainConfig, dist: DistContext, **kwargs: Any
+) -> Iterable:
+    """Shuffled batches; under `dist` each rank gets its shard and its share of the global batch."""
     import torch
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    generator = torch.Generator().manual_seed(config.seed)
+    if not dist.enabled:
+        return DataLoader(
+            dataset, batch_size=batch_size, shuffle=True, generator=generator, **kwargs
+        )
+    sampler = DistributedSampler(
+        dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=config.seed
+    )
+    return DataLoader(
+        dataset, batch_size=dist.per_rank_batch(batch_size), sampler=sampler, **kwargs
+    )
+
+
+def _image_loaders(
+    split: DataSplit,
+    preprocess: Preprocess,
+    *,
+    augment: str,
+    config: TrainConfig,
+    dist: DistContext = SINGLE,
+) -> tuple[Callable[[int], Iterable], Iterable, Iterable]:
     from torch.utils.data import DataLoader
 
     from pipeline.data import ImageDataset
@@ -61,20 +88,20 @@ def _image_loaders(
     pin = config.device == "cuda"
     train_set = ImageDataset(split.train, preprocess, augment=augment, seed=config.seed)
 
-    def make_train_loader(batch_size: int) -> DataLoader:
-        generator = torch.Generator().manual_seed(config.seed)
-        return DataLoader(
+    def make_train_loader(batch_size: int) -> Iterable:
+        return _train_loader(
             train_set,
-            batch_size=batch_size,
-            shuffle=True,
-            generator=generator,
+            batch_size,
+            config=config,
+            dist=dist,
             num_workers=workers,
             pin_memory=pin,
         )
 
     def eval_loader(samples: Sequence[Sample]) -> DataLoader:
+        shard = [samples[i] for i in dist.shard(len(samples))]  # gathered again by evaluate()
         return DataLoader(
-            ImageDataset(samples, preprocess),
+            ImageDataset(shard, preprocess),
             batch_size=EVAL_BATCH,
             num_workers=workers,
             pin_memory=pin,
@@ -92,9 +119,14 @@ def cached_features(
     model_sha256: str,
     log: Callable[[str], None],
     value: str | None = None,
+    dist: DistContext = SINGLE,
 ) -> np.ndarray:
-    """The ONNX value `value` (default: the feature tensor) for `samples`, via onnxruntime, cached."""
+    """The ONNX value `value` (default: the feature tensor) for `samples`, via onnxruntime, cached.
+
+    Under `dist` every rank computes a shard and gets the whole array; rank 0 keeps the cache.
+    """
     from pipeline import features
+    from pipeline.distributed import shard_features
 
     probe = imported.probe
     value = value or probe.feature_name
@@ -104,17 +136,22 @@ def cached_features(
         preprocess=preprocess.to_dict(),
         refs=[s.ref for s in samples],
     )
-    found = features.load_cached(cache_dir, key) if model_sha256 else None
+    found = features.load_cached(cache_dir, key) if model_sha256 and dist.is_main else None
+    found = dist.broadcast_object(found)
     if found is not None and len(found) == len(samples):
         return found
     cut = features.cut_at(imported.onnx_model, input_name=probe.input_name, output_name=value)
     session = features.ort_session(cut)
-    batches = (
-        preprocessed_batch(samples[i : i + EVAL_BATCH], preprocess)
-        for i in range(0, len(samples), EVAL_BATCH)
-    )
-    result = features.run_batches(session, input_name=probe.input_name, batches=batches)
-    if model_sha256:
+
+    def compute(part: Sequence[Sample]) -> np.ndarray:
+        batches = (
+            preprocessed_batch(part[i : i + EVAL_BATCH], preprocess)
+            for i in range(0, len(part), EVAL_BATCH)
+        )
+        return features.run_batches(session, input_name=probe.input_name, batches=batches)
+
+    result = shard_features(dist, compute, samples)
+    if model_sha256 and dist.is_main:
         features.store_cached(cache_dir, key, result)
     return result
 
@@ -129,7 +166,10 @@ def _feature_loaders(
     model_sha256: str,
     log: Callable[[str], None],
     value: str | None = None,
+    dist: DistContext = SINGLE,
+    train_dist: DistContext = SINGLE,
 ) -> tuple[Callable[[int], Iterable], Iterable, Iterable]:
+    """Loaders over cached features: `dist` shares the extraction, `train_dist` the training."""
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -142,6 +182,7 @@ def _feature_loaders(
             model_sha256=model_sha256,
             log=log,
             value=value,
+            dist=dist,
         )
         labels = torch.tensor([s.label for s in samples], dtype=torch.long)
         return TensorDataset(torch.from_numpy(feats), labels)
@@ -151,15 +192,16 @@ def _feature_loaders(
     log(f"running the frozen part once with onnxruntime ({total} images, cut at {cut})")
     train_set, val_set, test_set = tensors(split.train), tensors(split.val), tensors(split.test)
 
-    def make_train_loader(batch_size: int) -> DataLoader:
-        generator = torch.Generator().manual_seed(config.seed)
-        return DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator)
+    def make_train_loader(batch_size: int) -> Iterable:
+        return _train_loader(train_set, batch_size, config=config, dist=train_dist)
 
-    return (
-        make_train_loader,
-        DataLoader(val_set, batch_size=EVAL_BATCH * 4),
-        DataLoader(test_set, batch_size=EVAL_BATCH * 4),
-    )
+    def eval_loader(dataset: TensorDataset) -> DataLoader:
+        shard = torch.tensor(list(train_dist.shard(len(dataset))), dtype=torch.long)
+        return DataLoader(
+            TensorDataset(*(t[shard] for t in dataset.tensors)), batch_size=EVAL_BATCH * 4
+        )
+
+    return make_train_loader, eval_loader(val_set), eval_loader(test_set)
 
 
 class _SuffixModel(nn.Module):
@@ -235,10 +277,13 @@ def prepare(
     model_sha256: str,
     log: Callable[[str], None],
     fast: bool = True,
+    dist: DistContext = SINGLE,
 ) -> TrainingSetup:
     """Pick the fastest path that gives the same result as training the whole model on images.
 
-    `fast=False` forces the plain path (the tests compare both).
+    `fast=False` forces the plain path (the tests compare both). Under `dist` the workers share
+    the feature extraction; a head on cached features then trains on rank 0 alone (syncing its
+    few gradients would cost more than computing them), everything else trains under DDP.
     """
     if fast and augment == "none" and strategy in ("feature", "finetune"):
         # What is frozen never changes between epochs: onnxruntime computes it once (cut at the
@@ -247,6 +292,9 @@ def prepare(
         boundary = plan.frozen_prefix_end(0)
         suffix = suffix_from(adapted, boundary) if boundary else None
         if suffix is not None:
+            head_only = boundary == imported.probe.feature_name
+            # A head alone is too small to be worth syncing: rank 0 trains it on everyone's features.
+            train_dist = SINGLE if head_only else dist
             make_train, val, test = _feature_loaders(
                 imported=imported,
                 split=split,
@@ -256,18 +304,24 @@ def prepare(
                 model_sha256=model_sha256,
                 log=log,
                 value=boundary,
+                dist=dist,
+                train_dist=train_dist,
             )
             model = _SuffixModel(suffix, adapted.pool, adapted.head).to(config.device)
             what = (
                 "cached onnxruntime features"
-                if boundary == imported.probe.feature_name
+                if head_only
                 else "frozen prefix cached by onnxruntime"
             )
-            return TrainingSetup(model, _PlanOn(plan, adapted), make_train, val, test, what)
-    make_train, val, test = _image_loaders(split, preprocess, augment=augment, config=config)
+            return TrainingSetup(
+                model, _PlanOn(plan, adapted), make_train, val, test, what, train_dist
+            )
+    make_train, val, test = _image_loaders(
+        split, preprocess, augment=augment, config=config, dist=dist
+    )
     model = adapted.to(config.device)
     if config.channels_last:
         import torch
 
         model = model.to(memory_format=torch.channels_last)
-    return TrainingSetup(model, plan, make_train, val, test, "images through the whole model")
+    return TrainingSetup(model, plan, make_train, val, test, "images through the whole model", dist)

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from pipeline.distributed import DistContext
+
 OPTIMIZERS = ("adam", "adamax", "adamw", "sgd")
 
 
@@ -212,8 +214,18 @@ class NonFiniteLoss(Exception):
     """Raised inside an epoch; the loop turns it into a TrainingError after keeping the good checkpoint."""
 
 
-def evaluate(model: nn.Module, loader: Iterable, *, config: TrainConfig) -> EvalResult:
-    """Loss, accuracy and all logits over a split, in eval mode without gradients."""
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    config: TrainConfig,
+    dist: DistContext | None = None,
+) -> EvalResult:
+    """Loss, accuracy and all logits over a split, in eval mode without gradients.
+
+    Under a distributed context each rank's loader holds its shard (`DistContext.shard`); the
+    shards are gathered, so every rank gets the metrics of the whole split, in split order.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -230,6 +242,13 @@ def evaluate(model: nn.Module, loader: Iterable, *, config: TrainConfig) -> Eval
                 logits = model(inputs)
             all_logits.append(logits.float().cpu())
             all_labels.append(labels.cpu())
+    if dist is not None and dist.enabled:
+        from pipeline.distributed import gather_split
+
+        shard_logits = torch.cat(all_logits) if all_logits else None
+        shard_labels = torch.cat(all_labels) if all_labels else None
+        logits, labels = gather_split(dist, shard_logits, shard_labels)
+        all_logits, all_labels = ([logits], [labels]) if logits is not None else ([], [])
     if not all_logits:
         return EvalResult(math.nan, math.nan, torch.empty(0), torch.empty(0, dtype=torch.long))
     logits = torch.cat(all_logits)
@@ -261,24 +280,35 @@ def fit(
     saved_model: nn.Module | None = None,
     log: Callable[[str], None] = print,
     progress_factory: Callable[..., Any] | None = None,
+    dist: DistContext | None = None,
 ) -> TrainState:
     """Train with early stopping on validation loss; returns the loop state, best weights loaded.
 
     `model` is what runs on the batches (the whole adapted model, or only its head when the
     batches are cached features); `saved_model` is what checkpoints hold (default: `model`).
     `plan` is a FreezePlan: apply(model, epoch), train_mode(model), param_groups(model, lr=, decay=).
+    Under `dist`, batches go through DistributedDataParallel and only rank 0 writes checkpoints.
     """
     import torch
 
     from pipeline.checkpoint import load_resume_point, load_weights, save_resume_point, save_weights
+    from pipeline.distributed import SINGLE
+
+    dist = dist or SINGLE
 
     saved_model = saved_model if saved_model is not None else model
     run_dir = Path(run_dir)
     best_path, resume_path = run_dir / BEST_CHECKPOINT, run_dir / RESUME_POINT
     state = TrainState(batch_size=config.batch_size)
     optimizer_state = None
-    if resume and resume_path.exists():
-        optimizer_state, raw_state = load_resume_point(resume_path, model=saved_model)
+    resumed = None
+    if resume and dist.is_main and resume_path.exists():
+        resumed = load_resume_point(resume_path, model=saved_model)
+    # Rank 0 reads the run directory; the others get its contents, so no shared disk is needed.
+    resumed = dist.broadcast_object(resumed)
+    if resumed is not None:
+        dist.sync_module(saved_model)
+        optimizer_state, raw_state = resumed
         state = TrainState.from_dict(raw_state)
         log(
             f"resuming after epoch {state.epoch} of {config.epochs} (best so far: epoch {state.best_epoch})"
@@ -286,7 +316,13 @@ def fit(
     loader = make_train_loader(state.batch_size)
     steps_per_epoch = max(1, len(loader)) if hasattr(loader, "__len__") else 1
     optimizer = None
+    train_model = model  # what the batches go through: `model`, or DDP around it
     epoch = state.epoch
+
+    def set_train_mode(_: nn.Module) -> None:
+        train_model.train()
+        plan.train_mode(model)  # the plan knows the module names of `model`, not of the wrapper
+
     try:
         for epoch in range(state.epoch + 1, config.epochs + 1):
             if plan.apply(model, epoch - 1) or optimizer is None:
@@ -295,6 +331,8 @@ def fit(
                 if optimizer_state is not None:
                     optimizer.load_state_dict(optimizer_state)
                     optimizer_state = None
+                # DDP registers the parameters that train now, so it is rebuilt when they change.
+                train_model = dist.wrap(model)
             started = time.perf_counter()
             # Each epoch's randomness depends on (seed, epoch) alone, so a resumed run replays
             # exactly what the uninterrupted one would have done.
@@ -302,15 +340,17 @@ def fit(
                 seed_everything(config.seed * 1000 + epoch)
                 if getattr(loader, "generator", None) is not None:
                     loader.generator.manual_seed(config.seed * 1000 + epoch)
+                if hasattr(getattr(loader, "sampler", None), "set_epoch"):
+                    loader.sampler.set_epoch(epoch)  # DistributedSampler: shuffle by (seed, epoch)
                 total_steps = steps_per_epoch * config.epochs
                 bar = progress_factory(epoch, len(loader)) if progress_factory else None
                 try:
                     train_loss, train_acc, _ = train_one_epoch(
-                        model,
+                        train_model,
                         loader,
                         optimizer,
                         config=config,
-                        set_train_mode=plan.train_mode,
+                        set_train_mode=set_train_mode,
                         step_offset=(epoch - 1) * steps_per_epoch,
                         total_steps=total_steps,
                         progress=bar.update if bar else None,
@@ -329,6 +369,10 @@ def fit(
                 except RuntimeError as exc:
                     if not is_out_of_memory(exc):
                         raise
+                    if dist.enabled:  # the other workers cannot shrink their batch in step
+                        raise TrainingError(
+                            f"worker rank {dist.rank} ran out of memory; lower --batch-size and resume"
+                        ) from exc
                     if state.batch_size <= 1:
                         raise TrainingError(
                             "out of memory even at batch size 1; use a smaller --image-size or --device cpu"
@@ -346,7 +390,8 @@ def fit(
                 finally:
                     if bar:
                         bar.close()
-            val = evaluate(model, val_loader, config=config)
+            train_loss, train_acc = dist.mean([train_loss, train_acc])
+            val = evaluate(model, val_loader, config=config, dist=dist)
             record = EpochRecord(
                 epoch=epoch,
                 train_loss=train_loss,
@@ -362,12 +407,14 @@ def fit(
             state.epoch = epoch
             if val.loss < state.best_val_loss:
                 state.best_val_loss, state.best_epoch, state.stale_epochs = val.loss, epoch, 0
-                save_weights(saved_model, best_path)
+                if dist.is_main:
+                    save_weights(saved_model, best_path)
             else:
                 state.stale_epochs += 1
-            save_resume_point(
-                resume_path, model=saved_model, optimizer=optimizer, state=state.to_dict()
-            )
+            if dist.is_main:
+                save_resume_point(
+                    resume_path, model=saved_model, optimizer=optimizer, state=state.to_dict()
+                )
             log(
                 f"epoch {epoch:>3}/{config.epochs}  train loss {train_loss:.4f} acc {train_acc:.3f}  "
                 f"val loss {val.loss:.4f} acc {val.accuracy:.3f}  {record.seconds:.1f}s"
@@ -386,8 +433,9 @@ def fit(
             f"interrupted during epoch {epoch}; epochs up to {state.epoch} are saved in {run_dir}. "
             f"Continue with: zoo adapt --out {run_dir} --resume"
         ) from None
-    if best_path.exists():
+    if dist.is_main and best_path.exists():
         load_weights(saved_model, best_path)
+    dist.sync_module(saved_model)  # every rank tests the best weights
     return state
 
 
