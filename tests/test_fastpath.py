@@ -83,7 +83,9 @@ def train(
         onnx_path, num_classes=len(split.class_names), hidden=None, dropout=0.0, seed=0
     )
     plan = make_plan(adapted, strategy, unfreeze=unfreeze)
-    config = TrainConfig(epochs=EPOCHS, batch_size=8, lr=3e-3, seed=0, device="cpu")
+    # SGD, not Adam: Adam turns noise-level gradients into +-lr steps whose sign flips on the 1e-6
+    # differences between onnxruntime and torch, which would hide what this test looks for.
+    config = TrainConfig(epochs=EPOCHS, batch_size=8, lr=0.05, optimizer="sgd", seed=0, device="cpu")
     setup = prepare(
         strategy=strategy,
         augment="none",
@@ -162,7 +164,14 @@ def test_fast_path_trains_what_the_plain_path_trains(
         f"every tensor {all_diff:.3g}"
     )
     assert head_diff <= WEIGHT_TOLERANCE
-    assert all_diff <= WEIGHT_TOLERANCE
+    # BatchNorm running variances reach the hundreds: compare every tensor relative to its size.
+    excess = {
+        key: float(((fast.weights[key] - value).abs() - 1e-3 * value.abs()).max())
+        for key, value in plain.weights.items()
+        if value.is_floating_point()
+    }
+    worst = max(excess, key=excess.get)
+    assert excess[worst] <= WEIGHT_TOLERANCE, (worst, excess[worst])
     # The frozen weights did not change at all on either path.
     frozen = {n for n, _ in initial.named_parameters()} - fast.trainable
     assert frozen and max_weight_diff(plain, runs[True], frozen) == 0.0
