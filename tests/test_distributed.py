@@ -171,6 +171,49 @@ def initial_head(workspace: Path) -> dict[str, torch.Tensor]:
     return {f"model.{k}": v for k, v in adapted.state_dict().items() if k.startswith("head.")}
 
 
+FOLDED = "efficientnet-lite0-folded"
+
+
+@pytest.fixture(scope="module")
+def folded_model(tmp_path_factory: pytest.TempPathFactory, workspace: Path) -> str:
+    """The bundled weights with BatchNorm folded into the convolutions, fetched via a private catalog.
+
+    Train-mode BatchNorm normalises each worker's half of the batch by its own statistics (sharing
+    them needs SyncBatchNorm, which torch runs on CUDA only), so only a model without it can match one
+    process to 1e-6.
+    """
+    import hashlib
+
+    from zoo.bundled import load_pretrained
+    from zoo.cache import fetch
+    from zoo.catalog import IMAGENET_PREPROCESS, load_catalog
+
+    folder = tmp_path_factory.mktemp("folded")
+    path = folder / "lite0-folded.onnx"
+    torch.onnx.export(
+        load_pretrained(),
+        (torch.zeros(1, 3, 224, 224),),
+        str(path),
+        dynamo=False,
+        opset_version=13,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+    )
+    entry = {
+        "name": FOLDED,
+        "urls": [path.as_uri()],
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "size": path.stat().st_size,
+        "input": {"name": "input", "shape": [None, 3, 224, 224], "layout": "NCHW"},
+        "preprocess": IMAGENET_PREPROCESS.to_dict(),
+    }
+    catalog = folder / "catalog.json"
+    catalog.write_text(json.dumps([entry]))
+    fetch(FOLDED, models_dir=workspace, catalog=load_catalog(catalog), progress=False)
+    return FOLDED
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("strategy", "extra"),
@@ -178,6 +221,7 @@ def initial_head(workspace: Path) -> dict[str, torch.Tensor]:
 )
 def test_one_step_on_two_workers_equals_one_process(
     workspace: Path,
+    folded_model: str,
     tiny_folder: Path,
     initial_head: dict[str, torch.Tensor],
     tmp_path: Path,
@@ -188,6 +232,7 @@ def test_one_step_on_two_workers_equals_one_process(
     # lr*sign(grad) and would hide a wrongly scaled gradient). Two workers take 3 images each.
     common = (
         "adapt",
+        folded_model,
         "--data",
         str(tiny_folder),
         "--classes",
