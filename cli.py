@@ -202,7 +202,7 @@ def _adapt_options(function):  # noqa: ANN001, ANN202
             show_default=True,
             help="gradual: epochs between unfreezing one more block.",
         ),
-        click.option("--epochs", type=click.IntRange(min=1), default=15, show_default=True),
+        click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True),
         click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
         click.option(
             "--lr",
@@ -214,9 +214,9 @@ def _adapt_options(function):  # noqa: ANN001, ANN202
         click.option(
             "--lr-decay",
             type=click.FloatRange(min=0, max=1),
-            default=0.1,
-            show_default=True,
-            help="Factor between the learning rates of neighbouring unfrozen blocks.",
+            default=None,
+            help="Factor between the learning rates of neighbouring unfrozen blocks "
+            "[default: 0.1 for finetune and gradual, 1 for full].",
         ),
         click.option(
             "--optimizer",

@@ -162,12 +162,15 @@ class Section:
     body: list[str] = field(default_factory=list)  # markdown paragraphs and tables, in order
     command: str = ""
     seconds: float = 0.0
+    scale: str = ""  # "full" or "quick": sections of different runs can sit side by side
 
     def markdown(self) -> str:
         parts = [f"## {self.title}", *self.body]
         if self.command:
             parts.append(f"Reproduce every row above: `{self.command}`")
-        parts.append(f"_Benchmark wall time: {self.seconds:.0f} s._")
+        parts.append(
+            f"_Scale: {self.scale or 'unknown'}; benchmark wall time {self.seconds:.0f} s._"
+        )
         return "\n\n".join(parts)
 
 
@@ -202,7 +205,7 @@ def machine_info() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     with contextlib.suppress(OSError):  # not every platform has a load average
-        info["load average at start"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        info["load average when written"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return info
 
 

@@ -103,6 +103,23 @@ def op_profile(model: Any, inputs: Any, labels: Any, *, channels_last: bool) -> 
     return {e.key: e.self_cpu_time_total / 1000 for e in prof.key_averages()}
 
 
+def median_profiles(
+    models: dict[str, Any], inputs: Any, labels: Any, *, channels_last: bool, repetitions: int
+) -> dict[str, dict[str, float]]:
+    """Per model, the median over interleaved profiled steps of each operator's self time."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in models}
+    for _ in range(repetitions):
+        for name, model in models.items():
+            runs[name].append(op_profile(model, inputs, labels, channels_last=channels_last))
+    return {
+        name: {
+            op: median([profile.get(op, 0.0) for profile in profiles])
+            for op in set().union(*profiles)
+        }
+        for name, profiles in runs.items()
+    }
+
+
 def profile_table(native: dict[str, float], converted: dict[str, float], *, top: int = 8) -> str:
     """The operators that take the most self CPU time in either model, side by side."""
     keys = sorted(
@@ -172,13 +189,18 @@ def run(scale: Scale, *, work: Path) -> Section:
     if worst < GOAL and worst_case is not None:
         arch, native, converted, channels_last = worst_case
         body += [
-            f"Profile of the worst row ({arch}, channels_last {'on' if channels_last else 'off'}): one "
-            "forward+backward step under torch.profiler, self CPU time of the operators that "
-            "take the most in either model. Profiles of a single "
-            "step on a shared machine are noisy too: read them for which operators differ.",
+            f"Profile of the worst row ({arch}, channels_last {'on' if channels_last else 'off'}): "
+            f"self CPU time per operator of one forward+backward step under torch.profiler, median of "
+            f"{scale.repetitions} interleaved profiled steps, for the operators that take the most in "
+            "either model.",
             profile_table(
-                op_profile(native, inputs, labels, channels_last=channels_last),
-                op_profile(converted, inputs, labels, channels_last=channels_last),
+                **median_profiles(
+                    {"native": native, "converted": converted},
+                    inputs,
+                    labels,
+                    channels_last=channels_last,
+                    repetitions=scale.repetitions,
+                )
             ),
         ]
     return Section(KEY, TITLE, body, command=scale.command(KEY))

@@ -13,7 +13,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -70,20 +70,30 @@ def machine_section(scale: Scale, *, started: str, seconds: float, keys: Sequenc
     info = machine_info()
     mode = "full (`make bench`)" if scale.name == "full" else "quick smoke run (`make bench-quick`): small sizes, figures are indicative only"  # fmt: skip
     rows = [[k, v] for k, v in info.items()]
+    only = "" if list(keys) == list(BENCHMARKS) else f" --only {','.join(keys)}"
+    command = f"{RUN_COMMAND}{only}{' --quick' if scale.name == 'quick' else ''}"
     return "\n\n".join(
         [
             "## Machine and run",
-            f"Mode: {mode}. Started {started}; benchmarks {', '.join(keys)} took {seconds:.0f} s "
-            f"in all. Command: `{RUN_COMMAND}{' --quick' if scale.name == 'quick' else ''}`.",
+            f"Last run: {mode}. Started {started}; benchmarks {', '.join(keys)} took {seconds:.0f} s "
+            f"in all (each section below names the scale it was run at). Command: `{command}`.",
             markdown_table(["", ""], rows),
         ]
     )
 
 
 def run_benchmarks(
-    keys: Sequence[str], scale: Scale, *, work: Path, log=print
-) -> dict[str, Section]:  # noqa: ANN001
-    """Run the named benchmarks in order; a failing one becomes a section that says why."""
+    keys: Sequence[str],
+    scale: Scale,
+    *,
+    work: Path,
+    log: Callable[[str], None] = print,
+    done: Callable[[Section], None] | None = None,
+) -> dict[str, Section]:
+    """Run the named benchmarks in order; a failing one becomes a section that says why.
+
+    `done` sees each section as soon as it is finished (the runner writes it out at once).
+    """
     sections: dict[str, Section] = {}
     for key in keys:
         module = importlib.import_module(BENCHMARKS[key])
@@ -93,9 +103,11 @@ def run_benchmarks(
             section = module.run(scale, work=work)
         except Exception as exc:  # one broken benchmark must not hide the others' figures
             section = Section(key, module.TITLE, [f"**Failed:** `{type(exc).__name__}: {exc}`"], command=scale.command(key))  # fmt: skip
-        section.seconds = time.perf_counter() - started
+        section.seconds, section.scale = time.perf_counter() - started, scale.name
         log(f"[bench] {key}: {section.seconds:.0f} s")
         sections[key] = section
+        if done is not None:
+            done(section)
     return sections
 
 
@@ -122,13 +134,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     scale = QUICK if args.quick else FULL
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     clock = time.perf_counter()
+
+    def write(sections: dict[str, Section]) -> None:
+        # Written after every benchmark, so an interrupted run keeps what it finished.
+        rendered = {key: section.markdown() for key, section in sections.items()}
+        finished = list(sections)
+        rendered[HEADER_KEY] = machine_section(
+            scale, started=started, seconds=time.perf_counter() - clock, keys=finished
+        )
+        previous = args.out.read_text() if args.out.exists() else INTRO
+        args.out.write_text(replace_sections(previous, rendered, order=[HEADER_KEY, *BENCHMARKS]))
+
+    finished: dict[str, Section] = {}
+
+    def done(section: Section) -> None:
+        finished[section.key] = section
+        write(finished)
+
     with tempfile.TemporaryDirectory(prefix="zoo-bench-") as work:
-        sections = run_benchmarks(keys, scale, work=Path(work))
+        run_benchmarks(keys, scale, work=Path(work), done=done)
     seconds = time.perf_counter() - clock
-    rendered = {key: section.markdown() for key, section in sections.items()}
-    rendered[HEADER_KEY] = machine_section(scale, started=started, seconds=seconds, keys=keys)
-    previous = args.out.read_text() if args.out.exists() else INTRO
-    args.out.write_text(replace_sections(previous, rendered, order=[HEADER_KEY, *BENCHMARKS]))
     print(f"[bench] wrote {args.out} in {seconds:.0f} s")
     return 0
 

@@ -34,6 +34,12 @@ SMALL_PER_CLASS = 100  # "small" data, as the transfer-learning notes put it
 SIMILAR_CONFIDENCE = (
     0.25  # mean top-1 probability of the ImageNet head above which data looks ImageNet-like
 )
+# Learning-rate factor between neighbouring unfrozen blocks, when --lr-decay is not given. A few top
+# blocks tuned for data like ImageNet move gently (10x to 100x below the head); `full` exists for data
+# unlike ImageNet, where every layer must move, and with BatchNorm re-normalising the new data in
+# train mode a bottom at lr/100 barely learns (digits: 73% validation accuracy after 15 epochs,
+# against 93% after 4 with one rate for all).
+DEFAULT_LR_DECAY = {"finetune": 0.1, "gradual": 0.1, "full": 1.0, "scratch": 1.0, "feature": 1.0}
 
 
 @dataclass(frozen=True)
@@ -46,10 +52,10 @@ class AdaptOptions:
     strategy: str = "auto"
     unfreeze: int | None = None
     unfreeze_every: int = 1
-    epochs: int = 15
+    epochs: int = 20
     batch_size: int = 32
     lr: float = 3e-4
-    lr_decay: float = 0.1
+    lr_decay: float | None = None  # None: by strategy (DEFAULT_LR_DECAY)
     optimizer: str = "adam"
     patience: int = 10
     label_smoothing: float = 0.0
@@ -346,7 +352,7 @@ def adapt(
         epochs=options.epochs,
         batch_size=options.batch_size,
         lr=options.lr,
-        lr_decay=options.lr_decay,
+        lr_decay=options.lr_decay if options.lr_decay is not None else DEFAULT_LR_DECAY[strategy],
         optimizer=options.optimizer,
         patience=options.patience,
         label_smoothing=options.label_smoothing,

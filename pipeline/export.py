@@ -199,7 +199,9 @@ def _let_onnx2torch_see_the_opset() -> None:
         return
     try:
         from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
-    except ImportError:  # a torch that moved it again: converted models without those ops still export
+    except (
+        ImportError
+    ):  # a torch that moved it again: converted models without those ops still export
         return
     helper.GLOBALS = GLOBALS
 

@@ -120,16 +120,22 @@ def cached_features(
     log: Callable[[str], None],
     value: str | None = None,
     dist: DistContext = SINGLE,
+    sessions: dict[str, Any] | None = None,
 ) -> np.ndarray:
     """The ONNX value `value` (default: the feature tensor) for `samples`, via onnxruntime, cached.
 
     Under `dist` every rank computes a shard and gets the whole array; rank 0 keeps the cache.
+    `sessions` keeps the cut graph's onnxruntime session between calls (one per run, not per split).
     """
+    import numpy as np
+
     from pipeline import features
     from pipeline.distributed import shard_features
 
     probe = imported.probe
     value = value or probe.feature_name
+    if not samples:
+        return np.empty((0,), dtype=np.float32)
     key = features.cache_key(
         model_sha256=model_sha256 or "unknown",
         feature_name=value,
@@ -140,8 +146,11 @@ def cached_features(
     found = dist.broadcast_object(found)
     if found is not None and len(found) == len(samples):
         return found
-    cut = features.cut_at(imported.onnx_model, input_name=probe.input_name, output_name=value)
-    session = features.ort_session(cut)
+    sessions = {} if sessions is None else sessions
+    if value not in sessions:
+        cut = features.cut_at(imported.onnx_model, input_name=probe.input_name, output_name=value)
+        sessions[value] = features.ort_session(cut)
+    session = sessions[value]
 
     def compute(part: Sequence[Sample]) -> np.ndarray:
         batches = (
@@ -173,6 +182,8 @@ def _feature_loaders(
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
+    sessions: dict[str, Any] = {}
+
     def tensors(samples: Sequence[Sample]) -> TensorDataset:
         feats = cached_features(
             imported=imported,
@@ -183,6 +194,7 @@ def _feature_loaders(
             log=log,
             value=value,
             dist=dist,
+            sessions=sessions,
         )
         labels = torch.tensor([s.label for s in samples], dtype=torch.long)
         return TensorDataset(torch.from_numpy(feats), labels)

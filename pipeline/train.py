@@ -28,7 +28,7 @@ OPTIMIZERS = ("adam", "adamax", "adamw", "sgd")
 class TrainConfig:
     """Hyperparameters of one run; written to run.json as they are."""
 
-    epochs: int = 15
+    epochs: int = 20
     batch_size: int = 32
     lr: float = 3e-4  # for the new head; unfrozen pretrained blocks get lr * decay^depth
     lr_decay: float = 0.1  # discriminative factor between neighbouring unfrozen blocks

@@ -97,6 +97,7 @@ def test_a_failing_benchmark_becomes_a_section_that_says_why(
     text = sections["fake"].markdown()
     assert "**Failed:** `RuntimeError: no model`" in text
     assert "--only fake --quick" in text
+    assert "_Scale: quick;" in text
 
 
 def test_peak_rss_of_a_child_is_its_own_not_the_parents() -> None:
@@ -194,3 +195,43 @@ def test_time_training_path_takes_the_path_asked_for(
     assert timing.training > 0 and timing.total == timing.setup + timing.training
     if fast:
         assert timing.setup > 0  # the features were computed, not found in a cache
+
+
+def test_median_profiles_name_the_operators_of_both_models() -> None:
+    import torch
+
+    from bench.converted_training import median_profiles, profile_table
+
+    inputs, labels = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
+    profiles = median_profiles(
+        {"native": _tiny_net(), "converted": _tiny_net()},
+        inputs,
+        labels,
+        channels_last=False,
+        repetitions=2,
+    )
+    assert set(profiles) == {"native", "converted"}
+    assert any("conv" in op for op in profiles["converted"])
+    table = profile_table(**profiles, top=3)
+    assert table.splitlines()[0] == "| operator | native self ms | converted self ms |"
+    assert len(table.splitlines()) == 5
+
+
+def test_main_writes_each_section_with_the_machine_and_keeps_the_others(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def fine(scale: common.Scale, *, work: Path) -> common.Section:
+        return common.Section("fake", "9. Fake", ["| a |\n|---|\n| 1 |"], command=scale.command("fake"))  # fmt: skip
+
+    fake = types.ModuleType("bench_fake")
+    fake.TITLE, fake.run = "9. Fake", fine
+    monkeypatch.setitem(sys.modules, "bench_fake", fake)
+    monkeypatch.setattr(run, "BENCHMARKS", {"fake": "bench_fake", "other": "bench_other"})
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text(run.INTRO + "\n\n" + run.wrap("other", "kept from an earlier run"))
+    assert run.main(["--quick", "--only", "fake", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# Benchmarks")
+    assert "## Machine and run" in text and "| torch threads |" in text
+    assert "`.venv/bin/python -m bench.run --only fake --quick`" in text
+    assert text.index("## Machine") < text.index("9. Fake") < text.index("kept from an earlier run")

@@ -85,7 +85,9 @@ def train(
     plan = make_plan(adapted, strategy, unfreeze=unfreeze)
     # SGD, not Adam: Adam turns noise-level gradients into +-lr steps whose sign flips on the 1e-6
     # differences between onnxruntime and torch, which would hide what this test looks for.
-    config = TrainConfig(epochs=EPOCHS, batch_size=8, lr=0.05, optimizer="sgd", seed=0, device="cpu")
+    config = TrainConfig(
+        epochs=EPOCHS, batch_size=8, lr=0.05, optimizer="sgd", seed=0, device="cpu"
+    )
     setup = prepare(
         strategy=strategy,
         augment="none",
