@@ -216,7 +216,7 @@ def _adapt_options(function):  # noqa: ANN001, ANN202
             type=click.FloatRange(min=0, max=1),
             default=None,
             help="Factor between the learning rates of neighbouring unfrozen blocks "
-            "[default: 0.1 for finetune and gradual, 1 for full].",
+            "[default: 0.5 for finetune and gradual, 1 for full].",
         ),
         click.option(
             "--optimizer",

@@ -34,12 +34,13 @@ SMALL_PER_CLASS = 100  # "small" data, as the transfer-learning notes put it
 SIMILAR_CONFIDENCE = (
     0.25  # mean top-1 probability of the ImageNet head above which data looks ImageNet-like
 )
-# Learning-rate factor between neighbouring unfrozen blocks, when --lr-decay is not given. A few top
-# blocks tuned for data like ImageNet move gently (10x to 100x below the head); `full` exists for data
-# unlike ImageNet, where every layer must move, and with BatchNorm re-normalising the new data in
-# train mode a bottom at lr/100 barely learns (digits: 73% validation accuracy after 15 epochs,
-# against 93% after 4 with one rate for all).
-DEFAULT_LR_DECAY = {"finetune": 0.1, "gradual": 0.1, "full": 1.0, "scratch": 1.0, "feature": 1.0}
+# Learning-rate factor between neighbouring unfrozen blocks when --lr-decay is not given: the top
+# unfrozen block learns at lr*d, the next at lr*d^2 (not below lr/100). Measured on built-in digits
+# (64 px, 20 images per class, 15 epochs, finetune top 2 blocks): d=0.1 68% test accuracy, d=0.5 77%,
+# d=1 83%. `full` is for data unlike ImageNet, where every layer must move, and BatchNorm
+# re-normalises the new data in train mode: with d=0.1 a full run on all digits reached 73%
+# validation accuracy after 15 epochs, with one rate for all 93% after 4.
+DEFAULT_LR_DECAY = {"finetune": 0.5, "gradual": 0.5, "full": 1.0, "scratch": 1.0, "feature": 1.0}
 
 
 @dataclass(frozen=True)
