@@ -340,8 +340,9 @@ def test_two_machines_on_one_host(workspace: Path, small_folder: Path, tmp_path:
     endpoint = f"127.0.0.1:{free_port()}"
     # Both "machines" share this host's cores: one thread each, or OpenMP threads spin-wait.
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    nodes = [
-        subprocess.Popen(
+
+    def start(rank: int) -> subprocess.Popen:
+        return subprocess.Popen(
             zoo_argv(
                 *full_run(small_folder, out, epochs=1),
                 "--nnodes",
@@ -359,11 +360,29 @@ def test_two_machines_on_one_host(workspace: Path, small_folder: Path, tmp_path:
             stderr=subprocess.PIPE,
             text=True,
         )
-        for rank in (0, 1)
-    ]
-    outputs = [node.communicate(timeout=240) for node in nodes]
-    for node, (_, err) in zip(nodes, outputs, strict=True):
-        assert node.returncode == 0, err
+
+    # Node 0 hosts the rendezvous store: start node 1 once it listens, as a scheduler would.
+    nodes = [start(0)]
+    host, port = endpoint.split(":")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and nodes[0].poll() is None:
+        with socket.socket() as probe:
+            if probe.connect_ex((host, int(port))) == 0:
+                break
+        time.sleep(0.2)
+    nodes.append(start(1))
+    # Watch both: when one node fails, the other would wait for it until its own timeout.
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and any(node.poll() is None for node in nodes):
+        if any(node.poll() not in (None, 0) for node in nodes):
+            break
+        time.sleep(0.5)
+    for node in nodes:
+        if node.poll() is None:
+            node.kill()
+    outputs = [node.communicate(timeout=30) for node in nodes]
+    for rank, (node, (_, err)) in enumerate(zip(nodes, outputs, strict=True)):
+        assert node.returncode == 0, f"node {rank}: {err[-3000:]}"
     assert json.loads(outputs[0][0])["test_images"] == 12
     assert outputs[1][0] == ""  # node 1 holds rank 1, which prints nothing
     run = json.loads((out / "run.json").read_text())
