@@ -5,7 +5,6 @@ No pickle anywhere: a checkpoint from someone else cannot run code when loaded.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import tempfile
@@ -13,7 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from zoo.errors import DiskFull, InvalidModelFile
+from zoo.download import disk_errors
+from zoo.errors import InvalidModelFile
 
 if TYPE_CHECKING:
     import torch
@@ -27,16 +27,11 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
-        write(tmp_name)
-        with open(tmp_name, "rb+") as tmp:
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise DiskFull(
-                f"the disk is full while writing {path}; the previous file is intact. Free disk space and resume"
-            ) from exc
-        raise
+        with disk_errors(path, next_step="write elsewhere, then resume"):
+            write(tmp_name)
+            with open(tmp_name, "rb+") as tmp:
+                os.fsync(tmp.fileno())
+            os.replace(tmp_name, path)
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)

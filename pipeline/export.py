@@ -8,9 +8,7 @@ place: a failed export never leaves a file that looks finished, nor touches an e
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
 import json
 import os
 import shutil
@@ -24,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 from pipeline.verify import VerifyInputs, VerifyReport, eval_on_cpu
 from pipeline.verify import verify as run_gate
 from zoo.catalog import Preprocess
-from zoo.errors import DiskFull, UnsupportedModel, VerificationFailed
+from zoo.download import disk_errors
+from zoo.errors import UnsupportedModel, VerificationFailed
 
 if TYPE_CHECKING:
     import onnx
@@ -261,18 +260,6 @@ def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
         temporary.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def _disk_errors(target: Path) -> Any:
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise DiskFull(
-                f"the disk is full while writing {target}; free some space and export again"
-            ) from exc
-        raise
-
-
 def export_model(
     model: torch.nn.Module,
     out_path: str | os.PathLike[str],
@@ -323,7 +310,7 @@ def export_model(
             notes.append(
                 "verification skipped (verify=False): the file was not compared with torch"
             )
-        with _disk_errors(out):
+        with disk_errors(out, next_step="export to another folder"):
             if external:
                 # The data file moves first: the graph that names it must never arrive before it.
                 os.replace(work / data_name, out.parent / data_name)
@@ -393,7 +380,7 @@ def _save_checked(graph: onnx.ModelProto, staged: Path, *, data_name: str | None
     """Save (with external data named `data_name`, if given) and run the full ONNX checker."""
     import onnx
 
-    with _disk_errors(staged):
+    with disk_errors(staged, next_step="export to another folder"):
         if data_name:
             onnx.save(graph, str(staged), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=0)  # fmt: skip
         else:
@@ -425,7 +412,7 @@ def _gate(
     report.onnx_path = str(out)  # the staged name is gone by the time anyone reads the report
     report_path = out.parent / REPORT_NAME
     payload = {**report.to_dict(), "written": report.passed}
-    with _disk_errors(report_path):
+    with disk_errors(report_path, next_step="export to another folder"):
         _write_json(report_path, payload)
     if not report.passed:
         reason = "; ".join(report.failures) or report.summary()

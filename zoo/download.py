@@ -74,15 +74,17 @@ class _Dropped(Exception):
 
 
 @contextlib.contextmanager
-def disk_errors(path: Path) -> Iterator[None]:
+def disk_errors(
+    path: Path, *, next_step: str = "point --models-dir at a disk with room, then try again"
+) -> Iterator[None]:
     """Turn 'no space left on device' while writing `path` into DiskFull."""
     try:
         yield
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFull(
-                f"no disk space left writing {path} ({exc.strerror}); free some disk space "
-                "or point --models-dir at a disk with room, then try again"
+                f"no disk space left writing {path} ({exc.strerror}); the previous file is intact. "
+                f"Free some disk space or {next_step}"
             ) from exc
         raise
 
