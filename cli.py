@@ -340,6 +340,18 @@ def adapt_command(ctx: click.Context, model: str | None, as_json: bool, **values
             )
     finally:
         distributed.shutdown(dist)
+    if dist.enabled:
+        _report_adapt(result, as_json=as_json)
+        # A worker that finished cleanly leaves at once: gloo's and onnxruntime's threads can
+        # abort the interpreter's own teardown ("terminate called without an active exception").
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    _report_adapt(result, as_json=as_json)
+
+
+def _report_adapt(result, *, as_json: bool) -> None:  # noqa: ANN001
+    """The summary of a run: one JSON object, or a table and the run directory."""
     if result is None:
         return
     if as_json:

@@ -8,6 +8,7 @@ same. Each worker joins the process group; rank 0 alone writes the run directory
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -200,11 +201,18 @@ def init_from_env(*, device: str, sync_bn: bool = False) -> DistContext:
 
 
 def shutdown(context: DistContext) -> None:
-    """Leave the process group (a no-op for a single process)."""
+    """Leave the process group together (a no-op for a single process).
+
+    Ranks that finish early (rank 0 trains the `feature` head alone) wait here for the others:
+    tearing gloo down while a peer still holds the group aborts the process.
+    """
     if context.enabled:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            # A peer that already died has its own error reported; this barrier's is noise.
+            with contextlib.suppress(RuntimeError):
+                dist.barrier()
             dist.destroy_process_group()
 
 

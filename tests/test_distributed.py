@@ -381,8 +381,11 @@ def test_two_machines_on_one_host(workspace: Path, small_folder: Path, tmp_path:
         if node.poll() is None:
             node.kill()
     outputs = [node.communicate(timeout=30) for node in nodes]
-    for rank, (node, (_, err)) in enumerate(zip(nodes, outputs, strict=True)):
-        assert node.returncode == 0, f"node {rank}: {err[-3000:]}"
+    logs = "\n".join(
+        f"node {rank} (exit {node.returncode}): {err[-2000:]}"
+        for rank, (node, (_, err)) in enumerate(zip(nodes, outputs, strict=True))
+    )
+    assert all(node.returncode == 0 for node in nodes), logs
     assert json.loads(outputs[0][0])["test_images"] == 12
     assert outputs[1][0] == ""  # node 1 holds rank 1, which prints nothing
     run = json.loads((out / "run.json").read_text())
