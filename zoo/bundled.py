@@ -98,10 +98,6 @@ def build_bundled(dest: str | os.PathLike[str]) -> Path:
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            # BatchNorm stays a layer of its own, as in most zoo files: fused into the convolutions,
-            # fine-tuned blocks could not re-normalise for data unlike ImageNet.
-            do_constant_folding=False,
-            training=torch.onnx.TrainingMode.PRESERVE,
         )
         os.replace(tmp_name, dest)
     finally:
