@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import runs
-from pipeline.checkpoint import write_json
 from pipeline.train import TrainConfig, TrainState
 from zoo.errors import DataError, NotFound, UnsupportedModel, ZooError
+from zoo.files import write_json
 
 if TYPE_CHECKING:
     from torch import nn
@@ -144,21 +144,6 @@ def imagenet_confidence(onnx_model: Any, *, input_name: str, batch: Any, output_
         scores = np.exp(scores - scores.max(1, keepdims=True))
         scores /= scores.sum(1, keepdims=True)
     return float(scores.max(1).mean())
-
-
-class HeadOnlyPlan:
-    """The plan for training a head on cached features: everything given trains."""
-
-    def apply(self, model: nn.Module, epoch: int) -> bool:
-        return False
-
-    def train_mode(self, model: nn.Module) -> None:
-        model.train()
-
-    def param_groups(
-        self, model: nn.Module, *, lr: float, decay: float = 0.1
-    ) -> list[dict[str, Any]]:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
 
 
 def _versions() -> dict[str, str]:

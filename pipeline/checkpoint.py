@@ -6,41 +6,18 @@ No pickle anywhere: a checkpoint from someone else cannot run code when loaded.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from zoo.download import disk_errors
 from zoo.errors import InvalidModelFile
+from zoo.files import atomic_write
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path) on a temporary file beside `path`, fsync it, then os.replace it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        with disk_errors(path, next_step="write elsewhere, then resume"):
-            write(tmp_name)
-            with open(tmp_name, "rb+") as tmp:
-                os.fsync(tmp.fileno())
-            os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """JSON written atomically (UTF-8, readable indentation)."""
-    text = json.dumps(payload, indent=2, default=str, ensure_ascii=False) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+RESUME_NEXT_STEP = "write elsewhere, then resume"  # what a full disk during training asks for
 
 
 def save_weights(model: nn.Module, path: Path, *, metadata: dict[str, str] | None = None) -> None:
@@ -50,7 +27,9 @@ def save_weights(model: nn.Module, path: Path, *, metadata: dict[str, str] | Non
     state = {
         name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()
     }
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata or {}))
+    atomic_write(
+        path, lambda tmp: save_file(state, tmp, metadata=metadata or {}), next_step=RESUME_NEXT_STEP
+    )
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
@@ -92,7 +71,9 @@ def save_resume_point(
         "optim_scalars": json.dumps(scalars),
         "state": json.dumps(state, default=str),
     }
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(
+        path, lambda tmp: save_file(tensors, tmp, metadata=metadata), next_step=RESUME_NEXT_STEP
+    )
 
 
 def load_resume_point(path: Path, *, model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import runs
 from pipeline.adapt import STRATEGIES, AdaptOptions, AdaptResult, adapt, prepare_data
-from pipeline.checkpoint import write_json
 from zoo.errors import ZooError
+from zoo.files import write_json
 
 if TYPE_CHECKING:
     from zoo.catalog import Catalog

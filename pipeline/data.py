@@ -125,7 +125,7 @@ class DataSplit:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the split as JSON (UTF-8), atomically."""
-        from pipeline.checkpoint import atomic_write
+        from zoo.files import atomic_write
 
         text = self.to_json()
         atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

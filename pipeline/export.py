@@ -24,6 +24,7 @@ from pipeline.verify import verify as run_gate
 from zoo.catalog import Preprocess
 from zoo.download import disk_errors
 from zoo.errors import UnsupportedModel, VerificationFailed
+from zoo.files import write_json
 
 if TYPE_CHECKING:
     import onnx
@@ -251,15 +252,6 @@ def _serialized_size(model: onnx.ModelProto) -> int:
         return EXTERNAL_DATA_THRESHOLD + 1
 
 
-def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        temporary.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def export_model(
     model: torch.nn.Module,
     out_path: str | os.PathLike[str],
@@ -413,7 +405,7 @@ def _gate(
     report_path = out.parent / REPORT_NAME
     payload = {**report.to_dict(), "written": report.passed}
     with disk_errors(report_path, next_step="export to another folder"):
-        _write_json(report_path, payload)
+        write_json(report_path, payload)
     if not report.passed:
         reason = "; ".join(report.failures) or report.summary()
         raise VerificationFailed(

@@ -100,7 +100,7 @@ def load_cached(cache_dir: Path, key: str) -> np.ndarray | None:
 def store_cached(cache_dir: Path, key: str, features: np.ndarray) -> None:
     import numpy as np
 
-    from pipeline.checkpoint import atomic_write
+    from zoo.files import atomic_write
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as handle:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.checkpoint import atomic_write, write_json
+from zoo.files import atomic_write, write_json
 
 if TYPE_CHECKING:
     import numpy as np

@@ -51,7 +51,7 @@ from test_train import _fit
 real_write = checkpoint.atomic_write
 signal_file = Path({signal_file!r})
 
-def stall_in_epoch_two(path, write):
+def stall_in_epoch_two(path, write, **options):
     if path.name == {resume!r} and signal_file.with_suffix(".epoch1").exists():
         def half(tmp):
             write(tmp)
@@ -60,8 +60,8 @@ def stall_in_epoch_two(path, write):
                 handle.truncate(size // 2)
             signal_file.touch()
             time.sleep(120)  # killed here, half-way through the write
-        return real_write(path, half)
-    real_write(path, write)
+        return real_write(path, half, **options)
+    real_write(path, write, **options)
     if path.name == {resume!r}:
         signal_file.with_suffix(".epoch1").touch()
 
@@ -111,9 +111,9 @@ class OutOfMemoryAbove(torch.nn.Module):
 
 
 def _fit_model(model: torch.nn.Module, tmp_path: Path, **config: object):
+    from test_train import HeadOnlyPlan
     from torch.utils.data import DataLoader
 
-    from pipeline.adapt import HeadOnlyPlan
     from pipeline.train import TrainConfig, fit
 
     train, val = _data(96, 0), _data(48, 1)

@@ -25,8 +25,16 @@ from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
 from zoo.catalog import BUNDLED_SOURCE, Catalog, ModelEntry
-from zoo.download import WAYS_OUT, copy_file, disk_errors, download, sha256_file
+from zoo.download import (
+    MODELS_DIR_NEXT_STEP,
+    WAYS_OUT,
+    copy_file,
+    disk_errors,
+    download,
+    sha256_file,
+)
 from zoo.errors import ChecksumMismatch, DownloadError, InvalidModelFile, NotFound, ZooError
+from zoo.files import write_json
 
 MODEL_FILE = "model.onnx"
 CARD_FILE = "card.json"
@@ -209,20 +217,6 @@ def _read_card(folder: Path) -> dict[str, Any] | None:
     return card if isinstance(card, dict) and isinstance(card.get("sha256"), str) else None
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON through a temporary file and os.replace, so readers never see half a file."""
-    with disk_errors(path):
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(payload, handle, indent=2, default=str)
-                handle.write("\n")
-            os.replace(tmp_name, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name)
-
-
 def _link(blob: Path, target: Path) -> None:
     """Point `target` at `blob`: a hard link, or a copy on file systems without them."""
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.link")
@@ -275,7 +269,7 @@ def _install(
         "fetched_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
         "zoo_version": _zoo_version(),
     }
-    write_json_atomic(folder / CARD_FILE, card)
+    write_json(folder / CARD_FILE, card, next_step=MODELS_DIR_NEXT_STEP)
     return _result(models_dir, plan.name, card, cached=cached)
 
 

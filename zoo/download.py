@@ -73,10 +73,11 @@ class _Dropped(Exception):
     """The connection ended before the whole body arrived; what was written can be resumed."""
 
 
+MODELS_DIR_NEXT_STEP = "point --models-dir at a disk with room, then try again"
+
+
 @contextlib.contextmanager
-def disk_errors(
-    path: Path, *, next_step: str = "point --models-dir at a disk with room, then try again"
-) -> Iterator[None]:
+def disk_errors(path: Path, *, next_step: str = MODELS_DIR_NEXT_STEP) -> Iterator[None]:
     """Turn 'no space left on device' while writing `path` into DiskFull."""
     try:
         yield
