@@ -39,6 +39,7 @@ class Scale:
     convert_batch: int  # benchmark 3
     convert_size: int
     convert_steps: int
+    convert_repetitions: int  # step timings are the noisiest: more repetitions
     deploy_latency_calls: int  # benchmark 4: batch-1 calls per repetition
     deploy_batch: int
     transfer_per_class: tuple[int, ...]  # benchmark 5
@@ -61,11 +62,12 @@ FULL = Scale(
     finetune_epochs=2,
     convert_batch=16,
     convert_size=224,
-    convert_steps=2,
+    convert_steps=4,
+    convert_repetitions=5,
     deploy_latency_calls=20,
     deploy_batch=32,
     transfer_per_class=(10, 20, 50),
-    transfer_epochs=8,
+    transfer_epochs=15,
     memory_images=128,
     memory_repetitions=2,
 )
@@ -81,6 +83,7 @@ QUICK = Scale(
     convert_batch=4,
     convert_size=96,
     convert_steps=2,
+    convert_repetitions=3,
     deploy_latency_calls=5,
     deploy_batch=8,
     transfer_per_class=(10,),

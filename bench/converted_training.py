@@ -151,7 +151,7 @@ def run(scale: Scale, *, work: Path) -> Section:
                     )
                     for name, model in (("native", native), ("converted", converted))
                 },
-                repetitions=scale.repetitions,
+                repetitions=scale.convert_repetitions,
                 warmup=True,
             )
             relative = median(times["native"]) / median(times["converted"])
@@ -171,7 +171,7 @@ def run(scale: Scale, *, work: Path) -> Section:
     body = [
         f"Forward+backward of the whole model (train mode), batch {batch} at {size} px, random inputs; each "
         f"repetition is the median of {scale.convert_steps} steps after one untimed warm-up round; the row "
-        f"is the median of {scale.repetitions} interleaved repetitions. Goal: converted ≥ {GOAL:g}× native.",
+        f"is the median of {scale.convert_repetitions} interleaved repetitions. Goal: converted ≥ {GOAL:g}× native.",
         markdown_table(
             [
                 "model",
@@ -191,7 +191,7 @@ def run(scale: Scale, *, work: Path) -> Section:
         body += [
             f"Profile of the worst row ({arch}, channels_last {'on' if channels_last else 'off'}): "
             f"self CPU time per operator of one forward+backward step under torch.profiler, median of "
-            f"{scale.repetitions} interleaved profiled steps, for the operators that take the most in "
+            f"{scale.convert_repetitions} interleaved profiled steps, for the operators that take the most in "
             "either model.",
             profile_table(
                 **median_profiles(
@@ -199,7 +199,7 @@ def run(scale: Scale, *, work: Path) -> Section:
                     inputs,
                     labels,
                     channels_last=channels_last,
-                    repetitions=scale.repetitions,
+                    repetitions=scale.convert_repetitions,
                 )
             ),
         ]
