@@ -93,8 +93,8 @@ def main(ctx: click.Context, models_dir: Path, catalog_file: Path | None, debug:
 @click.pass_context
 def list_command(ctx: click.Context, as_json: bool) -> None:
     """List the catalog: every zoo classifier and the bundled model."""
-    from zoo.cache import list_workspace
     from zoo.catalog import catalog_rows
+    from zoo.workspace import list_workspace
 
     present = {m.name for m in list_workspace(_models_dir(ctx))}
     rows = catalog_rows(_catalog(ctx), present=present)
@@ -452,7 +452,7 @@ def inspect_command(ctx: click.Context, name: str, as_json: bool) -> None:
     from rich.console import Console
 
     from pipeline.inspect import inspect_model, render
-    from zoo.cache import open_model
+    from zoo.workspace import open_model
 
     path, card = open_model(name, models_dir=_models_dir(ctx), catalog=_catalog(ctx))
     report = inspect_model(path, name=card.get("name", name))
@@ -548,7 +548,7 @@ def verify_command(
     from pipeline.deploy import verify_file
     from zoo.errors import VerificationFailed
 
-    result = verify_file(
+    report = verify_file(
         model,
         run_dir=run_dir,
         models_dir=_models_dir(ctx),
@@ -557,20 +557,11 @@ def verify_command(
         atol=atol,
         rtol=rtol,
     )
-    report = result.pop("report", None)
     if as_json:
-        console.emit_json(result)
+        console.emit_json(report.to_dict())
     else:
-        if report is not None:
-            console.info(report.render())
-        for name, check in result["runtimes"].items():
-            state = (
-                "agrees"
-                if check["passed"]
-                else f"FAILS ({check.get('rejected') or check.get('error')})"
-            )
-            console.info(f"{name}: top-1 agreement {check.get('top1_agreement')} — {state}")
-    if not result["passed"]:
+        console.info(report.render())
+    if not report.passed:
         raise VerificationFailed(f"{model} failed verification; see the report above")
 
 

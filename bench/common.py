@@ -219,7 +219,7 @@ def digits_split(*, images: int, seed: int = 0) -> DataSplit:
     """The first `images` train+val samples of builtin:digits as the training split (no val/test)."""
     import dataclasses
 
-    from pipeline.data import load_source
+    from pipeline.sources import load_source
 
     split = load_source("builtin:digits", seed=seed)
     pool = [*split.train, *split.val]

@@ -43,7 +43,7 @@ def _torch_runner(model: Any) -> Callable[[Any], Any]:
 
 
 def _ort_runner(path: Path, provider: str = "CPUExecutionProvider") -> Callable[[Any], Any]:
-    from pipeline.verify import create_session
+    from pipeline.runtimes import create_session
 
     session = create_session(path, provider)
     input_name = session.get_inputs()[0].name

@@ -7,7 +7,6 @@ train (on cached onnxruntime features when the backbone is frozen and the data f
 from __future__ import annotations
 
 import dataclasses
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,11 +28,6 @@ if TYPE_CHECKING:
     from zoo.catalog import Catalog, Preprocess
 
 STRATEGIES = ("auto", "feature", "finetune", "gradual", "full", "scratch")
-AUGMENTATIONS = ("none", "light", "strong")
-SMALL_PER_CLASS = 100  # "small" data, as the transfer-learning notes put it
-SIMILAR_CONFIDENCE = (
-    0.25  # mean top-1 probability of the ImageNet head above which data looks ImageNet-like
-)
 # Learning-rate factor between neighbouring unfrozen blocks when --lr-decay is not given: the top
 # unfrozen block learns at lr*d, the next at lr*d^2 (not below lr/100). Measured on built-in digits
 # (64 px, 20 images per class, 15 epochs, finetune top 2 blocks): d=0.1 68% test accuracy, d=0.5 77%,
@@ -108,65 +102,6 @@ class AdaptResult:
         }
 
 
-def choose_strategy(
-    *, per_class: float, confidence: float, num_blocks: int
-) -> tuple[str, int | None, str]:
-    """The `auto` rule of thumb: dataset size x similarity to ImageNet -> (strategy, unfreeze, why)."""
-    small = per_class < SMALL_PER_CLASS
-    similar = confidence >= SIMILAR_CONFIDENCE
-    size_word = f"{'small' if small else 'large'} data ({per_class:.0f} training images per class)"
-    sim_word = (
-        f"{'similar to' if similar else 'unlike'} ImageNet (the pretrained head's mean confidence "
-        f"is {confidence:.2f})"
-    )
-    if small and similar:
-        return "feature", None, f"{size_word}, {sim_word}: train only a new head on frozen features"
-    if small:
-        k = max(1, num_blocks // 4)
-        return "finetune", k, f"{size_word}, {sim_word}: fine-tune the top {k} blocks"
-    if similar:
-        k = max(2, num_blocks // 2)
-        return "finetune", k, f"{size_word}, {sim_word}: fine-tune the top {k} blocks"
-    return "full", None, f"{size_word}, {sim_word}: fine-tune every layer from the pretrained start"
-
-
-def imagenet_confidence(onnx_model: Any, *, input_name: str, batch: Any, output_kind: str) -> float:
-    """Mean top-1 probability of the pretrained head on a batch: a cheap similarity estimate."""
-    import numpy as np
-
-    from pipeline.features import any_input_size, ort_session
-
-    scores = ort_session(any_input_size(onnx_model)).run(
-        None, {input_name: batch.astype(np.float32)}
-    )[0]
-    scores = scores.reshape(scores.shape[0], -1)
-    if not output_kind.startswith("probabilities"):
-        scores = np.exp(scores - scores.max(1, keepdims=True))
-        scores /= scores.sum(1, keepdims=True)
-    return float(scores.max(1).mean())
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"python": platform.python_version()}
-    for package in (
-        "zoo",
-        "torch",
-        "torchvision",
-        "onnx",
-        "onnxruntime-gpu",
-        "onnx2torch",
-        "onnxslim",
-        "timm",
-    ):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            continue
-    return found
-
-
 def _resolve_preprocess(
     card: dict[str, Any], split: DataSplit, image_size: int | None
 ) -> Preprocess:
@@ -185,7 +120,8 @@ def _resolve_preprocess(
 
 def prepare_data(options: AdaptOptions, *, run_dir: Path | None) -> DataSplit:
     """The split: reloaded from the run when resuming, else loaded, checked and maybe subsampled."""
-    from pipeline.data import DataSplit, load_source, subsample_per_class
+    from pipeline.data import DataSplit, subsample_per_class
+    from pipeline.sources import load_source
 
     split_file = run_dir / runs.SPLIT_FILE if run_dir else None
     if split_file and split_file.exists():
@@ -240,6 +176,112 @@ def _check_input_size(model: nn.Module, preprocess: Preprocess, model_name: str)
         ) from exc
 
 
+def _open_source_model(
+    model_ref: str | None, *, models_dir: Path, catalog: Catalog, log: Callable[[str], None]
+) -> tuple[Path, dict[str, Any], str]:
+    """The model to adapt (the most recently fetched when none is named): path, card, name."""
+    from zoo.workspace import latest_model, open_model
+
+    if model_ref is None:
+        latest = latest_model(models_dir)
+        if latest is None:
+            raise NotFound(
+                f"no model in {models_dir} yet; fetch one first, e.g. `zoo fetch efficientnet-lite0` (works offline)"
+            )
+        model_ref = latest.name
+        log(f"using {model_ref}, the model fetched most recently into {models_dir}")
+    onnx_path, card = open_model(model_ref, models_dir=models_dir, catalog=catalog)
+    return onnx_path, card, card.get("name", Path(model_ref).stem)
+
+
+def _claim_run(
+    options: AdaptOptions,
+    *,
+    split: DataSplit | None,
+    models_dir: Path,
+    model_name: str,
+    log: Callable[[str], None],
+) -> tuple[Path, DataSplit]:
+    """The run directory (--out, or a new one named after model and data) with its split saved."""
+    run_dir = runs.claim_out_dir(options.out, resume=options.resume) if options.out else None
+    split = split or prepare_data(options, run_dir=run_dir)
+    if run_dir is None:
+        base = f"{runs.slug(model_name)}-{runs.slug(split.source_name)}-{len(split.class_names)}c"
+        run_dir = runs.new_run_dir(models_dir, base)
+    if split.skipped:
+        names = ", ".join(Path(p).name for p, _ in split.skipped[:3])
+        more = " …" if len(split.skipped) > 3 else ""
+        log(f"skipped {len(split.skipped)} unreadable file(s): {names}{more}")
+    split.save(run_dir / runs.SPLIT_FILE)
+    return run_dir, split
+
+
+def _auto_strategy(
+    imported: Any, split: DataSplit, card: dict[str, Any], *, num_blocks: int
+) -> tuple[str, int | None, str]:
+    """`--strategy auto`: the rule of thumb applied to this data's size and measured similarity."""
+    from pipeline.fastpath import preprocessed_batch
+    from pipeline.surgery.auto import choose_strategy, imagenet_confidence
+
+    # Judge similarity at the model's own input size: at other sizes the ImageNet head is
+    # confidently wrong about almost anything (digits: 0.46 at 64 px, 0.09 at 224 px).
+    native = _resolve_preprocess(card, dataclasses.replace(split, recommended_size=None), None)
+    confidence = imagenet_confidence(
+        imported.onnx_model,
+        input_name=imported.probe.input_name,
+        batch=preprocessed_batch(split.train[:64], native),
+        output_kind=imported.probe.output_kind,
+    )
+    per_class = len(split.train) / len(split.class_names)
+    return choose_strategy(per_class=per_class, confidence=confidence, num_blocks=num_blocks)
+
+
+def _run_record(
+    options: AdaptOptions,
+    *,
+    previous: dict[str, Any],
+    source: dict[str, Any],
+    choice: dict[str, Any],
+    blocks: list[str],
+    config: TrainConfig,
+    preprocess: Preprocess,
+    imported: Any,
+    split: DataSplit,
+) -> dict[str, Any]:
+    """run.json as training starts: enough to export, resume or reproduce the run."""
+    return {
+        "tool": "zoo",
+        "created": previous.get("created")
+        or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "status": "training",
+        "source": source,
+        "options": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in dataclasses.asdict(options).items()
+            if k not in ("out", "resume")
+        },
+        **choice,
+        "blocks": blocks,
+        "hyperparameters": dataclasses.asdict(config),
+        "preprocess": preprocess.to_dict(),
+        "input_name": imported.probe.input_name,
+        "class_names": split.class_names,
+        "num_classes": len(split.class_names),
+        "head": {"hidden": options.hidden, "dropout": options.dropout},
+        "data": {
+            "source": split.source or options.data,
+            "train": len(split.train),
+            "val": len(split.val),
+            "test": len(split.test),
+            "skipped": len(split.skipped),
+        },
+        "seed": options.seed,
+        "device": config.device,
+        "versions": runs.versions(),
+        "import_fidelity": dataclasses.asdict(imported.fidelity) if imported.fidelity else None,
+    }
+
+
 def adapt(
     options: AdaptOptions,
     *,
@@ -258,7 +300,6 @@ def adapt(
     from pipeline import fastpath
     from pipeline.distributed import SINGLE
     from pipeline.train import fit, resolve_device
-    from zoo.cache import latest_model, open_model
 
     dist = dist or SINGLE
     started = time.perf_counter()
@@ -269,33 +310,15 @@ def adapt(
             raise ZooError("--resume needs --out RUN_DIR, the run to continue")
         previous = dist.broadcast_object(runs.read_run(options.out) if dist.is_main else None)
         options = dataclasses.replace(options, **previous["options"], resume=True, out=options.out)
-    model_ref = options.model
-    if model_ref is None:
-        latest = latest_model(models_dir)
-        if latest is None:
-            raise NotFound(
-                f"no model in {models_dir} yet; fetch one first, e.g. `zoo fetch efficientnet-lite0` (works offline)"
-            )
-        model_ref = latest.name
-        log(f"using {model_ref}, the model fetched most recently into {models_dir}")
-    onnx_path, card = open_model(model_ref, models_dir=models_dir, catalog=catalog)
-    model_name = card.get("name", Path(model_ref).stem)
+    onnx_path, card, model_name = _open_source_model(
+        options.model, models_dir=models_dir, catalog=catalog, log=log
+    )
 
     run_dir = None
     if dist.is_main:
-        run_dir = runs.claim_out_dir(options.out, resume=options.resume) if options.out else None
-        split = split or prepare_data(options, run_dir=run_dir)
-        if run_dir is None:
-            base = (
-                f"{runs.slug(model_name)}-{runs.slug(split.source_name)}-{len(split.class_names)}c"
-            )
-            run_dir = runs.new_run_dir(models_dir, base)
-        if split.skipped:
-            names = ", ".join(Path(p).name for p, _ in split.skipped[:3])
-            log(
-                f"skipped {len(split.skipped)} unreadable file(s): {names}{' …' if len(split.skipped) > 3 else ''}"
-            )
-        split.save(run_dir / runs.SPLIT_FILE)
+        run_dir, split = _claim_run(
+            options, split=split, models_dir=models_dir, model_name=model_name, log=log
+        )
     # One run directory and one split for all workers, whatever each machine's disk holds.
     run_dir, split = dist.broadcast_object((run_dir, split))
     preprocess = _resolve_preprocess(card, split, options.image_size)
@@ -314,20 +337,7 @@ def adapt(
     blocks = discover_blocks(adapted)
     strategy, unfreeze, reason = options.strategy, options.unfreeze, "chosen with --strategy"
     if strategy == "auto":
-        # Judge similarity at the model's own input size: at other sizes the ImageNet head is
-        # confidently wrong about almost anything (digits: 0.46 at 64 px, 0.09 at 224 px).
-        native = _resolve_preprocess(card, dataclasses.replace(split, recommended_size=None), None)
-        sample = fastpath.preprocessed_batch(split.train[:64], native)
-        confidence = imagenet_confidence(
-            imported.onnx_model,
-            input_name=imported.probe.input_name,
-            batch=sample,
-            output_kind=imported.probe.output_kind,
-        )
-        per_class = len(split.train) / len(split.class_names)
-        strategy, unfreeze, reason = choose_strategy(
-            per_class=per_class, confidence=confidence, num_blocks=len(blocks)
-        )
+        strategy, unfreeze, reason = _auto_strategy(imported, split, card, num_blocks=len(blocks))
         log(f"strategy auto -> {strategy}: {reason}")
     # Workers must agree even if their onnxruntime scores differ in the last bit.
     strategy, unfreeze, reason = dist.broadcast_object((strategy, unfreeze, reason))
@@ -346,44 +356,22 @@ def adapt(
         amp=device == "cuda",
         channels_last=device == "cuda",
     )
-    record = {
-        "tool": "zoo",
-        "created": previous.get("created")
-        or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "status": "training",
-        "source": {
+    record = _run_record(
+        options,
+        previous=previous,
+        source={
             "name": model_name,
             "path": str(onnx_path),
             "sha256": card.get("sha256"),
             "url": card.get("source_url"),
         },
-        "options": {
-            k: (str(v) if isinstance(v, Path) else v)
-            for k, v in dataclasses.asdict(options).items()
-            if k not in ("out", "resume")
-        },
-        "strategy": strategy,
-        "strategy_reason": reason,
-        "unfreeze": unfreeze,
-        "blocks": [b.name for b in blocks],
-        "hyperparameters": dataclasses.asdict(config),
-        "preprocess": preprocess.to_dict(),
-        "input_name": imported.probe.input_name,
-        "class_names": split.class_names,
-        "num_classes": len(split.class_names),
-        "head": {"hidden": options.hidden, "dropout": options.dropout},
-        "data": {
-            "source": split.source or options.data,
-            "train": len(split.train),
-            "val": len(split.val),
-            "test": len(split.test),
-            "skipped": len(split.skipped),
-        },
-        "seed": options.seed,
-        "device": device,
-        "versions": _versions(),
-        "import_fidelity": dataclasses.asdict(imported.fidelity) if imported.fidelity else None,
-    }
+        choice={"strategy": strategy, "strategy_reason": reason, "unfreeze": unfreeze},
+        blocks=[b.name for b in blocks],
+        config=config,
+        preprocess=preprocess,
+        imported=imported,
+        split=split,
+    )
     if dist.enabled:
         record["distributed"] = dist.to_dict()
     if dist.is_main:

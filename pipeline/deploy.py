@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from pipeline.data import DataSplit, Sample
-    from pipeline.verify import VerifyInputs
+    from pipeline.verify import FileReport, VerifyInputs
     from zoo.catalog import Catalog, Preprocess
 
 MAX_VERIFY_IMAGES = 256  # the test split is used whole up to this many images
@@ -44,8 +44,8 @@ def load_run(run_dir: Path, *, models_dir: Path, catalog: Catalog) -> LoadedRun:
     from pipeline.checkpoint import load_weights
     from pipeline.data import DataSplit
     from pipeline.train import BEST_CHECKPOINT
-    from zoo.cache import open_model
     from zoo.catalog import Preprocess
+    from zoo.workspace import open_model
 
     run_dir = Path(run_dir)
     record = runs.read_run(run_dir)
@@ -218,35 +218,24 @@ def verify_file(
     runtimes: Sequence[str] = ("ort",),
     atol: float = 1e-4,
     rtol: float = 1e-3,
-) -> dict[str, Any]:
-    """`zoo verify`: the gate against the run's torch model (with --run), plus other runtimes."""
+) -> FileReport:
+    """`zoo verify`: metadata and outputs, the gate against the run's torch model (with --run), other runtimes."""
     from pipeline.export import read_metadata
-    from pipeline.verify import VerifyInputs, runtime_check, verify
+    from pipeline.verify import VerifyInputs
+    from pipeline.verify import verify_file as check_file
 
     onnx_path = Path(onnx_path)
-    metadata = read_metadata(onnx_path)
-    result: dict[str, Any] = {"path": str(onnx_path), "passed": True, "runtimes": {}}
-    inputs: VerifyInputs
+    torch_model, inputs = None, None
     if run_dir is not None:
         loaded = load_run(Path(run_dir), models_dir=models_dir, catalog=catalog)
-        inputs = gate_inputs(loaded)
-        report = verify(loaded.model, onnx_path, inputs, atol=atol, rtol=rtol)
-        result["gate"] = report.to_dict()
-        result["report"] = report
-        result["passed"] = report.passed
-    elif metadata.preprocess is not None:
-        inputs = VerifyInputs.random_only(input_shape(metadata.preprocess), count=4)
+        torch_model, inputs = loaded.model, gate_inputs(loaded)
     else:
-        raise ZooError(
-            f"{onnx_path} carries no preprocessing metadata; pass --run RUN to verify it against its run"
-        )
-    for name in runtimes:
-        if name == "ort":
-            continue
-        check = runtime_check(name)(onnx_path, inputs)
-        result["runtimes"][name] = check.to_dict()
-        result["passed"] = result["passed"] and check.passed
-    return result
+        preprocess = read_metadata(onnx_path).preprocess
+        if preprocess is not None:  # else random inputs of the graph's own fixed shape
+            inputs = VerifyInputs.random_only(input_shape(preprocess), count=4)
+    return check_file(
+        onnx_path, torch_model=torch_model, inputs=inputs, runtimes=runtimes, atol=atol, rtol=rtol
+    )
 
 
 def expand_images(patterns: Sequence[str]) -> list[Path]:
@@ -327,7 +316,7 @@ def predict(
     import numpy as np
 
     from pipeline.images import open_image, preprocess_image
-    from pipeline.verify import create_session
+    from pipeline.runtimes import create_session
 
     onnx_path = Path(onnx_path)
     labels, preprocess, input_name = _labels_and_preprocess(onnx_path, catalog)
@@ -371,9 +360,9 @@ def evaluate_file(
     """`zoo evaluate`: metrics of the ONNX file alone on every image of a data source."""
     import numpy as np
 
-    from pipeline.data import load_source
     from pipeline.features import ort_session, run_batches
     from pipeline.report import compute_metrics, plot_confusion
+    from pipeline.sources import load_source
     from zoo.onnxfile import load_onnx
 
     onnx_path = Path(onnx_path)

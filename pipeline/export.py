@@ -22,9 +22,8 @@ from typing import TYPE_CHECKING, Any
 from pipeline.verify import VerifyInputs, VerifyReport, eval_on_cpu
 from pipeline.verify import verify as run_gate
 from zoo.catalog import Preprocess
-from zoo.download import disk_errors
 from zoo.errors import UnsupportedModel, VerificationFailed
-from zoo.files import write_json
+from zoo.files import disk_errors, write_json
 
 if TYPE_CHECKING:
     import onnx

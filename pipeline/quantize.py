@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.verify import VerifyInputs, create_session, logits_of, run_session
+from pipeline.runtimes import create_session, logits_of, run_session
+from pipeline.verify import VerifyInputs
 from zoo.errors import DataError, UnsupportedModel
 
 CALIBRATION_BATCH = 16  # images per calibration step; min/max statistics do not depend on it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import re
 from pathlib import Path
 from typing import Any
@@ -79,3 +80,25 @@ def latest_run(models_dir: Path) -> Path:
     if not runs:
         raise NotFound(f"no finished run in {models_dir}; train one first with `zoo adapt`")
     return runs[-1]
+
+
+def versions() -> dict[str, str]:
+    """Python and the packages a run depends on, for run.json."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in (
+        "zoo",
+        "torch",
+        "torchvision",
+        "onnx",
+        "onnxruntime-gpu",
+        "onnx2torch",
+        "onnxslim",
+        "timm",
+    ):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return found

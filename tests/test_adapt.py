@@ -22,9 +22,10 @@ from click.testing import CliRunner
 from image_builders import build_awkward_folder, make_image_folder, write_rgb
 
 from cli import main
-from pipeline.adapt import AdaptOptions, AdaptResult, adapt, build_model, choose_strategy
+from pipeline.adapt import AdaptOptions, AdaptResult, adapt, build_model
 from pipeline.data import DataSplit
 from pipeline.deploy import load_run
+from pipeline.surgery.auto import choose_strategy
 from pipeline.train import RESUME_POINT
 from zoo.catalog import Catalog, load_catalog
 

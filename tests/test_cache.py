@@ -24,7 +24,7 @@ from httpserver import (
 )
 
 from zoo import cache
-from zoo.cache import fetch, latest_model, list_workspace, open_model
+from zoo.cache import fetch
 from zoo.catalog import BUNDLED_ENTRY, ArchiveSpec, Catalog, ModelEntry
 from zoo.errors import (
     ChecksumMismatch,
@@ -34,6 +34,7 @@ from zoo.errors import (
     NotFound,
     ZooError,
 )
+from zoo.workspace import open_model
 
 __all__ = ["http_server", "no_proxy"]  # fixtures used by name
 
@@ -318,44 +319,6 @@ def test_local_onnx_and_tar_gz(tmp_path: Path) -> None:
     assert from_tar.name == "bundle" and from_tar.path.read_bytes() == OTHER
     with pytest.raises(NotFound, match="not a file"):
         fetch(str(tmp_path / "missing.onnx"), models_dir=models, catalog=catalog_of())
-
-
-def test_open_model_detects_corruption_and_force_repairs(
-    http_server: LocalServer, tmp_path: Path
-) -> None:
-    url = http_server.serve("/tiny-1.onnx", MODEL)
-    models = tmp_path / "models"
-    catalog = catalog_of(entry((url,)))
-    fetched = fetch("tiny", models_dir=models, catalog=catalog, progress=False)
-    path, card = open_model("tiny", models_dir=models, catalog=catalog)  # an alias finds it too
-    assert path == fetched.path and card["sha256"] == MODEL_SHA
-
-    with open(fetched.path, "r+b") as handle:  # one flipped byte, as a bad disk would
-        handle.seek(len(MODEL) // 2)
-        byte = handle.read(1)
-        handle.seek(-1, os.SEEK_CUR)
-        handle.write(bytes([byte[0] ^ 0xFF]))
-    with pytest.raises(ChecksumMismatch, match="zoo fetch tiny-1 --force"):
-        open_model("tiny-1", models_dir=models, catalog=catalog)
-    repaired = fetch("tiny-1", models_dir=models, catalog=catalog, force=True, progress=False)
-    assert not repaired.cached
-    assert open_model("tiny-1", models_dir=models, catalog=catalog).path.read_bytes() == MODEL
-    assert (models / "blobs" / MODEL_SHA).read_bytes() == MODEL
-    with pytest.raises(NotFound, match="zoo fetch nothing-here"):
-        open_model("nothing-here", models_dir=models, catalog=catalog)
-
-
-def test_list_and_latest(tmp_path: Path) -> None:
-    models = tmp_path / "models"
-    assert list_workspace(models) == [] and latest_model(models) is None
-    for name, data in (("b-model", MODEL), ("a-model", OTHER)):
-        source = tmp_path / f"{name}.onnx"
-        source.write_bytes(data)
-        fetch(str(source), models_dir=models, catalog=catalog_of(), progress=False)
-    listed = list_workspace(models)
-    assert [m.name for m in listed] == ["a-model", "b-model"]
-    assert [m.sha256 for m in listed] == [OTHER_SHA, MODEL_SHA]
-    assert latest_model(models).name == "a-model"  # type: ignore[union-attr]
 
 
 def test_bundled_entry_is_hashed_as_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

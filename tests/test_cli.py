@@ -129,7 +129,9 @@ def test_adapt_export_predict_evaluate(workspace: Path, tmp_path: Path) -> None:
         models_dir=workspace,
     )
     assert code == 0, err
-    assert json.loads(out)["runtimes"]["opencv"]["passed"]
+    verified = json.loads(out)
+    assert verified["runtimes"]["opencv"]["passed"] and verified["torch"]["passed"]
+    assert verified["problems"] == [] and verified["metadata"]["labels"]
 
     from pipeline.data import DataSplit
     from pipeline.images import open_image

@@ -31,7 +31,6 @@ from pipeline.data import (
     DataSplit,
     ImageDataset,
     Sample,
-    load_source,
     stratified_split,
     subsample_per_class,
 )
@@ -42,6 +41,7 @@ from pipeline.images import (
     open_image,
     preprocess_image,
 )
+from pipeline.sources import load_source
 from zoo.catalog import IMAGENET_PREPROCESS, Preprocess
 from zoo.errors import DataError
 

@@ -32,7 +32,8 @@ from pipeline.export import (
     read_metadata,
 )
 from pipeline.quantize import Int8Report, compare_int8, default_int8_path, quantize_int8
-from pipeline.verify import VerifyInputs, create_session, verify
+from pipeline.runtimes import create_session
+from pipeline.verify import VerifyInputs, verify
 from zoo.catalog import IMAGENET_PREPROCESS, Preprocess
 from zoo.errors import UnsupportedModel, VerificationFailed
 from zoo.onnxfile import load_onnx

@@ -20,12 +20,13 @@ import torch
 from onnx_builders import TORCHVISION_ARCHS, input_size
 
 from pipeline.adapt import AdaptOptions, AdaptResult, adapt
-from pipeline.data import DataSplit, load_source, subsample_per_class
+from pipeline.data import DataSplit, subsample_per_class
 from pipeline.deploy import export_run, gate_inputs, load_run
-from pipeline.verify import runtime_check
+from pipeline.runtimes import runtime_check
+from pipeline.sources import load_source
 from zoo.cache import fetch
 from zoo.catalog import BUNDLED_NAME, IMAGENET_PREPROCESS, Catalog, load_catalog
-from zoo.download import sha256_file
+from zoo.files import sha256_file
 
 pytestmark = pytest.mark.slow
 

@@ -16,12 +16,13 @@ import pytest
 import torch
 
 from pipeline.adapt import build_model
-from pipeline.data import DataSplit, load_source, subsample_per_class
+from pipeline.data import DataSplit, subsample_per_class
 from pipeline.fastpath import prepare
+from pipeline.sources import load_source
 from pipeline.surgery import make_plan
 from pipeline.train import TrainConfig, TrainState, fit
-from zoo.cache import open_model
 from zoo.catalog import Preprocess, load_catalog
+from zoo.workspace import open_model
 
 EPOCHS = 2
 SIZE = 64

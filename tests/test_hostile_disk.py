@@ -19,10 +19,11 @@ from httpserver import LocalServer, http_server, no_proxy, tiny_model_bytes
 from cli import main
 from pipeline.checkpoint import load_weights, save_weights
 from zoo import download as download_module
-from zoo.cache import fetch, open_model
+from zoo.cache import fetch
 from zoo.catalog import Catalog
 from zoo.errors import ChecksumMismatch, DiskFull
 from zoo.files import write_json
+from zoo.workspace import open_model
 
 __all__ = ["http_server", "no_proxy"]  # fixtures used by name
 

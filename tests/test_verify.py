@@ -16,20 +16,9 @@ import torch
 import torchvision
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.verify import (
-    RuntimeReport,
-    VerifyInputs,
-    check_runtime_opencv,
-    compare_logits,
-    describe_cv2_error,
-    eval_on_cpu,
-    register_runtime,
-    runtime_check,
-    verify,
-    verify_file,
-)
+from pipeline.verify import VerifyInputs, compare_logits, eval_on_cpu, verify, verify_file
 from zoo.catalog import IMAGENET_PREPROCESS
-from zoo.errors import InvalidModelFile, NotFound
+from zoo.errors import InvalidModelFile
 
 SIZE = 64
 SHAPE = (3, SIZE, SIZE)
@@ -268,58 +257,6 @@ def test_eval_on_cpu_restores_each_module_mode() -> None:
     with eval_on_cpu(model):
         assert not any(m.training for m in model.modules())
     assert model.training and model.classifier.training and not model.features[0].training
-
-
-# --- OpenCV, the second runtime ----------------------------------------------------------------
-
-
-def test_opencv_loads_and_agrees(exported: tuple[torch.nn.Module, Path]) -> None:
-    _, path = exported
-    report = check_runtime_opencv(path, image_inputs())
-    assert report.loaded and report.error is None, report
-    assert report.top1_agreement == 1.0 and report.n_inputs == 8 and report.passed
-    assert report.max_abs is not None and report.max_abs < 1e-3
-
-
-def _bernoulli_model(path: Path) -> Path:
-    """A valid graph with an op that onnxruntime runs and OpenCV has no layer for."""
-    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4])
-    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4])
-    node = helper.make_node("Bernoulli", ["input"], ["logits"], name="coin_flip")
-    graph = helper.make_graph([node], "coin", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
-
-
-def test_opencv_names_the_rejected_op(tmp_path: Path) -> None:
-    path = _bernoulli_model(tmp_path / "coin.onnx")
-    report = check_runtime_opencv(path, VerifyInputs(random=np.full((1, 4), 0.5, np.float32)))
-    assert not report.loaded and not report.passed
-    assert (
-        report.rejected is not None
-        and "Bernoulli" in report.rejected
-        and "coin_flip" in report.rejected
-    )
-
-
-def test_describe_cv2_error() -> None:
-    old = 'error: (-2:Unspecified error) Can\'t create layer "onnx_node!head" of type "Einsum" in function'
-    assert describe_cv2_error(old) == "Einsum (onnx_node!head)"
-    assert (
-        describe_cv2_error("Node [Gelu@ai.onnx]:(onnx_node!/act/Gelu) parse error")
-        == "Gelu (onnx_node!/act/Gelu)"
-    )
-    assert describe_cv2_error("(-215:Assertion failed) tensor.has_shape()") is None
-
-
-def test_runtime_registry() -> None:
-    assert runtime_check("opencv") is check_runtime_opencv
-    with pytest.raises(NotFound, match="choose from ort, opencv"):
-        runtime_check("tflite")
-    with pytest.raises(ValueError, match="already registered"):
-        register_runtime("opencv")(lambda path, inputs: RuntimeReport("x", False))
 
 
 # --- zoo verify MODEL.onnx ---------------------------------------------------------------------

@@ -14,8 +14,8 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from zoo.download import disk_errors
 from zoo.errors import InvalidModelFile, UnsafeFile
+from zoo.files import disk_errors
 
 
 def _is_apple_double(name: str) -> bool:

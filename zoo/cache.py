@@ -1,4 +1,4 @@
-"""The workspace: fetched models under human names, backed by content-addressed blobs.
+"""`zoo fetch`: models into the workspace, under human names, backed by content-addressed blobs.
 
     MODELS_DIR/blobs/<sha256>       the truth: one file per distinct content
     MODELS_DIR/<name>/model.onnx    a hard link to its blob (a copy where links fail)
@@ -12,9 +12,7 @@ of one model from racing; correctness comes from the atomic renames.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import re
 import shutil
 import tempfile
 import urllib.parse
@@ -22,26 +20,23 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, NamedTuple
+from typing import Any
 
 from zoo.catalog import BUNDLED_SOURCE, Catalog, ModelEntry
-from zoo.download import (
-    MODELS_DIR_NEXT_STEP,
-    WAYS_OUT,
-    copy_file,
-    disk_errors,
-    download,
-    sha256_file,
+from zoo.download import WAYS_OUT, download
+from zoo.errors import ChecksumMismatch, DownloadError, NotFound, ZooError
+from zoo.files import MODELS_DIR_NEXT_STEP, copy_file, disk_errors, sha256_file, write_json
+from zoo.workspace import (
+    ARCHIVE_SUFFIXES,
+    BLOBS,
+    CARD_FILE,
+    MODEL_FILE,
+    check_name,
+    default_name,
+    read_card,
 )
-from zoo.errors import ChecksumMismatch, DownloadError, InvalidModelFile, NotFound, ZooError
-from zoo.files import write_json
 
-MODEL_FILE = "model.onnx"
-CARD_FILE = "card.json"
-BLOBS = "blobs"
 LOCK_TIMEOUT = 3600.0  # seconds to wait for another fetch of the same model: big files are slow
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
-_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
 
 
 @dataclass(frozen=True)
@@ -59,23 +54,6 @@ class FetchResult:
     def to_dict(self) -> dict[str, Any]:
         """The result as JSON-ready data (`zoo fetch --json`)."""
         return {**asdict(self), "path": str(self.path), "card_path": str(self.card_path)}
-
-
-@dataclass(frozen=True)
-class WorkspaceModel:
-    """One fetched model, as `zoo list --workspace` shows it."""
-
-    name: str
-    path: Path
-    sha256: str
-    fetched_at: str
-
-
-class OpenedModel(NamedTuple):
-    """A verified model file and its card."""
-
-    path: Path
-    card: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -109,25 +87,6 @@ def _zoo_version() -> str:
         return version("zoo")
     except PackageNotFoundError:
         return "unknown"
-
-
-def check_name(name: str) -> str:
-    """A workspace name is a plain folder name; refuse anything else."""
-    if not _NAME.fullmatch(name) or name == BLOBS or ".." in name:
-        raise ZooError(
-            f"{name!r} cannot name a model in the workspace; choose a name of letters, digits, "
-            "'.', '_', '+' and '-' (e.g. --name my-model)"
-        )
-    return name
-
-
-def _default_name(path_or_url: str) -> str:
-    base = PurePosixPath(urllib.parse.urlparse(path_or_url).path).name or "model"
-    for suffix in (*_ARCHIVE_SUFFIXES, ".onnx"):
-        if base.lower().endswith(suffix):
-            base = base[: -len(suffix)]
-            break
-    return re.sub(r"[^A-Za-z0-9._+-]", "-", base).strip(".-") or "model"
 
 
 def _mirror_urls(mirror: str, repo_path: str) -> list[str]:
@@ -173,7 +132,7 @@ def _entry_plan(
 
 def _file_plan(location: str, *, name: str, source_id: str, pin: str | None) -> _Plan:
     """A plan for one file, .onnx or .tar.gz, at a URL or a local path."""
-    if location.lower().endswith(_ARCHIVE_SUFFIXES):
+    if location.lower().endswith(ARCHIVE_SUFFIXES):
         return _Plan(name=name, source_id=source_id, sha256=pin, archive=_Archive((location,)))
     return _Plan(name=name, source_id=source_id, sha256=pin, onnx_urls=(location,))
 
@@ -198,23 +157,15 @@ def _plan(
         location = str(local)
         return _file_plan(
             location,
-            name=name or _default_name(location),
+            name=name or default_name(location),
             source_id=local.resolve().as_uri(),
             pin=pin,
         )
-    if is_file_url or os.sep in source or source.lower().endswith((".onnx", *_ARCHIVE_SUFFIXES)):
+    if is_file_url or os.sep in source or source.lower().endswith((".onnx", *ARCHIVE_SUFFIXES)):
         raise NotFound(
             f"{source} is not a file; pass an .onnx or .tar.gz path, a URL or a catalog name"
         )
     return _entry_plan(catalog.resolve(source), name=name, sha256=pin, mirror=mirror)
-
-
-def _read_card(folder: Path) -> dict[str, Any] | None:
-    try:
-        card = json.loads((folder / CARD_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return card if isinstance(card, dict) and isinstance(card.get("sha256"), str) else None
 
 
 def _link(blob: Path, target: Path) -> None:
@@ -276,7 +227,7 @@ def _install(
 def _present(models_dir: Path, plan: _Plan, *, force: bool) -> FetchResult | None:
     """The model when it is already in the workspace and checks out; None when it must be fetched."""
     folder = models_dir / plan.name
-    card = _read_card(folder)
+    card = read_card(folder)
     if card is not None and card.get("source") != plan.source_id and not force:
         raise ZooError(
             f"{plan.name!r} already holds another model ({card.get('source')}); pass --force to "
@@ -413,101 +364,3 @@ def _fetch_fresh(models_dir: Path, plan: _Plan, *, progress: bool) -> FetchResul
         return _install(models_dir, plan, staged, sha256=actual, source_url=source_url)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _workspace_folder(name_or_path: str, *, models_dir: Path, catalog: Catalog) -> Path | None:
-    """The workspace folder for a name, an alias or a path to a workspace model."""
-    candidate = Path(name_or_path).expanduser()
-    if candidate.is_dir() and (candidate / CARD_FILE).is_file():
-        return candidate
-    if (
-        candidate.is_file()
-        and candidate.name == MODEL_FILE
-        and (candidate.parent / CARD_FILE).is_file()
-    ):
-        return candidate.parent
-    if _NAME.fullmatch(name_or_path) and (models_dir / name_or_path / CARD_FILE).is_file():
-        return models_dir / name_or_path
-    try:
-        entry = catalog.resolve(name_or_path)
-    except NotFound:
-        return None
-    folder = models_dir / entry.name
-    return folder if (folder / CARD_FILE).is_file() else None
-
-
-def open_model(
-    name_or_path: str | os.PathLike[str], *, models_dir: str | os.PathLike[str], catalog: Catalog
-) -> OpenedModel:
-    """A workspace model (or a plain .onnx path) and its card, its sha256 checked again now."""
-    models_dir = Path(models_dir).expanduser()
-    text = os.fspath(name_or_path)
-    folder = _workspace_folder(text, models_dir=models_dir, catalog=catalog)
-    if folder is None:
-        path = Path(text).expanduser()
-        if path.is_file():
-            card = {
-                "name": _default_name(text),
-                "source": path.resolve().as_uri(),
-                "source_url": path.resolve().as_uri(),
-                "sha256": sha256_file(path),
-                "size": path.stat().st_size,
-                "entry": None,
-                "fetched_at": None,
-            }
-            return OpenedModel(path, card)
-        raise NotFound(
-            f"no model {text!r} in the workspace {models_dir}; run `zoo fetch {text}` first"
-        )
-    card = _read_card(folder)
-    name = folder.name
-    if card is None:
-        raise InvalidModelFile(
-            f"{folder / CARD_FILE} is missing or damaged; run `zoo fetch {name} --force`"
-        )
-    path = folder / MODEL_FILE
-    if not path.is_file():
-        raise NotFound(f"{path} is missing; run `zoo fetch {name} --force`")
-    actual = sha256_file(path)
-    if actual != card["sha256"]:
-        raise ChecksumMismatch(
-            f"{path} has sha256 {actual}, but was fetched as {card['sha256']}: it was changed or damaged; "
-            f"run `zoo fetch {name} --force`"
-        )
-    return OpenedModel(path, card)
-
-
-def list_workspace(models_dir: str | os.PathLike[str]) -> list[WorkspaceModel]:
-    """Every fetched model in the workspace, by name."""
-    models_dir = Path(models_dir).expanduser()
-    if not models_dir.is_dir():
-        return []
-    found = []
-    for folder in sorted(models_dir.iterdir()):
-        if not folder.is_dir() or folder.name.startswith(".") or folder.name == BLOBS:
-            continue
-        card = _read_card(folder)
-        if card is None or not (folder / MODEL_FILE).is_file():
-            continue
-        found.append(
-            WorkspaceModel(
-                name=folder.name,
-                path=folder / MODEL_FILE,
-                sha256=card["sha256"],
-                fetched_at=str(card.get("fetched_at") or ""),
-            )
-        )
-    return found
-
-
-def latest_model(models_dir: str | os.PathLike[str]) -> WorkspaceModel | None:
-    """The most recently fetched model, or None in an empty workspace."""
-
-    def when(model: WorkspaceModel) -> datetime:
-        try:
-            return datetime.fromisoformat(model.fetched_at)
-        except ValueError:
-            return datetime.min.replace(tzinfo=timezone.utc)
-
-    models = list_workspace(models_dir)
-    return max(models, key=when) if models else None

@@ -12,7 +12,6 @@ import errno
 import hashlib
 import http.client
 import os
-import shutil
 import socket
 import ssl
 import sys
@@ -21,12 +20,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from zoo.errors import ChecksumMismatch, DiskFull, DownloadError
+from zoo.files import disk_errors
 from zoo.onnxfile import describe_non_model
 
 CHUNK_SIZE = 1 << 16
@@ -71,23 +71,6 @@ class _UrlFailed(Exception):
 
 class _Dropped(Exception):
     """The connection ended before the whole body arrived; what was written can be resumed."""
-
-
-MODELS_DIR_NEXT_STEP = "point --models-dir at a disk with room, then try again"
-
-
-@contextlib.contextmanager
-def disk_errors(path: Path, *, next_step: str = MODELS_DIR_NEXT_STEP) -> Iterator[None]:
-    """Turn 'no space left on device' while writing `path` into DiskFull."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFull(
-                f"no disk space left writing {path} ({exc.strerror}); the previous file is intact. "
-                f"Free some disk space or {next_step}"
-            ) from exc
-        raise
 
 
 def _write_chunk(handle: BinaryIO, chunk: bytes) -> None:
@@ -484,25 +467,3 @@ def _all_failed(label: str, failures: list[tuple[str, _UrlFailed]]) -> OSError:
         error = DownloadError(f"could not download {label}: {tried}; {WAYS_OUT}")
     error.tried = tried  # type: ignore[attr-defined]  # lets a caller merge two attempts into one line
     return error
-
-
-def copy_file(source: Path, dest: Path) -> None:
-    """Copy `source` to `dest` atomically (temporary file beside `dest`, then os.replace)."""
-    with disk_errors(dest):
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as handle, open(source, "rb") as src:
-                shutil.copyfileobj(src, handle, CHUNK_SIZE * 16)
-            os.replace(tmp_name, dest)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name)
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """The sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -1,0 +1,218 @@
+"""Running an ONNX file: onnxruntime sessions that really run where asked, and other runtimes.
+
+`create_session`/`run_session` are what the oracle in `pipeline.verify`, quantization and
+benchmarks use to run a file; `RUNTIME_CHECKS` is a registry of second runtimes (OpenCV DNN) that
+`zoo verify --runtimes ort,opencv` checks against onnxruntime, so deployment targets can grow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from zoo.errors import InvalidModelFile, NotFound
+
+if TYPE_CHECKING:
+    from pipeline.verify import VerifyInputs
+
+BATCH1_COUNT = 4  # the first few inputs also run one by one, to catch batch-dependent graphs
+CHUNK = 64  # the largest batch handed to either engine at once, to bound memory
+
+
+def create_session(onnx_path: str | Path, provider: str) -> Any:
+    """An onnxruntime session that really runs on `provider`; NotFound says why not.
+
+    A file that even the CPU provider cannot load raises InvalidModelFile instead.
+    """
+    import onnxruntime as ort
+
+    if provider not in ort.get_available_providers():
+        raise NotFound(f"{provider} is not in this onnxruntime build; use CPUExecutionProvider")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # a missing CUDA library is reported by us, not as log spam
+    # TF32 would round float32 matmuls to 10 mantissa bits and break a 1e-4 tolerance on its own.
+    candidates: list[Any] = [(provider, {"use_tf32": "0"}), provider]
+    if provider != "CUDAExecutionProvider":
+        candidates = [provider]
+    last_error: Exception | None = None
+    for candidate in candidates:
+        try:
+            session = ort.InferenceSession(str(onnx_path), options, providers=[candidate])
+        except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
+            if provider == "CPUExecutionProvider":
+                message = " ".join(str(exc).split())[:300]
+                raise InvalidModelFile(
+                    f"onnxruntime cannot load {onnx_path} ({message}); re-export it with zoo export"
+                ) from exc
+            last_error = exc
+            continue
+        if session.get_providers()[0] == provider:
+            return session
+        last_error = RuntimeError(f"onnxruntime fell back to {session.get_providers()[0]}")
+    raise NotFound(f"{provider} cannot run here ({last_error}); use CPUExecutionProvider")
+
+
+def _missing_cuda_driver() -> str | None:
+    """Why CUDA cannot work here, checked before onnxruntime tries and logs a page of errors."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return "no NVIDIA driver (libcuda.so.1 not found)"
+    return None
+
+
+def default_providers(onnx_path: str | Path) -> tuple[list[str], dict[str, str]]:
+    """CPU always; CUDA too when onnxruntime lists it and a session can really be made on it."""
+    import onnxruntime as ort
+
+    skipped: dict[str, str] = {}
+    providers = ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        missing = _missing_cuda_driver()
+        if missing:
+            skipped["CUDAExecutionProvider"] = missing
+            return providers, skipped
+        try:
+            create_session(onnx_path, "CUDAExecutionProvider")
+            providers.append("CUDAExecutionProvider")
+        except NotFound as exc:
+            skipped["CUDAExecutionProvider"] = str(exc).split(";")[0]
+    return providers, skipped
+
+
+def run_session(session: Any, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    """All outputs of `session` by name, at batch 1 for the first few inputs and batch N for all."""
+    input_name = session.get_inputs()[0].name
+    names = [o.name for o in session.get_outputs()]
+    chunks: list[list[np.ndarray]] = []
+    for start in range(0, len(inputs), CHUNK):
+        chunks.append(session.run(names, {input_name: inputs[start : start + CHUNK]}))
+    batched = {name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(names)}
+    singles = [
+        session.run(names, {input_name: inputs[i : i + 1]})
+        for i in range(min(BATCH1_COUNT, len(inputs)))
+    ]
+    single = {name: np.concatenate([s[i] for s in singles]) for i, name in enumerate(names)}
+    return {
+        **{f"{k}@batchN": v for k, v in batched.items()},
+        **{f"{k}@batch1": v for k, v in single.items()},
+    }
+
+
+def logits_of(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The batch-N logits [N, C] from `run_session` outputs (a file without `logits`: its first output)."""
+    logits = outputs.get("logits@batchN")
+    if logits is None:
+        logits = next(v for k, v in outputs.items() if k.endswith("@batchN"))
+    return logits.reshape(len(logits), -1)
+
+
+# --- other runtimes: a registry, so `zoo verify --runtimes ort,opencv` can grow ----------------
+
+
+@dataclass
+class RuntimeReport:
+    """Whether another runtime loads the file and agrees with onnxruntime on top-1."""
+
+    runtime: str
+    loaded: bool
+    n_inputs: int = 0
+    top1_agreement: float | None = None
+    max_abs: float | None = None  # of its logits against onnxruntime's
+    error: str | None = None  # why it failed to load or run
+    rejected: str | None = None  # the op or layer it refused, when its message names one
+
+    @property
+    def passed(self) -> bool:
+        return self.loaded and self.error is None and self.top1_agreement == 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "passed": self.passed}
+
+
+RuntimeCheck = Callable[[Path, "VerifyInputs"], RuntimeReport]
+RUNTIME_CHECKS: dict[str, RuntimeCheck] = {}
+
+
+def register_runtime(name: str) -> Callable[[RuntimeCheck], RuntimeCheck]:
+    """Register a second-runtime check under `name`; duplicates are refused."""
+
+    def decorate(check: RuntimeCheck) -> RuntimeCheck:
+        if name in RUNTIME_CHECKS:
+            raise ValueError(f"runtime check {name!r} is already registered")
+        RUNTIME_CHECKS[name] = check
+        return check
+
+    return decorate
+
+
+def runtime_check(name: str) -> RuntimeCheck:
+    """The check registered under `name`; NotFound lists the known ones."""
+    if name not in RUNTIME_CHECKS:
+        known = ", ".join(["ort", *RUNTIME_CHECKS])
+        raise NotFound(f"no runtime check named {name!r}; choose from {known}")
+    return RUNTIME_CHECKS[name]
+
+
+_CV2_PATTERNS = (
+    re.compile(r"Node \[([\w.]+)@[^\]]*\]:\(([^)]*)\)"),  # Node [Op@ai.onnx]:(onnx_node!name)
+    re.compile(r'Can\'t create layer "([^"]+)" of type "([^"]+)"'),
+    re.compile(r"[Uu]nsupported (?:operation|layer|op)(?: type)?[:\s]+['\"]?([\w.]+)"),
+)
+
+
+def describe_cv2_error(message: str) -> str | None:
+    """The op and node OpenCV's error message names as rejected, or None."""
+    for pattern in _CV2_PATTERNS:
+        match = pattern.search(message)
+        if match:
+            groups = [g for g in match.groups() if g]
+            if pattern is _CV2_PATTERNS[1]:
+                groups.reverse()  # type first, like the other patterns
+            return " ".join([groups[0], *(f"({g})" for g in groups[1:])])
+    return None
+
+
+@register_runtime("opencv")
+def check_runtime_opencv(onnx_path: str | Path, inputs: VerifyInputs) -> RuntimeReport:
+    """Load the file with cv2.dnn, run it, and compare its top-1 with onnxruntime on the CPU."""
+    import cv2
+
+    batch = inputs.all_inputs
+    logging = cv2.utils.logging
+    level = logging.getLogLevel()
+    # OpenCV logs its own parse errors to stderr; the report carries them instead.
+    logging.setLogLevel(logging.LOG_LEVEL_SILENT)
+    loaded = False
+    try:
+        net = cv2.dnn.readNetFromONNX(str(onnx_path))
+        loaded = True
+        names = list(net.getUnconnectedOutLayersNames())
+        net.setInput(batch)
+        outs = net.forward(names)
+        logits = np.asarray(outs[names.index("logits") if "logits" in names else 0])
+    except cv2.error as exc:
+        message = " ".join(str(exc).split())
+        return RuntimeReport(
+            "opencv", loaded, error=message[-500:], rejected=describe_cv2_error(message)
+        )
+    finally:
+        logging.setLogLevel(level)
+    session = create_session(onnx_path, "CPUExecutionProvider")
+    reference = logits_of(run_session(session, batch))
+    logits = logits.reshape(len(batch), -1)
+    return RuntimeReport(
+        runtime="opencv",
+        loaded=True,
+        n_inputs=len(batch),
+        top1_agreement=float(np.mean(logits.argmax(1) == reference.argmax(1))),
+        max_abs=float(np.abs(logits - reference).max()),
+    )
