@@ -1,7 +1,7 @@
 """What every benchmark shares: interleaved timing, medians, tables, the machine, the data and model.
 
 The machines are shared and noisy, so a figure is always a ratio of two things timed in the same
-run on the same data, interleaved A, B, A, B, ... and summarised by the median of the repetitions.
+run on the same data, interleaved A, B, B, A, ... and summarised by the median of the repetitions.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ FULL = Scale(
     convert_batch=16,
     convert_size=224,
     convert_steps=4,
-    convert_repetitions=5,
+    convert_repetitions=9,
     deploy_latency_calls=20,
     deploy_batch=32,
     transfer_per_class=(10, 20, 50),
@@ -96,10 +96,12 @@ QUICK = Scale(
 def interleave(
     candidates: Mapping[str, Callable[[], float]], *, repetitions: int, warmup: bool = False
 ) -> dict[str, list[float]]:
-    """Run the candidates A, B, A, B, ... `repetitions` times; each returns its own seconds.
+    """Run the candidates interleaved, `repetitions` times each; each returns its own seconds.
 
-    A candidate times itself so that it can leave its setup out of the figure. With `warmup`, one
-    untimed round runs first (caches, lazy initialisation, allocator).
+    Rounds alternate the order (A, B, then B, A, ...) so that neither candidate always runs
+    right after the other: on a shared machine whatever comes second can inherit a warm cache or
+    a busy neighbour. A candidate times itself so that it can leave its setup out of the figure.
+    With `warmup`, one untimed round runs first (caches, lazy initialisation, allocator).
     """
     if repetitions < 1:
         raise ValueError("repetitions must be at least 1")
@@ -107,9 +109,10 @@ def interleave(
         for run in candidates.values():
             run()
     times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repetitions):
-        for name, run in candidates.items():
-            times[name].append(float(run()))
+    names = list(candidates)
+    for round_index in range(repetitions):
+        for name in names if round_index % 2 == 0 else reversed(names):
+            times[name].append(float(candidates[name]()))
     return times
 
 

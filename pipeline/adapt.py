@@ -236,6 +236,17 @@ def _auto_strategy(
     return choose_strategy(per_class=per_class, confidence=confidence, num_blocks=num_blocks)
 
 
+def _calibrate_scratch(adapted: nn.Module, split: DataSplit, preprocess: Preprocess) -> None:
+    """Scale the re-initialised layers to unit variance on up to 32 training images, spread over the split."""
+    import torch
+
+    from pipeline.fastpath import preprocessed_batch
+    from pipeline.surgery import calibrate_scales
+
+    samples = split.train[:: max(1, len(split.train) // 32)][:32]
+    calibrate_scales(adapted, torch.from_numpy(preprocessed_batch(samples, preprocess)))
+
+
 def _run_record(
     options: AdaptOptions,
     *,
@@ -342,6 +353,8 @@ def adapt(
     # Workers must agree even if their onnxruntime scores differ in the last bit.
     strategy, unfreeze, reason = dist.broadcast_object((strategy, unfreeze, reason))
     plan = make_plan(adapted, strategy, unfreeze=unfreeze, every=options.unfreeze_every)
+    if plan.strategy.reinit:
+        _calibrate_scratch(adapted, split, preprocess)
 
     config = TrainConfig(
         epochs=options.epochs,

@@ -27,7 +27,7 @@ def test_interleave_alternates_candidates_and_keeps_their_own_times() -> None:
     times = common.interleave(
         {"a": candidate("a", 1.0), "b": candidate("b", 2.0)}, repetitions=3, warmup=True
     )
-    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up round first, untimed
+    assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b"]  # warm-up first; order alternates
     assert times == {"a": [1.0] * 3, "b": [2.0] * 3}
     with pytest.raises(ValueError):
         common.interleave({"a": candidate("a", 1.0)}, repetitions=0)

@@ -9,12 +9,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx_builders import TINY_GRAPHS, import_cached, save
+from onnx_builders import TINY_GRAPHS, build_torch, import_cached, input_size, save
 
 from pipeline.convert import ImportedModel, import_model
 from pipeline.surgery import (
     STRATEGIES,
     AdaptedModel,
+    calibrate_scales,
     discover_blocks,
     get_strategy,
     make_plan,
@@ -306,6 +307,52 @@ def test_strategies_on_tiny_graph(strategy: str, unfreeze: int | None, tmp_path:
 @pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_strategies_on_archs(arch: str, strategy: str, unfreeze: int | None, exported_onnx) -> None:
     check_training_step(_imported(str(exported_onnx(arch, 13))), strategy, unfreeze=unfreeze)
+
+
+def _output_stds(adapted: AdaptedModel, images: torch.Tensor) -> list[float]:
+    """The output standard deviation of every convolution and linear layer, in forward order."""
+    stds: list[float] = []
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: stds.append(float(out.std())))
+        for m in adapted.modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+    ]
+    with torch.no_grad():
+        adapted.eval()(images)
+    for hook in hooks:
+        hook.remove()
+    return stds
+
+
+def test_calibrate_scales_revives_a_reinitialised_network_without_batchnorm(tmp_path: Path) -> None:
+    # Exported as zoo files mostly are: eval mode, BatchNorm folded into the convolutions.
+    size = input_size("resnet18")
+    torch.onnx.export(
+        build_torch("resnet18").eval(),
+        torch.randn(1, 3, size, size),
+        tmp_path / "folded.onnx",
+        dynamo=False,
+        opset_version=13,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+    )
+    imported = import_model(tmp_path / "folded.onnx")
+    torch.manual_seed(0)
+    adapted = replace_head(imported, imported.probe, 3)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in adapted.modules())
+    make_plan(adapted, "scratch")
+    images = images_for(imported, 8, seed=5)
+    faded = _output_stds(adapted, images)
+    assert faded[-1] < 0.05  # torch's default init: the signal fades through 20 unnormalised layers
+    adapted.train()
+    adapted.backbone.eval()
+    hooks_before = sum(len(m._forward_hooks) for m in adapted.modules())
+    scaled = calibrate_scales(adapted, images, tolerance=0.1)
+    assert adapted.training and not adapted.backbone.training  # each module's mode is restored
+    assert sum(len(m._forward_hooks) for m in adapted.modules()) == hooks_before
+    assert scaled == len(faded)
+    assert all(0.9 - 1e-3 <= std <= 1.1 + 1e-3 for std in _output_stds(adapted, images))
 
 
 def _renamed(path: Path, rename, tmp_path: Path) -> ImportedModel:

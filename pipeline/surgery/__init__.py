@@ -6,6 +6,7 @@
     plan.train_mode(adapted)              # train(), but BatchNorm of frozen blocks stays in eval
     plan.param_groups(adapted, lr=3e-4, decay=0.1)   # head at lr, k-th block below at lr*decay**k
     plan.frozen_prefix_end(epoch)         # ONNX value below the first trainable block, or None
+    calibrate_scales(adapted, images)     # after "scratch": unit-variance layers (LSUV) on real images
 
 `adapted.features(x)` is the ONNX value `probe.feature_name`; `adapted.head(adapted.pool(f))`
 turns such cached features into the same logits as `adapted(x)`.
@@ -21,7 +22,7 @@ from pipeline.surgery.freeze import (
     strategy_names,
 )
 from pipeline.surgery.head import AdaptedModel, GlobalPool, make_head, replace_head
-from pipeline.surgery.plan import FreezePlan, make_plan, reinitialise
+from pipeline.surgery.plan import FreezePlan, calibrate_scales, make_plan, reinitialise
 
 __all__ = [
     "STRATEGIES",
@@ -30,6 +31,7 @@ __all__ = [
     "FreezePlan",
     "GlobalPool",
     "Strategy",
+    "calibrate_scales",
     "discover_blocks",
     "get_strategy",
     "make_head",

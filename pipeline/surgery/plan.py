@@ -167,6 +167,68 @@ def reinitialise(adapted: AdaptedModel) -> None:
                     nn.init.zeros_(param)
 
 
+class _Measured(Exception):
+    """Raised by a hook once the layer being calibrated has produced its output."""
+
+
+def calibrate_scales(
+    adapted: AdaptedModel, batch: torch.Tensor, *, tolerance: float = 0.1, max_steps: int = 8
+) -> int:
+    """Layer-sequential unit variance (Mishkin & Matas, 2016) after `reinitialise`; returns layers scaled.
+
+    Zoo files mostly come with BatchNorm folded into the convolutions, so a re-initialised network
+    has nothing that normalises its activations, and with torch's default init the signal fades
+    within a few blocks: `scratch` then stays at chance (digits, 20 images per class: 10% test
+    accuracy). Scaling each convolution and linear layer, in the order the forward pass meets
+    them, until its output has unit variance on real images makes it trainable (88%).
+    """
+    layers = [m for m in adapted.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+    order: list[nn.Module] = []
+    hooks = [
+        layer.register_forward_hook(lambda m, _i, _o: order.append(m) if m not in order else None)
+        for layer in layers
+    ]
+    modes = {module: module.training for module in adapted.modules()}
+    adapted.eval()  # no dropout; BatchNorm, if any, holds fresh statistics and passes through
+    try:
+        with torch.no_grad():
+            adapted(batch)
+            for hook in hooks:
+                hook.remove()
+            for layer in order:
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+                for _ in range(max_steps):
+                    std = _output_std(adapted, layer, batch)
+                    if not math.isfinite(std) or std < 1e-8 or abs(std - 1.0) < tolerance:
+                        break
+                    layer.weight.div_(std)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, training in modes.items():
+            module.training = training
+    return len(order)
+
+
+def _output_std(adapted: AdaptedModel, layer: nn.Module, batch: torch.Tensor) -> float:
+    """The standard deviation of `layer`'s output on `batch`; the forward pass stops right there."""
+    seen: list[torch.Tensor] = []
+
+    def stop(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        seen.append(output)
+        raise _Measured
+
+    hook = layer.register_forward_hook(stop)
+    try:
+        adapted(batch)
+    except _Measured:
+        pass
+    finally:
+        hook.remove()
+    return float(seen[0].float().std()) if seen else float("nan")
+
+
 def make_plan(
     adapted: AdaptedModel, strategy: str, *, unfreeze: int | None = None, every: int = 1
 ) -> FreezePlan:
