@@ -94,11 +94,18 @@ def run(scale: Scale, *, work: Path) -> Section:
                 ]
             )
     plot(PLOT, accuracy, epochs=epochs)
+    best = "; ".join(
+        f"{n} per class: {max(STRATEGIES, key=lambda s: accuracy[s][n])} "
+        f"({100 * max(accuracy[s][n] for s in STRATEGIES):.1f}%)"
+        for n in scale.transfer_per_class
+    )
     sizes = ",".join(str(n) for n in scale.transfer_per_class)
     body = [
         f"`zoo adapt` on builtin:digits at the data set's recommended size (64 px), {epochs} epochs, seed 0, "
         f"no early stopping; the validation and test splits are the same for every row (test: {len(split.test)} "
-        f"images). Training images per class: {sizes}. One seeded run per cell (accuracy, not timing).",
+        f"images). Training images per class: {sizes}. One seeded run per cell (accuracy, not timing). "
+        "`scratch` starts from random weights scaled to unit variance on 32 training images (LSUV): the "
+        "zoo file has BatchNorm folded away, and from torch's default initialisation it does not learn.",
         markdown_table(
             [
                 "images/class",
@@ -111,6 +118,7 @@ def run(scale: Scale, *, work: Path) -> Section:
             ],
             rows,
         ),  # fmt: skip
+        f"Best strategy at each size: {best}.",
         f"![test accuracy against training images per class]({PLOT.relative_to(PLOT.parents[2]).as_posix()})",
         "Per-row command: `zoo adapt --model efficientnet-lite0 --data builtin:digits --strategy STRATEGY "
         f"--train-per-class N --epochs {epochs} --patience {epochs} --device cpu --seed 0`.",

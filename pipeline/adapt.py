@@ -236,7 +236,7 @@ def _auto_strategy(
     return choose_strategy(per_class=per_class, confidence=confidence, num_blocks=num_blocks)
 
 
-def _calibrate_scratch(adapted: nn.Module, split: DataSplit, preprocess: Preprocess) -> None:
+def _calibrate_scratch(adapted: nn.Module, split: DataSplit, preprocess: Preprocess) -> int:
     """Scale the re-initialised layers to unit variance on up to 32 training images, spread over the split."""
     import torch
 
@@ -244,7 +244,7 @@ def _calibrate_scratch(adapted: nn.Module, split: DataSplit, preprocess: Preproc
     from pipeline.surgery import calibrate_scales
 
     samples = split.train[:: max(1, len(split.train) // 32)][:32]
-    calibrate_scales(adapted, torch.from_numpy(preprocessed_batch(samples, preprocess)))
+    return calibrate_scales(adapted, torch.from_numpy(preprocessed_batch(samples, preprocess)))
 
 
 def _run_record(
@@ -354,7 +354,8 @@ def adapt(
     strategy, unfreeze, reason = dist.broadcast_object((strategy, unfreeze, reason))
     plan = make_plan(adapted, strategy, unfreeze=unfreeze, every=options.unfreeze_every)
     if plan.strategy.reinit:
-        _calibrate_scratch(adapted, split, preprocess)
+        scaled = _calibrate_scratch(adapted, split, preprocess)
+        log(f"scratch: random weights, {scaled} layers scaled to unit variance on training images")
 
     config = TrainConfig(
         epochs=options.epochs,

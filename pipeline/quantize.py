@@ -133,7 +133,10 @@ def quantize_int8(
                 reader,
                 quant_format=QuantFormat.QDQ,
                 per_channel=per_channel,
-                activation_type=QuantType.QInt8,
+                # U8S8: unsigned activations, signed weights, the pair x86 VNNI multiplies natively.
+                # Measured on this AMD EPYC (efficientnet-lite0, 224 px, onnxruntime 1.31): batch 1
+                # 2.1 ms against 5.5 ms for S8S8 and 4.7 ms for fp32; S8S8 was slower than fp32.
+                activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=softmax_nodes,
             )
