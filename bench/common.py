@@ -42,6 +42,7 @@ class Scale:
     convert_repetitions: int  # step timings are the noisiest: more repetitions
     deploy_latency_calls: int  # benchmark 4: batch-1 calls per repetition
     deploy_batch: int
+    deploy_batch_calls: int  # batch calls per repetition: one call alone is too noisy a figure
     transfer_per_class: tuple[int, ...]  # benchmark 5
     transfer_epochs: int
     memory_images: int  # benchmark 6: images, and runs per process kind (memory is not noisy)
@@ -66,6 +67,7 @@ FULL = Scale(
     convert_repetitions=9,
     deploy_latency_calls=20,
     deploy_batch=32,
+    deploy_batch_calls=5,
     transfer_per_class=(10, 20, 50),
     transfer_epochs=15,
     memory_images=128,
@@ -86,6 +88,7 @@ QUICK = Scale(
     convert_repetitions=3,
     deploy_latency_calls=5,
     deploy_batch=8,
+    deploy_batch_calls=2,
     transfer_per_class=(10,),
     transfer_epochs=2,
     memory_images=64,
