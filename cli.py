@@ -241,6 +241,11 @@ def _adapt_options(function):  # noqa: ANN001, ANN202
             show_default=True,
         ),
         click.option(
+            "--flip/--no-flip",
+            default=None,
+            help="Horizontal flips in --augment (default: on, except for data a mirror changes, like digits).",
+        ),
+        click.option(
             "--image-size",
             type=click.IntRange(min=8),
             help="Input size in pixels (default: the model's).",
@@ -393,6 +398,8 @@ def _argv_of(ctx: click.Context, *, skip: tuple[str, ...] = ()) -> list[str]:
             elif getattr(param, "is_flag", False):
                 if value:
                     argv.append(param.opts[0])
+                elif param.secondary_opts:  # --no-x must reach the workers too
+                    argv.append(param.secondary_opts[0])
             else:
                 argv += [param.opts[0], str(value)]
     return argv + (["--", *positional] if positional else [])

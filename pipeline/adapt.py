@@ -54,6 +54,7 @@ class AdaptOptions:
     patience: int = 10
     label_smoothing: float = 0.0
     augment: str = "none"
+    flip: bool | None = None  # horizontal flips in augmentation; None: unless the data forbids them
     image_size: int | None = None
     device: str = "auto"
     seed: int = 0
@@ -236,6 +237,20 @@ def _auto_strategy(
     return choose_strategy(per_class=per_class, confidence=confidence, num_blocks=num_blocks)
 
 
+def _flip(options: AdaptOptions, split: DataSplit, log: Callable[[str], None]) -> bool:
+    """Horizontal flips in augmentation: as --flip/--no-flip says, else unless the data forbids them."""
+    from pipeline.sources import mirror_safe
+
+    if options.flip is not None:
+        return options.flip
+    safe = mirror_safe(split)
+    if not safe and options.augment != "none":
+        log(
+            f"no horizontal flips: mirrored {split.source_name} images change class (--flip forces them)"
+        )
+    return safe
+
+
 def _calibrate_scratch(adapted: nn.Module, split: DataSplit, preprocess: Preprocess) -> int:
     """Scale the re-initialised layers to unit variance on up to 32 training images, spread over the split."""
     import torch
@@ -398,6 +413,7 @@ def adapt(
     setup = fastpath.prepare(
         strategy=strategy,
         augment=options.augment,
+        flip=_flip(options, split, log),
         imported=imported,
         adapted=adapted,
         plan=plan,

@@ -191,13 +191,16 @@ class ImageDataset(torch.utils.data.Dataset):
         preprocess: Preprocess,
         *,
         augment: str = "none",
+        flip: bool = True,
         seed: int | None = None,
         max_pixels: int = MAX_PIXELS,
     ) -> None:
         self.samples = list(samples)
         self.preprocess = preprocess
         self.augment = augment
-        self.transform = None if augment == "none" else build_augmentation(augment, preprocess)
+        self.transform = (
+            None if augment == "none" else build_augmentation(augment, preprocess, flip=flip)
+        )
         self.seed = seed
         self.epoch = 0
         self.max_pixels = max_pixels

@@ -77,6 +77,7 @@ def _image_loaders(
     preprocess: Preprocess,
     *,
     augment: str,
+    flip: bool = True,
     config: TrainConfig,
     dist: DistContext = SINGLE,
 ) -> tuple[Callable[[int], Iterable], Iterable, Iterable]:
@@ -86,7 +87,7 @@ def _image_loaders(
 
     workers = 4 if config.device == "cuda" else 0
     pin = config.device == "cuda"
-    train_set = ImageDataset(split.train, preprocess, augment=augment, seed=config.seed)
+    train_set = ImageDataset(split.train, preprocess, augment=augment, flip=flip, seed=config.seed)
 
     def make_train_loader(batch_size: int) -> Iterable:
         return _train_loader(
@@ -279,6 +280,7 @@ def prepare(
     *,
     strategy: str,
     augment: str,
+    flip: bool = True,
     imported: Any,
     adapted: nn.Module,
     plan: Any,
@@ -329,7 +331,7 @@ def prepare(
                 model, _PlanOn(plan, adapted), make_train, val, test, what, train_dist
             )
     make_train, val, test = _image_loaders(
-        split, preprocess, augment=augment, config=config, dist=dist
+        split, preprocess, augment=augment, flip=flip, config=config, dist=dist
     )
     model = adapted.to(config.device)
     if config.channels_last:

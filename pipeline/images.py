@@ -56,6 +56,7 @@ class BuiltinSet(NamedTuple):
     recommended_size: int  # input size used unless the user gives one
     labels: Callable[[], tuple[list[str], list[int]]]  # -> class names, label per image
     render: Callable[[int], Image.Image]  # image index -> PIL image (L or RGB)
+    mirror_safe: bool = True  # False where a mirrored image is another class or none (digits)
 
 
 BUILTIN_SETS: dict[str, BuiltinSet] = {}
@@ -87,7 +88,11 @@ def _digits_render(index: int) -> Image.Image:
 
 register_builtin(
     BuiltinSet(
-        "digits", 64, lambda: ([str(d) for d in range(10)], _digits()[1].tolist()), _digits_render
+        "digits",
+        64,
+        lambda: ([str(d) for d in range(10)], _digits()[1].tolist()),
+        _digits_render,
+        mirror_safe=False,  # a mirrored 2 or 7 is no digit at all
     )
 )
 
@@ -335,14 +340,15 @@ class Augmentation:
         return self.random_steps(img)
 
 
-# Augmentation levels form a registry: name -> builder(crop size) -> random steps (or None).
-AUGMENTATIONS: dict[str, Callable[[int], Callable[[Image.Image], Image.Image] | None]] = {}
+# Augmentation levels form a registry: name -> builder(crop size, flip) -> random steps (or None).
+AugmentationBuilder = Callable[[int, bool], Callable[[Image.Image], Image.Image] | None]
+AUGMENTATIONS: dict[str, AugmentationBuilder] = {}
 
 
 def register_augmentation(name: str) -> Callable:
     """Decorator adding an augmentation level; refuses a name already taken."""
 
-    def add(builder: Callable[[int], Callable[[Image.Image], Image.Image] | None]) -> Callable:
+    def add(builder: AugmentationBuilder) -> Callable:
         if name in AUGMENTATIONS:
             raise KeyError(f"augmentation {name!r} is already registered")
         AUGMENTATIONS[name] = builder
@@ -351,32 +357,35 @@ def register_augmentation(name: str) -> Callable:
     return add
 
 
-def build_augmentation(level: str, preprocess: Preprocess) -> Augmentation:
-    """The PIL -> PIL transform for an augmentation level; the result is crop x crop."""
+def build_augmentation(level: str, preprocess: Preprocess, *, flip: bool = True) -> Augmentation:
+    """The PIL -> PIL transform for an augmentation level; the result is crop x crop.
+
+    `flip=False` leaves out horizontal mirroring, for data whose classes a mirror changes.
+    """
     if level not in AUGMENTATIONS:
         raise DataError(f"unknown augmentation {level!r}; use one of {', '.join(AUGMENTATIONS)}")
-    return Augmentation(preprocess, AUGMENTATIONS[level](preprocess.crop))
+    return Augmentation(preprocess, AUGMENTATIONS[level](preprocess.crop, flip))
 
 
 @register_augmentation("none")
-def _no_augmentation(crop: int) -> None:
+def _no_augmentation(crop: int, flip: bool) -> None:
     return None
 
 
 @register_augmentation("light")
-def _light_augmentation(crop: int) -> Callable[[Image.Image], Image.Image]:
+def _light_augmentation(crop: int, flip: bool) -> Callable[[Image.Image], Image.Image]:
     from torchvision.transforms import v2
 
     return v2.Compose(
         [
             v2.RandomResizedCrop(crop, scale=(0.7, 1.0), antialias=True),
-            v2.RandomHorizontalFlip(),
+            v2.RandomHorizontalFlip(0.5 if flip else 0.0),
         ]
     )
 
 
 @register_augmentation("strong")
-def _strong_augmentation(crop: int) -> Callable[[Image.Image], Image.Image]:
+def _strong_augmentation(crop: int, flip: bool) -> Callable[[Image.Image], Image.Image]:
     from torchvision.transforms import v2
 
     # RandomAffine only fills with a constant; padding with edge pixels first and cropping the
@@ -387,7 +396,7 @@ def _strong_augmentation(crop: int) -> Callable[[Image.Image], Image.Image]:
     return v2.Compose(
         [
             v2.RandomResizedCrop(crop, scale=(0.7, 1.0), antialias=True),
-            v2.RandomHorizontalFlip(),
+            v2.RandomHorizontalFlip(0.5 if flip else 0.0),
             v2.Pad(pad, padding_mode="edge"),
             v2.RandomAffine(
                 degrees=30,

@@ -95,6 +95,14 @@ class _Collected:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
+def mirror_safe(split: DataSplit) -> bool:
+    """Whether horizontal flips keep every class what it is: False for built-in digits."""
+    if split.source.startswith(BUILTIN_PREFIX):
+        name = split.source[len(BUILTIN_PREFIX) :]
+        return BUILTIN_SETS[name].mirror_safe if name in BUILTIN_SETS else True
+    return True
+
+
 def load_source(
     src: str | os.PathLike[str],
     *,

@@ -127,6 +127,21 @@ def test_awkward_image_folder_trains_and_reports_bad_files(workspace: Path, tmp_
         assert (run / name).is_file(), name
 
 
+@pytest.mark.slow
+def test_augmented_digits_train_without_flips_unless_asked(workspace: Path) -> None:
+    base = ("adapt", MODEL, "--strategy", "feature", "--epochs", "1", "--train-per-class", "2")
+    code, out, err = zoo(*base, "--augment", "light", "--json", models_dir=workspace)
+    assert code == 0, err
+    # Augmented images change every epoch, so nothing can be cached: the plain path runs.
+    assert json.loads(out)["fast_path"] == "images through the whole model"
+    assert "no horizontal flips: mirrored digits images change class" in one_line(err)
+    code, _, err = zoo(*base, "--augment", "light", "--flip", models_dir=workspace)
+    assert code == 0, err
+    assert "no horizontal flips" not in one_line(err)
+    code, _, err = zoo(*base, "--augment", "none", models_dir=workspace)
+    assert code == 0 and "no horizontal flips" not in one_line(err)
+
+
 # --- every strategy ---------------------------------------------------------------------------
 
 

@@ -41,7 +41,7 @@ from pipeline.images import (
     open_image,
     preprocess_image,
 )
-from pipeline.sources import load_source
+from pipeline.sources import load_source, mirror_safe
 from zoo.catalog import IMAGENET_PREPROCESS, Preprocess
 from zoo.errors import DataError
 
@@ -356,6 +356,23 @@ def test_augmentation_shapes_randomness_and_seeding(tmp_path: Path) -> None:
     assert nhwc[0][0].shape == (32, 32, 3)
     with pytest.raises(DataError, match="unknown augmentation"):
         build_augmentation("extreme", pre)
+
+
+def test_no_flip_never_mirrors_and_digits_forbid_flips(tmp_path: Path) -> None:
+    halves = np.zeros((40, 40, 3), np.uint8)
+    halves[:, 20:] = 255  # black left half, white right half
+    path = tmp_path / "halves.png"
+    Image.fromarray(halves).save(path)
+    pre = IMAGENET_PREPROCESS.at_size(32)
+    for level in ("light", "strong"):
+        mirrored = {}
+        for flip in (True, False):
+            data = ImageDataset([Sample(str(path), 0)], pre, augment=level, flip=flip, seed=1)
+            draws = [data[0][0].mean(0) for _ in range(40)]
+            mirrored[flip] = sum(bool(d[:, :16].mean() > d[:, 16:].mean()) for d in draws)
+        assert mirrored[False] == 0 and mirrored[True] >= 5, (level, mirrored)
+    assert not mirror_safe(load_source("builtin:digits"))
+    assert mirror_safe(load_source(make_image_folder(tmp_path / "folder", {"a": 3, "b": 3})))
 
 
 def test_strong_augmentation_fills_borders_with_edge_pixels_not_black() -> None:

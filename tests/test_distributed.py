@@ -143,13 +143,18 @@ def test_worker_command_line_repeats_the_parsed_options(tmp_path: Path) -> None:
     adapt.callback = capture
     try:
         args = ["adapt", "m.onnx", "--classes", "3", "--nproc", "2", "--sync-bn", "--json"]
-        CliRunner().invoke(main, ["--models-dir", str(tmp_path), *args], catch_exceptions=False)
+        for extra in ([], ["--no-flip"], ["--flip"]):
+            CliRunner().invoke(
+                main, ["--models-dir", str(tmp_path), *args, *extra], catch_exceptions=False
+            )
     finally:
         adapt.callback = original
     argv = seen[0]
     assert argv[:3] == ["--models-dir", str(tmp_path), "adapt"]
     assert "--nproc" not in argv and "--sync-bn" in argv and "--json" in argv
     assert argv[argv.index("--classes") + 1] == "3" and argv[-2:] == ["--", "m.onnx"]
+    # A three-way switch (unset, --no-flip, --flip) reaches the workers as it was given.
+    assert [[a for a in run if "flip" in a] for run in seen] == [[], ["--no-flip"], ["--flip"]]
 
 
 # --- acceptance: gradient equivalence -------------------------------------------------------
