@@ -10,7 +10,6 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -262,52 +261,6 @@ def _calibrate_scratch(adapted: nn.Module, split: DataSplit, preprocess: Preproc
     return calibrate_scales(adapted, torch.from_numpy(preprocessed_batch(samples, preprocess)))
 
 
-def _run_record(
-    options: AdaptOptions,
-    *,
-    previous: dict[str, Any],
-    source: dict[str, Any],
-    choice: dict[str, Any],
-    blocks: list[str],
-    config: TrainConfig,
-    preprocess: Preprocess,
-    imported: Any,
-    split: DataSplit,
-) -> dict[str, Any]:
-    """run.json as training starts: enough to export, resume or reproduce the run."""
-    return {
-        "tool": "zoo",
-        "created": previous.get("created")
-        or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "status": "training",
-        "source": source,
-        "options": {
-            k: (str(v) if isinstance(v, Path) else v)
-            for k, v in dataclasses.asdict(options).items()
-            if k not in ("out", "resume")
-        },
-        **choice,
-        "blocks": blocks,
-        "hyperparameters": dataclasses.asdict(config),
-        "preprocess": preprocess.to_dict(),
-        "input_name": imported.probe.input_name,
-        "class_names": split.class_names,
-        "num_classes": len(split.class_names),
-        "head": {"hidden": options.hidden, "dropout": options.dropout},
-        "data": {
-            "source": split.source or options.data,
-            "train": len(split.train),
-            "val": len(split.val),
-            "test": len(split.test),
-            "skipped": len(split.skipped),
-        },
-        "seed": options.seed,
-        "device": config.device,
-        "versions": runs.versions(),
-        "import_fidelity": dataclasses.asdict(imported.fidelity) if imported.fidelity else None,
-    }
-
-
 def adapt(
     options: AdaptOptions,
     *,
@@ -385,7 +338,7 @@ def adapt(
         amp=device == "cuda",
         channels_last=device == "cuda",
     )
-    record = _run_record(
+    record = runs.start_record(
         options,
         previous=previous,
         source={

@@ -1,14 +1,22 @@
-"""Run directories: naming without overwriting, finding the latest, reading run.json back."""
+"""Run directories: naming without overwriting, finding the latest, run.json written and read back."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import re
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zoo.errors import NotFound, ZooError
+
+if TYPE_CHECKING:
+    from pipeline.adapt import AdaptOptions
+    from pipeline.data import DataSplit
+    from pipeline.train import TrainConfig
+    from zoo.catalog import Preprocess
 
 RUN_FILE = "run.json"
 SPLIT_FILE = "split.json"
@@ -102,3 +110,49 @@ def versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return found
+
+
+def start_record(
+    options: AdaptOptions,
+    *,
+    previous: dict[str, Any],
+    source: dict[str, Any],
+    choice: dict[str, Any],
+    blocks: list[str],
+    config: TrainConfig,
+    preprocess: Preprocess,
+    imported: Any,
+    split: DataSplit,
+) -> dict[str, Any]:
+    """run.json as `zoo adapt` starts training: enough to export, resume or reproduce the run."""
+    return {
+        "tool": "zoo",
+        "created": previous.get("created")
+        or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "status": "training",
+        "source": source,
+        "options": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in dataclasses.asdict(options).items()
+            if k not in ("out", "resume")
+        },
+        **choice,
+        "blocks": blocks,
+        "hyperparameters": dataclasses.asdict(config),
+        "preprocess": preprocess.to_dict(),
+        "input_name": imported.probe.input_name,
+        "class_names": split.class_names,
+        "num_classes": len(split.class_names),
+        "head": {"hidden": options.hidden, "dropout": options.dropout},
+        "data": {
+            "source": split.source or options.data,
+            "train": len(split.train),
+            "val": len(split.val),
+            "test": len(split.test),
+            "skipped": len(split.skipped),
+        },
+        "seed": options.seed,
+        "device": config.device,
+        "versions": versions(),
+        "import_fidelity": dataclasses.asdict(imported.fidelity) if imported.fidelity else None,
+    }
