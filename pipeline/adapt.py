@@ -160,15 +160,10 @@ def build_model(
 def _check_input_size(model: nn.Module, preprocess: Preprocess, model_name: str) -> None:
     import torch
 
-    shape = (
-        (2, preprocess.channels, preprocess.crop, preprocess.crop)
-        if preprocess.layout == "NCHW"
-        else (2, preprocess.crop, preprocess.crop, preprocess.channels)
-    )
     model.eval()
     try:
         with torch.inference_mode():
-            model(torch.zeros(shape))
+            model(torch.zeros(2, *preprocess.input_shape()))
     except Exception as exc:
         raise UnsupportedModel(
             f"{model_name} does not accept {preprocess.crop}x{preprocess.crop} inputs ({type(exc).__name__}); "

@@ -95,11 +95,6 @@ def gate_inputs(loaded: LoadedRun, *, limit: int = MAX_VERIFY_IMAGES) -> VerifyI
     )
 
 
-def input_shape(preprocess: Preprocess) -> tuple[int, int, int]:
-    size, channels = preprocess.crop, preprocess.channels
-    return (channels, size, size) if preprocess.layout == "NCHW" else (size, size, channels)
-
-
 @dataclass
 class ExportSummary:
     """What `zoo export` prints."""
@@ -154,7 +149,7 @@ def export_run(
         out or run_dir / "model.onnx",
         input_name=record["input_name"],
         layout=loaded.preprocess.layout,
-        input_shape=input_shape(loaded.preprocess),
+        input_shape=loaded.preprocess.input_shape(),
         opset=opset,
         metadata={
             "labels": loaded.split.class_names,
@@ -232,7 +227,7 @@ def verify_file(
     else:
         preprocess = read_metadata(onnx_path).preprocess
         if preprocess is not None:  # else random inputs of the graph's own fixed shape
-            inputs = VerifyInputs.random_only(input_shape(preprocess), count=4)
+            inputs = VerifyInputs.random_only(preprocess.input_shape(), count=4)
     return check_file(
         onnx_path, torch_model=torch_model, inputs=inputs, runtimes=runtimes, atol=atol, rtol=rtol
     )

@@ -139,11 +139,7 @@ def metadata_problems(
     layout = metadata.layout or pre.layout
     if pre.layout != layout:
         problems.append(f"preprocessing says {pre.layout} but the file says {layout}")
-    expected = (
-        (pre.channels, pre.crop, pre.crop)
-        if layout == "NCHW"
-        else (pre.crop, pre.crop, pre.channels)
-    )
+    expected = pre.input_shape(layout)
     if tuple(input_shape) != expected:
         problems.append(
             f"input shape {tuple(input_shape)} does not match the preprocessing's {expected}"

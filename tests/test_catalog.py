@@ -74,6 +74,13 @@ def test_preprocess_at_size_keeps_the_crop_ratio() -> None:
     assert Preprocess.from_dict(imagenet.to_dict()) == imagenet
 
 
+def test_preprocess_input_shape_follows_the_layout() -> None:
+    gray_nhwc = Preprocess(mean=(0.5,), std=(0.5,), crop=28, layout="NHWC", channels=1)
+    assert gray_nhwc.input_shape() == (28, 28, 1)
+    assert gray_nhwc.input_shape("NCHW") == (1, 28, 28)
+    assert Preprocess(mean=(0.5,) * 3, std=(0.5,) * 3).input_shape() == (3, 224, 224)
+
+
 def test_private_catalog_merges_and_overrides(tmp_path, monkeypatch) -> None:
     private = tmp_path / "private.json"
     private.write_text(

@@ -39,6 +39,13 @@ class Preprocess:
     layout: str = "NCHW"  # NCHW or NHWC (EfficientNet-Lite4 takes NHWC)
     channels: int = 3  # 3 for RGB/BGR, 1 for grayscale models (MNIST)
 
+    def input_shape(self, layout: str | None = None) -> tuple[int, int, int]:
+        """One input without the batch, in `layout` (default: this preprocessing's own)."""
+        size, channels = self.crop, self.channels
+        return (
+            (channels, size, size) if (layout or self.layout) == "NCHW" else (size, size, channels)
+        )
+
     def at_size(self, size: int) -> Preprocess:
         """The same preprocessing for another input size, keeping the resize/crop ratio."""
         resize = max(size, round(self.resize * size / self.crop))
