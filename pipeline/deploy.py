@@ -214,9 +214,10 @@ def verify_file(
     atol: float = 1e-4,
     rtol: float = 1e-3,
 ) -> FileReport:
-    """`zoo verify`: metadata and outputs, the gate against the run's torch model (with --run), other runtimes."""
-    from pipeline.export import read_metadata
-    from pipeline.verify import VerifyInputs
+    """`zoo verify`: metadata and outputs, the gate against the run's torch model (with --run), other runtimes.
+
+    Without a run, random inputs of the file's own input shape stand in for images.
+    """
     from pipeline.verify import verify_file as check_file
 
     onnx_path = Path(onnx_path)
@@ -224,10 +225,6 @@ def verify_file(
     if run_dir is not None:
         loaded = load_run(Path(run_dir), models_dir=models_dir, catalog=catalog)
         torch_model, inputs = loaded.model, gate_inputs(loaded)
-    else:
-        preprocess = read_metadata(onnx_path).preprocess
-        if preprocess is not None:  # else random inputs of the graph's own fixed shape
-            inputs = VerifyInputs.random_only(preprocess.input_shape(), count=4)
     return check_file(
         onnx_path, torch_model=torch_model, inputs=inputs, runtimes=runtimes, atol=atol, rtol=rtol
     )

@@ -119,7 +119,11 @@ def read_metadata(onnx_path: str | os.PathLike[str]) -> ModelMetadata:
     """Labels, preprocessing, source and metrics of a zoo-exported file, read from its metadata."""
     from zoo.onnxfile import load_onnx
 
-    model = load_onnx(onnx_path, load_external_data=False)  # weights are not needed for this
+    return metadata_of(load_onnx(onnx_path, load_external_data=False))  # weights not needed
+
+
+def metadata_of(model: onnx.ModelProto) -> ModelMetadata:
+    """`read_metadata` for a model already loaded."""
     return decode_metadata({p.key: p.value for p in model.metadata_props})
 
 

@@ -391,17 +391,21 @@ class FileReport:
         return "\n".join(lines)
 
 
-def _input_shape(onnx_path: Path) -> tuple[int, ...]:
-    from zoo.onnxfile import load_onnx
+def _input_shape(graph_input: Any, metadata: ModelMetadata, onnx_path: Path) -> tuple[int, ...]:
+    """One input's shape for random inputs: the graph's own when fixed, else the metadata's.
 
-    graph_input = load_onnx(onnx_path, load_external_data=False).graph.input[0]
+    The graph comes first, so that metadata describing another shape is reported as a problem.
+    """
     dims = graph_input.type.tensor_type.shape.dim
     shape = tuple(d.dim_value for d in dims[1:])
-    if not shape or any(d <= 0 for d in shape):
-        raise InvalidModelFile(
-            f"{onnx_path} has no fixed input shape beyond the batch; pass --run RUN"
-        )
-    return shape
+    if shape and all(d > 0 for d in shape):
+        return shape
+    if metadata.preprocess is not None:
+        return metadata.preprocess.input_shape(metadata.layout)
+    raise InvalidModelFile(
+        f"{onnx_path} has no fixed input shape beyond the batch and no preprocessing metadata; "
+        "pass --run RUN"
+    )
 
 
 def verify_file(
@@ -414,12 +418,14 @@ def verify_file(
     rtol: float = 1e-3,
 ) -> FileReport:
     """Check a finished file: its metadata, torch agreement (if a model is given), other runtimes."""
-    from pipeline.export import metadata_problems, read_metadata
+    from pipeline.export import metadata_of, metadata_problems
+    from zoo.onnxfile import load_onnx
 
     path = Path(onnx_path)
-    metadata = read_metadata(path)
+    model_file = load_onnx(path, load_external_data=False)  # weights are not needed here
+    metadata = metadata_of(model_file)
     if inputs is None:
-        inputs = VerifyInputs.random_only(_input_shape(path))
+        inputs = VerifyInputs.random_only(_input_shape(model_file.graph.input[0], metadata, path))
     session = create_session(path, "CPUExecutionProvider")
     outputs = run_session(session, inputs.all_inputs)
     logits = logits_of(outputs)

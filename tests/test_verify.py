@@ -294,6 +294,35 @@ def test_verify_file_flags_missing_metadata(tmp_path: Path) -> None:
     )
 
 
+def test_verify_file_takes_the_graphs_shape_and_the_metadatas_where_the_graph_has_none(
+    exported: tuple[torch.nn.Module, Path], tmp_path: Path
+) -> None:
+    from pipeline.export import encode_metadata
+
+    _, path = exported
+    model = onnx.load(str(path))
+    # Metadata that describes 32 px inputs on a 64 px graph is a problem, not a crash.
+    del model.metadata_props[:]
+    wrong = {"labels": LABELS, "preprocess": IMAGENET_PREPROCESS.at_size(32).to_dict()}
+    for key, value in encode_metadata(wrong).items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(tmp_path / "wrong.onnx"))
+    report = verify_file(tmp_path / "wrong.onnx")
+    assert not report.passed
+    assert report.problems == [
+        f"input shape {SHAPE} does not match the preprocessing's (3, 32, 32)"
+    ]
+    # A graph without fixed spatial dims is fed inputs of the metadata's shape.
+    model = onnx.load(str(path))
+    for dim, name in zip(
+        model.graph.input[0].type.tensor_type.shape.dim[2:], ("h", "w"), strict=True
+    ):
+        dim.dim_param = name
+    onnx.save(model, str(tmp_path / "dynamic.onnx"))
+    report = verify_file(tmp_path / "dynamic.onnx")
+    assert report.passed, report.render()
+
+
 def test_unloadable_file_is_an_invalid_model(tmp_path: Path) -> None:
     x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4])
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4])
