@@ -189,22 +189,20 @@ def _as_float32(value: Any) -> np.ndarray:
 @contextlib.contextmanager
 def eval_on_cpu(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Put `model` in eval mode on the CPU for a while, then restore each module's mode and device."""
-    modes = {module: module.training for module in model.modules()}
+    from pipeline.surgery.plan import eval_mode
+
     tensor = next(iter(model.parameters()), None)
     if tensor is None:
         tensor = next(iter(model.buffers()), None)
     device = None if tensor is None else tensor.device
-    model.eval()
-    if device is not None and device.type != "cpu":
-        model.cpu()
-    try:
-        yield model
-    finally:
-        # Restore per module: a frozen backbone keeps its BatchNorm in eval while the head trains.
-        for module, training in modes.items():
-            module.training = training
+    with eval_mode(model):
         if device is not None and device.type != "cpu":
-            model.to(device)
+            model.cpu()
+        try:
+            yield model
+        finally:
+            if device is not None and device.type != "cpu":
+                model.to(device)
 
 
 def torch_logits(model: torch.nn.Module, inputs: np.ndarray) -> np.ndarray:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,6 +169,21 @@ def reinitialise(adapted: AdaptedModel) -> None:
                     nn.init.zeros_(param)
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model.eval()` for a while, then each module's own mode back.
+
+    Restored per module: a frozen backbone keeps its BatchNorm in eval while the head trains.
+    """
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
 class _Measured(Exception):
     """Raised by a hook once the layer being calibrated has produced its output."""
 
@@ -182,33 +199,34 @@ def calibrate_scales(
     accuracy). Scaling each convolution and linear layer, in the order the forward pass meets
     them, until its output has unit variance on real images makes it trainable (88%).
     """
-    layers = [m for m in adapted.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+    # Eval: no dropout; BatchNorm, if any, holds fresh statistics and passes values through.
+    with eval_mode(adapted), torch.no_grad():
+        order = _forward_order(adapted, batch)
+        for layer in order:
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+            for _ in range(max_steps):
+                std = _output_std(adapted, layer, batch)
+                if not math.isfinite(std) or std < 1e-8 or abs(std - 1.0) < tolerance:
+                    break
+                layer.weight.div_(std)
+    return len(order)
+
+
+def _forward_order(adapted: AdaptedModel, batch: torch.Tensor) -> list[nn.Module]:
+    """The convolution and linear layers in the order one forward pass on `batch` runs them."""
     order: list[nn.Module] = []
     hooks = [
         layer.register_forward_hook(lambda m, _i, _o: order.append(m) if m not in order else None)
-        for layer in layers
+        for layer in adapted.modules()
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Linear))
     ]
-    modes = {module: module.training for module in adapted.modules()}
-    adapted.eval()  # no dropout; BatchNorm, if any, holds fresh statistics and passes through
     try:
-        with torch.no_grad():
-            adapted(batch)
-            for hook in hooks:
-                hook.remove()
-            for layer in order:
-                if layer.bias is not None:
-                    nn.init.zeros_(layer.bias)
-                for _ in range(max_steps):
-                    std = _output_std(adapted, layer, batch)
-                    if not math.isfinite(std) or std < 1e-8 or abs(std - 1.0) < tolerance:
-                        break
-                    layer.weight.div_(std)
+        adapted(batch)
     finally:
         for hook in hooks:
             hook.remove()
-        for module, training in modes.items():
-            module.training = training
-    return len(order)
+    return order
 
 
 def _output_std(adapted: AdaptedModel, layer: nn.Module, batch: torch.Tensor) -> float:
