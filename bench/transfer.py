@@ -94,10 +94,11 @@ def run(scale: Scale, *, work: Path) -> Section:
                 ]
             )
     plot(PLOT, accuracy, epochs=epochs)
+    winners = {
+        n: max(STRATEGIES, key=lambda s, n=n: accuracy[s][n]) for n in scale.transfer_per_class
+    }
     best = "; ".join(
-        f"{n} per class: {max(STRATEGIES, key=lambda s: accuracy[s][n])} "
-        f"({100 * max(accuracy[s][n] for s in STRATEGIES):.1f}%)"
-        for n in scale.transfer_per_class
+        f"{n} per class: {s} ({100 * accuracy[s][n]:.1f}%)" for n, s in winners.items()
     )
     sizes = ",".join(str(n) for n in scale.transfer_per_class)
     body = [
