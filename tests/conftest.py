@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,18 @@ def bundled_workspace(tmp_path_factory: pytest.TempPathFactory, bundled_onnx: Pa
     models_dir = tmp_path_factory.mktemp("workspace")
     fetch("efficientnet-lite0", models_dir=models_dir, catalog=load_catalog(), progress=False)
     return models_dir
+
+
+# Real material made by others (../shared beside the checkout; ZOO_SHARED overrides). A user's clone
+# has none, so every test that reads it skips cleanly without it and has a small fixture of its own.
+SHARED_DIR = Path(
+    os.environ.get("ZOO_SHARED", Path(__file__).resolve().parents[1].parent / "shared")
+)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """../shared (real zoo files, a third-party classifier, real photo sets); skips when absent."""
+    if not (SHARED_DIR / "models").is_dir():
+        pytest.skip(f"no real material at {SHARED_DIR} (a user's clone has none)")
+    return SHARED_DIR
