@@ -199,11 +199,14 @@ def _fast_download(*args: object, **kwargs: object) -> object:
     return download(*args, retries=1, backoff=0.01, **kwargs)  # type: ignore[arg-type]
 
 
-def test_url_needs_a_name_and_honours_a_pin(http_server: LocalServer, tmp_path: Path) -> None:
+def test_url_is_named_by_its_file_and_honours_a_pin(
+    http_server: LocalServer, tmp_path: Path
+) -> None:
+    nameless = http_server.serve("/download", MODEL)
     url = http_server.serve("/x.onnx", MODEL)
     models = tmp_path / "models"
     with pytest.raises(ZooError, match="--name"):
-        fetch(url, models_dir=models, catalog=catalog_of(), progress=False)
+        fetch(nameless, models_dir=models, catalog=catalog_of(), progress=False)
     with pytest.raises(ChecksumMismatch, match="sha256"):
         fetch(
             url, name="x", sha256=OTHER_SHA, models_dir=models, catalog=catalog_of(), progress=False
@@ -215,6 +218,7 @@ def test_url_needs_a_name_and_honours_a_pin(http_server: LocalServer, tmp_path: 
         ).sha256
         == MODEL_SHA
     )
+    assert fetch(url, models_dir=models, catalog=catalog_of(), progress=False).name == "x"
 
 
 def test_a_name_holding_another_model_needs_force(http_server: LocalServer, tmp_path: Path) -> None:

@@ -12,20 +12,24 @@ of one model from racing; correctness comes from the atomic renames.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zoo.catalog import BUNDLED_SOURCE, Catalog, ModelEntry
 from zoo.download import WAYS_OUT, download
-from zoo.errors import ChecksumMismatch, DownloadError, NotFound, ZooError
+from zoo.errors import ChecksumMismatch, DownloadError, InvalidModelFile, NotFound, ZooError
 from zoo.files import MODELS_DIR_NEXT_STEP, copy_file, disk_errors, sha256_file, write_json
+from zoo.preprocess import PreprocessRequest, fetched_entry
+from zoo.quantized import refuse_known_quantized, refuse_quantized
 from zoo.workspace import (
     ARCHIVE_SUFFIXES,
     BLOBS,
@@ -35,6 +39,9 @@ from zoo.workspace import (
     default_name,
     read_card,
 )
+
+if TYPE_CHECKING:
+    import onnx
 
 LOCK_TIMEOUT = 3600.0  # seconds to wait for another fetch of the same model: big files are slow
 
@@ -78,6 +85,10 @@ class _Plan:
     onnx_urls: tuple[str, ...] = ()
     archive: _Archive | None = None
     bundled: bool = False
+    named: bool = (
+        True  # False: `name` comes from a file name, and a catalog sha256 match renames it
+    )
+    label: str = ""  # the file as the user knows it, for messages
 
 
 def _zoo_version() -> str:
@@ -130,11 +141,66 @@ def _entry_plan(
     )
 
 
-def _file_plan(location: str, *, name: str, source_id: str, pin: str | None) -> _Plan:
-    """A plan for one file, .onnx or .tar.gz, at a URL or a local path."""
-    if location.lower().endswith(ARCHIVE_SUFFIXES):
-        return _Plan(name=name, source_id=source_id, sha256=pin, archive=_Archive((location,)))
-    return _Plan(name=name, source_id=source_id, sha256=pin, onnx_urls=(location,))
+def _url_plan(url: str, *, name: str | None, pin: str | None) -> _Plan:
+    """A URL: named by --name, else by a catalog sha256 match once downloaded, else by its file name."""
+    base = PurePosixPath(urllib.parse.urlparse(url).path).name
+    from_file = default_name(url) if base.lower().endswith((".onnx", *ARCHIVE_SUFFIXES)) else ""
+    archive = _Archive((url,)) if base.lower().endswith(ARCHIVE_SUFFIXES) else None
+    return _Plan(
+        name=name or from_file,
+        source_id=url,
+        sha256=pin,
+        onnx_urls=() if archive else (url,),
+        archive=archive,
+        named=bool(name),
+        label=base or url,
+    )
+
+
+def _refuse_non_model(local: Path) -> None:
+    """Say what a local file is when it is not a model (an HTML page, a zip...): never 'network'."""
+    from zoo.onnxfile import local_non_model
+
+    try:
+        with open(local, "rb") as handle:
+            head = handle.read(1024)
+    except OSError as exc:
+        raise NotFound(f"cannot read {local} ({exc.strerror or exc}); check the path") from exc
+    if local.name.lower().endswith(ARCHIVE_SUFFIXES) and head.startswith(b"\x1f\x8b"):
+        return
+    what = local_non_model(head, label=local.name)
+    if what is not None:
+        raise InvalidModelFile(what)
+
+
+def _local_plan(local: Path, *, catalog: Catalog, name: str | None, pin: str | None) -> _Plan:
+    """A local .onnx or .tar.gz, which is a catalog file (named and trusted as one) when its sha256 says so."""
+    _refuse_non_model(local)
+    identity = sha256_file(local)
+    refuse_known_quantized(identity, label=local.name)
+    entry = catalog.by_sha256(identity)
+    location, label = str(local), local.name
+    common = {
+        "name": name or (entry.name if entry else default_name(location)),
+        "source_id": local.resolve().as_uri(),
+        "entry": entry,
+        "named": bool(name) or entry is not None,
+        "label": label,
+    }
+    if label.lower().endswith(ARCHIVE_SUFFIXES):
+        # The zoo's own archive is known by its sha256; any other is known once its model is out.
+        member = PurePosixPath(entry.path or f"{entry.name}.onnx").name if entry else None
+        return _Plan(
+            **common,
+            sha256=pin or (entry.sha256 if entry else None),
+            archive=_Archive((location,), sha256=identity, member_name=member),
+        )
+    if pin and pin != identity:
+        raise ChecksumMismatch(
+            f"{local} has sha256 {identity}, not the {pin} given with --sha256; "
+            "check that it is the file you meant, or drop --sha256"
+        )
+    return _Plan(**common, sha256=identity, onnx_urls=(location,))
 
 
 def _plan(
@@ -144,23 +210,13 @@ def _plan(
     pin = sha256.lower() if sha256 else None
     parsed = urllib.parse.urlparse(source)
     if parsed.scheme in ("http", "https"):
-        if not name:
-            raise ZooError(
-                f"fetching a URL needs a name to store it under: pass --name NAME ({source})"
-            )
-        return _file_plan(source, name=name, source_id=source, pin=pin)
+        return _url_plan(source, name=name, pin=pin)
     is_file_url = parsed.scheme == "file"
     local = (
         Path(urllib.request.url2pathname(parsed.path)) if is_file_url else Path(source).expanduser()
     )
     if local.is_file():
-        location = str(local)
-        return _file_plan(
-            location,
-            name=name or default_name(location),
-            source_id=local.resolve().as_uri(),
-            pin=pin,
-        )
+        return _local_plan(local, catalog=catalog, name=name, pin=pin)
     if is_file_url or os.sep in source or source.lower().endswith((".onnx", *ARCHIVE_SUFFIXES)):
         raise NotFound(
             f"{source} is not a file; pass an .onnx or .tar.gz path, a URL or a catalog name"
@@ -200,9 +256,14 @@ def _install(
     *,
     sha256: str,
     source_url: str,
+    entry: ModelEntry | None = None,
     cached: bool = False,
 ) -> FetchResult:
-    """Give a checked file its blob (None: the blob is already there), link its name to it, write its card."""
+    """Give a checked file its blob (None: the blob is already there), link its name to it, write its card.
+
+    The card records `entry` (default: the plan's catalog entry).
+    """
+    entry = entry or plan.entry
     blob = models_dir / BLOBS / sha256
     if staged is not None:
         os.replace(staged, blob)
@@ -216,7 +277,7 @@ def _install(
         "source_url": source_url,
         "sha256": sha256,
         "size": size,
-        "entry": plan.entry.to_dict() if plan.entry else None,
+        "entry": entry.to_dict() if entry else None,
         "fetched_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
         "zoo_version": _zoo_version(),
     }
@@ -228,7 +289,8 @@ def _present(models_dir: Path, plan: _Plan, *, force: bool) -> FetchResult | Non
     """The model when it is already in the workspace and checks out; None when it must be fetched."""
     folder = models_dir / plan.name
     card = read_card(folder)
-    if card is not None and card.get("source") != plan.source_id and not force:
+    same_content = card is not None and plan.sha256 is not None and card["sha256"] == plan.sha256
+    if card is not None and card.get("source") != plan.source_id and not same_content and not force:
         raise ZooError(
             f"{plan.name!r} already holds another model ({card.get('source')}); pass --force to "
             "replace it, or --name to store this one under another name"
@@ -238,6 +300,10 @@ def _present(models_dir: Path, plan: _Plan, *, force: bool) -> FetchResult | Non
     if card is not None and (folder / MODEL_FILE).is_file():
         expected = plan.sha256 or card["sha256"]
         if card["sha256"] == expected and sha256_file(folder / MODEL_FILE) == expected:
+            if card.get("entry") is None and plan.entry is not None:
+                # A card written before files were known by their sha256 learns its entry now.
+                card["entry"] = plan.entry.to_dict()
+                write_json(folder / CARD_FILE, card, next_step=MODELS_DIR_NEXT_STEP)
             return _result(models_dir, plan.name, card, cached=True)
     blob = models_dir / BLOBS / (plan.sha256 or "")
     if plan.sha256 and blob.is_file() and sha256_file(blob) == plan.sha256:
@@ -300,10 +366,13 @@ def fetch(
     mirror: str | os.PathLike[str] | None = None,
     force: bool = False,
     progress: bool = True,
+    preprocess: PreprocessRequest | None = None,
 ) -> FetchResult:
-    """Put SOURCE (catalog name or alias, local .onnx/.tar.gz, or URL with `name`) into the workspace."""
-    from filelock import FileLock, Timeout
+    """Put SOURCE (catalog name or alias, local .onnx/.tar.gz, or URL) into the workspace.
 
+    A file whose sha256 is a catalog entry's is that entry (its name unless `name` is given);
+    `preprocess` (the --preprocess/--mean/... flags) is recorded on the card for adapt to use.
+    """
     plan = _plan(
         source,
         catalog=catalog,
@@ -311,22 +380,62 @@ def fetch(
         sha256=sha256,
         mirror=os.fspath(mirror) if mirror is not None else None,
     )
-    check_name(plan.name)
+    request = preprocess or PreprocessRequest()
+    if plan.name:
+        check_name(plan.name)
     models_dir = Path(models_dir).expanduser()
     with disk_errors(models_dir):
         (models_dir / BLOBS).mkdir(parents=True, exist_ok=True)
         (models_dir / ".locks").mkdir(exist_ok=True)
+    with _locked(models_dir, plan.name or ".unnamed"):
+        present = _present(models_dir, plan, force=force) if plan.name else None
+        if present is None:
+            return _fetch_fresh(models_dir, plan, catalog=catalog, request=request, force=force, progress=progress)  # fmt: skip
+    return _restated(models_dir, present, plan, request, catalog=catalog)
+
+
+@contextlib.contextmanager
+def _locked(models_dir: Path, name: str) -> Iterator[None]:
+    """Hold the lock of one workspace name (a courtesy: the renames make fetches safe)."""
+    from filelock import FileLock, Timeout
+
     try:
-        with FileLock(models_dir / ".locks" / f"{plan.name}.lock", timeout=LOCK_TIMEOUT):
-            present = _present(models_dir, plan, force=force)
-            if present is not None:
-                return present
-            return _fetch_fresh(models_dir, plan, progress=progress)
+        with FileLock(models_dir / ".locks" / f"{name}.lock", timeout=LOCK_TIMEOUT):
+            yield
     except Timeout as exc:
         raise ZooError(
-            f"another `zoo fetch` of {plan.name} has held {exc.lock_file} for {LOCK_TIMEOUT:.0f} s; "
+            f"another `zoo fetch` of {name} has held {exc.lock_file} for {LOCK_TIMEOUT:.0f} s; "
             "wait for it, or delete the lock file if no fetch is running"
         ) from exc
+
+
+def _restated(
+    models_dir: Path,
+    present: FetchResult,
+    plan: _Plan,
+    request: PreprocessRequest,
+    *,
+    catalog: Catalog,
+) -> FetchResult:
+    """A model already present, its card's entry rewritten when preprocessing flags were given."""
+    if not request.given:
+        return present
+    from zoo.onnxfile import load_onnx
+    from zoo.workspace import card_entry
+
+    card = read_card(present.card_path.parent) or {}
+    model = load_onnx(present.path, load_external_data=False)
+    entry = fetched_entry(
+        plan.entry or card_entry(card, catalog),
+        model,
+        name=present.name,
+        sha256=present.sha256,
+        size=present.size,
+        request=request,
+    )
+    card["entry"] = entry.to_dict() if entry else None
+    write_json(present.card_path, card, next_step=MODELS_DIR_NEXT_STEP)
+    return present
 
 
 def _trusted(plan: _Plan, sha256: str) -> bool:
@@ -337,7 +446,29 @@ def _trusted(plan: _Plan, sha256: str) -> bool:
     return bool(expected) and sha256 == expected.lower()
 
 
-def _fetch_fresh(models_dir: Path, plan: _Plan, *, progress: bool) -> FetchResult:
+def _identified(plan: _Plan, sha256: str, catalog: Catalog) -> _Plan:
+    """The plan once the file's sha256 is known: a catalog file takes its entry (and name, unless given)."""
+    entry = plan.entry or catalog.by_sha256(sha256)
+    if entry is not None and plan.entry is None:
+        plan = dataclasses.replace(plan, entry=entry, name=plan.name if plan.named else entry.name)
+    if not plan.name:
+        raise ZooError(
+            f"cannot tell what to call {plan.label or plan.source_id}: its URL names no .onnx "
+            "file and the catalog does not know it; pass --name NAME"
+        )
+    check_name(plan.name)
+    return plan
+
+
+def _fetch_fresh(
+    models_dir: Path,
+    plan: _Plan,
+    *,
+    catalog: Catalog,
+    request: PreprocessRequest,
+    force: bool,
+    progress: bool,
+) -> FetchResult:
     from zoo.onnxfile import load_onnx
 
     with disk_errors(models_dir):
@@ -355,12 +486,37 @@ def _fetch_fresh(models_dir: Path, plan: _Plan, *, progress: bool) -> FetchResul
                 f"the model taken from {source_url} has sha256 {actual}, expected {plan.sha256}; "
                 "the archive may have changed, pass --mirror DIR with a verified copy"
             )
-        load_onnx(staged)  # an HTML page, LFS pointer or garbage never gets a name
-        if not _trusted(plan, actual):
+        label = plan.label or plan.name
+        refuse_known_quantized(actual, label=label)
+        identified = _identified(plan, actual, catalog)
+        if identified.name != plan.name:
+            # Known by its sha256 under another name: that name may already hold it.
+            identified = dataclasses.replace(identified, sha256=actual)
+            with _locked(models_dir, identified.name):
+                present = _present(models_dir, identified, force=force)
+            if present is not None:
+                return _restated(models_dir, present, identified, request, catalog=catalog)
+        model = load_onnx(staged)  # an HTML page, LFS pointer or garbage never gets a name
+        refuse_quantized(model, label=label, sha256=actual, catalog=catalog)
+        if not _trusted(identified, actual):
             from zoo.sandbox import probe_in_child
 
             # A file nobody vouched for opens in a child first: a crash there is a refusal here.
             probe_in_child(staged)
-        return _install(models_dir, plan, staged, sha256=actual, source_url=source_url)
+        entry = _card_entry(identified, model, sha256=actual, size=staged.stat().st_size, request=request)  # fmt: skip
+        return _install(
+            models_dir, identified, staged, sha256=actual, source_url=source_url, entry=entry
+        )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _card_entry(
+    plan: _Plan, model: onnx.ModelProto, *, sha256: str, size: int, request: PreprocessRequest
+) -> ModelEntry | None:
+    """The entry the card records: the catalog's, or one made from the flags or the file's metadata."""
+    if plan.bundled:
+        return plan.entry
+    return fetched_entry(
+        plan.entry, model, name=plan.name, sha256=sha256, size=size, request=request
+    )

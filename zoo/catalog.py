@@ -109,6 +109,22 @@ class ModelEntry:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> ModelEntry:
+        """The entry `to_dict` wrote (a card's `entry`)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in raw.items() if k in known}
+        for key in ("urls", "aliases"):
+            values[key] = tuple(values.get(key) or ())
+        if values.get("input_shape") is not None:
+            values["input_shape"] = tuple(values["input_shape"])
+        if values.get("preprocess"):
+            values["preprocess"] = Preprocess.from_dict(values["preprocess"])
+        if values.get("archive"):
+            archive = dict(values["archive"])
+            values["archive"] = ArchiveSpec(**{**archive, "urls": tuple(archive.get("urls") or ())})
+        return cls(**values)
+
 
 def _entry_from_dict(raw: Mapping[str, Any], *, source: str) -> ModelEntry:
     try:
@@ -198,6 +214,16 @@ class Catalog(Mapping[str, ModelEntry]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def by_sha256(self, sha256: str | None) -> ModelEntry | None:
+        """The entry whose model file (or .tar.gz archive) has this sha256, or None."""
+        if not sha256:
+            return None
+        sha256 = sha256.lower()
+        for entry in reversed(self._entries.values()):  # a private catalog's entries win
+            if sha256 in (entry.sha256, entry.archive.sha256 if entry.archive else None):
+                return entry
+        return None
 
     def resolve(self, name: str) -> ModelEntry:
         """The entry for a name or alias; NotFound names close matches."""

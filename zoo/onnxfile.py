@@ -31,6 +31,38 @@ def describe_non_model(head: bytes) -> str | None:
     return None
 
 
+# What a local file is when it is not a model, and what to do about it (a downloaded file is
+# judged by `describe_non_model`: there the server is to blame, here the way the file was saved).
+_RAW_LINK = "download the raw file (on GitHub/Hugging Face: the 'raw'/'download' link)"
+_LOCAL_KINDS: tuple[tuple[tuple[bytes, ...], str, str], ...] = (
+    ((b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml"), "an HTML page",
+     f"was it saved from a browser? {_RAW_LINK.capitalize()}"),
+    ((LFS_POINTER_PREFIX,), "a Git LFS pointer",
+     "run `git lfs pull` in its repository, or " + _RAW_LINK),
+    ((b"{", b"["), "a JSON file", "pass the .onnx model file itself"),
+    ((b"PK\x03\x04",), "a zip archive (a PyTorch .pt/.pth checkpoint is one too)",
+     "unzip it and pass the .onnx inside, or export the PyTorch model to ONNX first"),
+    ((b"\x89PNG",), "a PNG image", "pass the .onnx model file (images go to --data or zoo predict)"),
+    ((b"\xff\xd8\xff",), "a JPEG image", "pass the .onnx model file (images go to --data or zoo predict)"),
+    ((b"GIF8",), "a GIF image", "pass the .onnx model file"),
+    ((b"%PDF",), "a PDF document", "pass the .onnx model file"),
+    ((b"\x1f\x8b",), "gzip-compressed data",
+     "if it is a zoo .tar.gz archive, pass it under a name ending in .tar.gz"),
+)  # fmt: skip
+
+
+def local_non_model(head: bytes, *, label: str) -> str | None:
+    """One line saying what a local file is when it is clearly not an ONNX model, else None."""
+    if not head:
+        return f"{label} is an empty file, not an ONNX model: the download or copy did not finish; get the file again"
+    stripped = head.lstrip()
+    lowered = stripped[:512].lower()
+    for prefixes, what, next_step in _LOCAL_KINDS:
+        if lowered.startswith(tuple(p.lower() for p in prefixes)) or head.startswith(prefixes):
+            return f"{label} is {what}, not an ONNX model: {next_step}"
+    return None
+
+
 def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 

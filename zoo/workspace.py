@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
-from zoo.catalog import Catalog
+from zoo.catalog import Catalog, ModelEntry
 from zoo.errors import ChecksumMismatch, InvalidModelFile, NotFound, ZooError
 from zoo.files import sha256_file
 
@@ -73,6 +73,20 @@ def read_card(folder: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return card if isinstance(card, dict) and isinstance(card.get("sha256"), str) else None
+
+
+def card_entry(card: dict[str, Any], catalog: Catalog) -> ModelEntry | None:
+    """The catalog entry of a card: the one it records, else the one whose sha256 the file has.
+
+    Cards written before files were known by their sha256 say `"entry": null` for a catalog file.
+    """
+    raw = card.get("entry")
+    if isinstance(raw, dict):
+        try:
+            return ModelEntry.from_dict(raw)
+        except (TypeError, ValueError, KeyError):
+            pass  # a card from another version: the catalog's own entry, if any, is as good
+    return catalog.by_sha256(card.get("sha256"))
 
 
 def _workspace_folder(name_or_path: str, *, models_dir: Path, catalog: Catalog) -> Path | None:
