@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -60,6 +61,55 @@ def _models_dir(ctx: click.Context) -> Path:
 json_option = click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON object on stdout."
 )
+
+_PREPROCESS_FLAGS = (
+    "preset",
+    "mean",
+    "std",
+    "scale",
+    "size",
+    "resize",
+    "bgr",
+    "layout",
+    "channels",
+)
+
+
+def preprocess_options(function):  # noqa: ANN001, ANN202
+    """--preprocess and the flags laid over it, handed to the command as one `preprocess` request."""
+    from zoo.preprocess import PRESET_NAMES
+
+    @functools.wraps(function)
+    def command(*args, **values):  # noqa: ANN002, ANN003, ANN202
+        from zoo.preprocess import PreprocessRequest
+
+        flags = {key: values.pop(key) for key in _PREPROCESS_FLAGS}
+        return function(*args, preprocess=PreprocessRequest.from_flags(**flags), **values)
+
+    options = [
+        click.option(
+            "--preprocess",
+            "preset",
+            type=click.Choice(PRESET_NAMES),
+            help="How the model expects images, for a file the zoo does not know: imagenet "
+            "(mean/std on [0,1]), inception ([-1,1]), caffe (BGR 0-255 minus means), raw ([0,1]).",
+        ),
+        click.option("--mean", help="Per-channel mean after scaling, e.g. 0.485,0.456,0.406."),
+        click.option("--std", help="Per-channel std, e.g. 0.229,0.224,0.225."),
+        click.option("--scale", help="Multiplies 0-255 pixels first, e.g. 1/255 or 1."),
+        click.option("--size", type=click.IntRange(min=8), help="The model's input size (crop)."),
+        click.option("--resize", type=click.IntRange(min=8), help="Resize target before the crop."),
+        click.option("--bgr/--rgb", default=None, help="Channel order the model expects."),
+        click.option(
+            "--layout",
+            type=click.Choice(["NCHW", "NHWC"], case_sensitive=False),
+            help="Input layout (default: read from the graph).",
+        ),
+        click.option("--channels", type=click.Choice(["1", "3"]), help="1 for grayscale models."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 @click.group(cls=ZooGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -144,6 +194,7 @@ def info_command(ctx: click.Context, name: str, as_json: bool) -> None:
     help="Internal HTTP server or local folder with the zoo's repository layout (env ZOO_MIRROR).",
 )
 @click.option("--force", is_flag=True, help="Fetch again even when a verified copy is present.")
+@preprocess_options
 @json_option
 @click.pass_context
 def fetch_command(
@@ -154,6 +205,7 @@ def fetch_command(
     mirror: str | None,
     force: bool,
     as_json: bool,
+    preprocess,  # noqa: ANN001
 ) -> None:
     """Fetch a model by catalog name or alias, local .onnx/.tar.gz path, or URL; print its path."""
     from zoo.cache import fetch
@@ -167,6 +219,7 @@ def fetch_command(
         mirror=mirror,
         force=force,
         progress=not as_json and sys.stderr.isatty(),
+        preprocess=preprocess,
     )
     if as_json:
         console.emit_json(result.to_dict())
@@ -313,6 +366,7 @@ def _adapt_options(function):  # noqa: ANN001, ANN202
 @click.option(
     "--sync-bn", is_flag=True, help="Share BatchNorm batch statistics across GPU workers."
 )
+@preprocess_options
 @json_option
 @click.pass_context
 def adapt_command(ctx: click.Context, model: str | None, as_json: bool, **values) -> None:
@@ -411,6 +465,7 @@ def _argv_of(ctx: click.Context, *, skip: tuple[str, ...] = ()) -> list[str]:
 @_adapt_options
 @click.option("--train-per-class", type=click.IntRange(min=1), help="Subsample the training split.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Comparison folder.")
+@preprocess_options
 @json_option
 @click.pass_context
 def compare_command(
@@ -577,6 +632,7 @@ def verify_command(
 @click.argument("images", nargs=-1, required=True)
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@preprocess_options
 @json_option
 @click.pass_context
 def predict_command(
@@ -586,11 +642,19 @@ def predict_command(
     top_k: int,
     provider: str,
     as_json: bool,
+    preprocess,  # noqa: ANN001
 ) -> None:
     """Top-K labels for images, using nothing but the ONNX file."""
     from pipeline.deploy import predict
 
-    predictions = predict(model, images, catalog=_catalog(ctx), top_k=top_k, provider=provider)
+    predictions = predict(
+        model,
+        images,
+        catalog=_catalog(ctx),
+        top_k=top_k,
+        provider=provider,
+        preprocess=preprocess,
+    )
     if as_json:
         console.emit_json({"model": str(model), "predictions": [p.to_dict() for p in predictions]})
     else:
@@ -613,16 +677,22 @@ def predict_command(
 @click.option(
     "--plot", type=click.Path(dir_okay=False, path_type=Path), help="Confusion matrix PNG."
 )
+@preprocess_options
 @json_option
 @click.pass_context
 def evaluate_command(
-    ctx: click.Context, model: Path, data: str, plot: Path | None, as_json: bool
+    ctx: click.Context,
+    model: Path,
+    data: str,
+    plot: Path | None,
+    as_json: bool,
+    preprocess,  # noqa: ANN001
 ) -> None:
     """Accuracy, macro precision/recall/F1 and confusion matrix of an ONNX file, from onnxruntime alone."""
     from pipeline.deploy import evaluate_file
 
     plot = plot or model.with_name(f"{model.stem}-confusion.png")
-    metrics = evaluate_file(model, data, catalog=_catalog(ctx), plot=plot)
+    metrics = evaluate_file(model, data, catalog=_catalog(ctx), plot=plot, preprocess=preprocess)
     if as_json:
         console.emit_json({**metrics.to_dict(), "plot": str(plot)})
         return

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from pipeline.distributed import DistContext
     from pipeline.report import Metrics
     from zoo.catalog import Catalog, Preprocess
+    from zoo.preprocess import PreprocessRequest
 
 STRATEGIES = ("auto", "feature", "finetune", "gradual", "full", "scratch")
 # Learning-rate factor between neighbouring unfrozen blocks when --lr-decay is not given: the top
@@ -63,6 +64,9 @@ class AdaptOptions:
     train_per_class: int | None = None
     hidden: int | None = None
     dropout: float = 0.0
+    # --preprocess/--mean/--std/... over what is known of the model (a PreprocessRequest, or its
+    # to_dict() when a run is resumed from run.json); None: the model's known preprocessing.
+    preprocess: PreprocessRequest | Mapping[str, Any] | None = None
 
 
 @dataclass
@@ -102,20 +106,10 @@ class AdaptResult:
         }
 
 
-def _resolve_preprocess(
-    card: dict[str, Any], split: DataSplit, image_size: int | None
-) -> Preprocess:
-    from zoo.catalog import Preprocess
-
-    raw = (card.get("entry") or {}).get("preprocess")
-    if not raw:
-        raise UnsupportedModel(
-            f"the zoo does not document how {card.get('name', 'this model')} preprocesses images; "
-            "add a private catalog entry with its mean, std and size (zoo --catalog FILE)"
-        )
-    preprocess = Preprocess.from_dict(raw)
+def _resolve_preprocess(native: Preprocess, split: DataSplit, image_size: int | None) -> Preprocess:
+    """The model's own preprocessing at the size this run trains at (--image-size, else the data's)."""
     size = image_size or split.recommended_size
-    return preprocess.at_size(size) if size and size != preprocess.crop else preprocess
+    return native.at_size(size) if size and size != native.crop else native
 
 
 def prepare_data(options: AdaptOptions, *, run_dir: Path | None) -> DataSplit:
@@ -212,7 +206,7 @@ def _claim_run(
 
 
 def _auto_strategy(
-    imported: Any, split: DataSplit, card: dict[str, Any], *, num_blocks: int
+    imported: Any, split: DataSplit, native: Preprocess, *, num_blocks: int
 ) -> tuple[str, int | None, str]:
     """`--strategy auto`: the rule of thumb applied to this data's size and measured similarity."""
     from pipeline.fastpath import preprocessed_batch
@@ -220,7 +214,6 @@ def _auto_strategy(
 
     # Judge similarity at the model's own input size: at other sizes the ImageNet head is
     # confidently wrong about almost anything (digits: 0.46 at 64 px, 0.09 at 224 px).
-    native = _resolve_preprocess(card, dataclasses.replace(split, recommended_size=None), None)
     confidence = imagenet_confidence(
         imported.onnx_model,
         input_name=imported.probe.input_name,
@@ -274,6 +267,7 @@ def adapt(
     from pipeline import fastpath
     from pipeline.distributed import SINGLE
     from pipeline.train import fit, resolve_device
+    from zoo.preprocess import model_preprocess
 
     dist = dist or SINGLE
     started = time.perf_counter()
@@ -287,6 +281,8 @@ def adapt(
     onnx_path, card, model_name = _open_source_model(
         options.model, models_dir=models_dir, catalog=catalog, log=log
     )
+    # Known before a run directory is claimed: a model nobody said how to feed leaves nothing behind.
+    native = model_preprocess(card, onnx_path, catalog=catalog, request=options.preprocess)
 
     run_dir = None
     if dist.is_main:
@@ -295,7 +291,7 @@ def adapt(
         )
     # One run directory and one split for all workers, whatever each machine's disk holds.
     run_dir, split = dist.broadcast_object((run_dir, split))
-    preprocess = _resolve_preprocess(card, split, options.image_size)
+    preprocess = _resolve_preprocess(native, split, options.image_size)
 
     device = resolve_device(options.device)
     imported, adapted = build_model(
@@ -311,7 +307,7 @@ def adapt(
     blocks = discover_blocks(adapted)
     strategy, unfreeze, reason = options.strategy, options.unfreeze, "chosen with --strategy"
     if strategy == "auto":
-        strategy, unfreeze, reason = _auto_strategy(imported, split, card, num_blocks=len(blocks))
+        strategy, unfreeze, reason = _auto_strategy(imported, split, native, num_blocks=len(blocks))
         log(f"strategy auto -> {strategy}: {reason}")
     # Workers must agree even if their onnxruntime scores differ in the last bit.
     strategy, unfreeze, reason = dist.broadcast_object((strategy, unfreeze, reason))

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from pipeline.data import DataSplit, Sample
     from pipeline.verify import FileReport, VerifyInputs
     from zoo.catalog import Catalog, Preprocess
+    from zoo.preprocess import PreprocessRequest
 
 MAX_VERIFY_IMAGES = 256  # the test split is used whole up to this many images
 
@@ -267,33 +268,50 @@ class Prediction:
         }
 
 
-def _labels_and_preprocess(onnx_path: Path, catalog: Catalog) -> tuple[list[str], Preprocess, str]:
-    """From the file's zoo metadata, or for a raw zoo model from its catalog card (ImageNet labels)."""
-    from pipeline.export import read_metadata
+def _imagenet_or_numbered(count: int) -> list[str]:
+    """ImageNet's class names for a 1000-class head; otherwise the class numbers."""
+    if count == 1000:
+        path = Path(__file__).parents[1] / "zoo" / "data" / "imagenet_labels.txt"
+        return path.read_text().splitlines()
+    return [str(i) for i in range(count)]
+
+
+def _labels_and_preprocess(
+    onnx_path: Path, catalog: Catalog, request: PreprocessRequest | None = None
+) -> tuple[list[str], Preprocess, str]:
+    """From the file's zoo metadata, else its catalog entry (card beside it, or sha256), then the flags."""
+    from pipeline.export import metadata_of
+    from zoo.files import sha256_file
     from zoo.onnxfile import load_onnx
+    from zoo.preprocess import PreprocessRequest, input_signature, resolve_preprocess
+    from zoo.workspace import card_entry, read_card
 
-    metadata = read_metadata(onnx_path)
+    request = request or PreprocessRequest()
     model = load_onnx(onnx_path, load_external_data=False)
+    metadata = metadata_of(model)
     input_name = metadata.input_name or model.graph.input[0].name
-    if metadata.labels and metadata.preprocess:
-        return list(metadata.labels), metadata.preprocess, input_name
-    card_path = onnx_path.parent / "card.json"
-    entry = json.loads(card_path.read_text()).get("entry") if card_path.exists() else None
-    if entry and entry.get("preprocess"):
-        from zoo.catalog import Preprocess
-
-        labels = (
-            (Path(__file__).parents[1] / "zoo" / "data" / "imagenet_labels.txt")
-            .read_text()
-            .splitlines()
+    base, labels = metadata.preprocess, list(metadata.labels)
+    if not (labels and base):
+        card = read_card(onnx_path.parent) if onnx_path.name == "model.onnx" else None
+        card = card or {"sha256": sha256_file(onnx_path)}
+        entry = card_entry(card, catalog)
+        if entry is not None and entry.preprocess is not None:
+            base, labels = entry.preprocess, _imagenet_or_numbered(entry.num_classes)
+        elif not labels:
+            dims = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
+            labels = _imagenet_or_numbered(max(dims[1:], default=0))
+    if base is None and not request.says_normalisation:
+        raise ZooError(
+            f"{onnx_path} has no zoo metadata (labels, preprocessing) and the catalog does not know it; "
+            "pass --preprocess imagenet|inception|caffe|raw (or --mean/--std/--size), "
+            "or export it with `zoo export`"
         )
-        count = entry.get("num_classes", 1000)
-        labels = labels if count == 1000 else [str(i) for i in range(count)]
-        return labels, Preprocess.from_dict(entry["preprocess"]), input_name
-    raise ZooError(
-        f"{onnx_path} has no zoo metadata (labels, preprocessing) and no catalog card beside it; "
-        "export it with `zoo export`, or fetch it with `zoo fetch`"
-    )
+    if request.given:
+        signature = input_signature(model)
+        base = resolve_preprocess(
+            base, request, signature, name=onnx_path.name, commands="zoo predict or zoo evaluate"
+        )
+    return labels, base, input_name
 
 
 def predict(
@@ -303,15 +321,16 @@ def predict(
     catalog: Catalog,
     top_k: int = 5,
     provider: str = "cpu",
+    preprocess: PreprocessRequest | None = None,
 ) -> list[Prediction]:
-    """Top-K labels per image using only the ONNX file (and onnxruntime)."""
+    """Top-K labels per image using only the ONNX file (and onnxruntime); `preprocess`: the user's flags."""
     import numpy as np
 
     from pipeline.images import open_image, preprocess_image
     from pipeline.runtimes import create_session
 
     onnx_path = Path(onnx_path)
-    labels, preprocess, input_name = _labels_and_preprocess(onnx_path, catalog)
+    labels, preprocess, input_name = _labels_and_preprocess(onnx_path, catalog, preprocess)
     session = create_session(
         onnx_path, "CUDAExecutionProvider" if provider == "cuda" else "CPUExecutionProvider"
     )
@@ -342,12 +361,19 @@ def predict(
             probs = np.exp(scores - scores.max())
             probs /= probs.sum()
         order = np.argsort(-probs)[:top_k]
-        predictions.append(Prediction(str(path), [(labels[i], float(probs[i])) for i in order]))
+        names = labels if len(labels) == len(probs) else [str(i) for i in range(len(probs))]
+        predictions.append(Prediction(str(path), [(names[i], float(probs[i])) for i in order]))
     return predictions
 
 
 def evaluate_file(
-    onnx_path: Path, data: str, *, catalog: Catalog, plot: Path | None = None, seed: int = 0
+    onnx_path: Path,
+    data: str,
+    *,
+    catalog: Catalog,
+    plot: Path | None = None,
+    seed: int = 0,
+    preprocess: PreprocessRequest | None = None,
 ) -> Any:
     """`zoo evaluate`: metrics of the ONNX file alone on every image of a data source."""
     import numpy as np
@@ -358,7 +384,7 @@ def evaluate_file(
     from zoo.onnxfile import load_onnx
 
     onnx_path = Path(onnx_path)
-    labels, preprocess, input_name = _labels_and_preprocess(onnx_path, catalog)
+    labels, preprocess, input_name = _labels_and_preprocess(onnx_path, catalog, preprocess)
     split = load_source(data, seed=seed)
     samples = split.train + split.val + split.test
     unknown = [name for name in split.class_names if name not in labels]

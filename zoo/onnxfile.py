@@ -36,7 +36,7 @@ def describe_non_model(head: bytes) -> str | None:
 _RAW_LINK = "download the raw file (on GitHub/Hugging Face: the 'raw'/'download' link)"
 _LOCAL_KINDS: tuple[tuple[tuple[bytes, ...], str, str], ...] = (
     ((b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml"), "an HTML page",
-     f"was it saved from a browser? {_RAW_LINK.capitalize()}"),
+     "was it saved from a browser? D" + _RAW_LINK[1:]),
     ((LFS_POINTER_PREFIX,), "a Git LFS pointer",
      "run `git lfs pull` in its repository, or " + _RAW_LINK),
     ((b"{", b"["), "a JSON file", "pass the .onnx model file itself"),

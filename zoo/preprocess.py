@@ -39,6 +39,7 @@ PRESETS: dict[str, Preprocess] = {
 PRESET_NAMES = tuple(PRESETS)
 # Flags without a preset or a known entry start from this: [0,1] pixels, 256/224, nothing subtracted.
 _PLAIN = Preprocess(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+_FLAG = {"preset": "preprocess"}  # request field -> its command-line flag
 FLAGS_HINT = "--preprocess imagenet|inception|caffe|raw (or --mean/--std/--size)"
 
 
@@ -93,7 +94,7 @@ class PreprocessRequest:
         resize: int | None = None,
         bgr: bool | None = None,
         layout: str | None = None,
-        channels: int | None = None,
+        channels: int | str | None = None,
     ) -> PreprocessRequest:
         """A request from command-line text: `--mean 0.485,0.456,0.406`, `--scale 1/255`."""
         if preset is not None and preset not in PRESETS:
@@ -107,7 +108,7 @@ class PreprocessRequest:
             resize=resize,
             bgr=bgr,
             layout=layout.upper() if layout else None,
-            channels=channels,
+            channels=int(channels) if channels else None,
         )
 
 
@@ -280,7 +281,7 @@ def fetched_entry(
         return entry
     signature = input_signature(model)
     preprocess = resolve_preprocess(base, request, signature, name=name)
-    given = " ".join(f"--{k} {v}" for k, v in request.to_dict().items())
+    given = " ".join(f"--{_FLAG.get(k, k)} {v}" for k, v in request.to_dict().items())
     note = (
         f"given to zoo fetch: {given}" if given else "read from the file's zoo.preprocess metadata"
     )

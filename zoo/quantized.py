@@ -8,6 +8,7 @@ told which float model to bring instead.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -85,9 +86,10 @@ def refuse_known_quantized(sha256: str | None, *, label: str) -> None:
     known = known_quantized().get((sha256 or "").lower())
     if known is None:
         return
-    kind = "int8-quantized" if "int8" in known.kind.lower() else "QDQ-quantized"
+    qlinear = "int8" in known.kind.lower()
+    kind, ops = ("int8", "QLinear ops") if qlinear else ("QDQ", "QuantizeLinear/DequantizeLinear")
     raise UnsupportedModel(
-        f"{label} is the zoo's {kind} {known.fp32_sibling} ({known.name}, {known.kind}): "
+        f"{label} is the zoo's {kind}-quantized {known.fp32_sibling} ({ops}): "
         f"fetch `{known.fp32_sibling}` (fp32) instead; zoo adapts float models only"
     )
 
@@ -97,13 +99,21 @@ def refuse_quantized(
     *,
     label: str,
     sha256: str | None = None,
+    path: str | os.PathLike[str] | None = None,
     catalog: Catalog | None = None,
 ) -> None:
-    """Refuse a quantized graph (a zoo file by sha256, any other by its operators) in one line."""
+    """Refuse a quantized graph (a zoo file by sha256, any other by its operators) in one line.
+
+    `path` is hashed only when the graph is quantized, to name the zoo file whatever it is called.
+    """
     refuse_known_quantized(sha256, label=label)
     ops = quantized_ops(model)
     if not ops:
         return
+    if sha256 is None and path is not None:
+        from zoo.files import sha256_file
+
+        refuse_known_quantized(sha256_file(path), label=label)
     shown = ", ".join(ops[:4]) + (" …" if len(ops) > 4 else "")
     sibling = _sibling(label, catalog)
     next_step = (

@@ -185,9 +185,13 @@ def import_model(
 ) -> ImportedModel:
     """Load, normalise, convert and check an ONNX classifier against onnxruntime."""
     from zoo.onnxfile import load_onnx
+    from zoo.quantized import refuse_quantized
 
     name = name or os.path.splitext(os.path.basename(os.fspath(onnx_path)))[0]
     model = load_onnx(onnx_path)
+    refuse_quantized(
+        model, label=name, path=onnx_path
+    )  # before its QLinear ops read as "custom operators"
     refuse_custom_domains(model, name)
     try:
         return _import_checked(
