@@ -213,6 +213,7 @@ def test_layout_channels_and_size_are_probed_and_overridable() -> None:
     assert (over.layout, over.channels, over.crop) == ("NCHW", 3, 16)
 
 
+@pytest.mark.slow
 def test_fetch_with_flags_records_a_user_entry_and_adapt_uses_it(tmp_path: Path) -> None:
     source = save(gemm_head(), tmp_path / "mine.onnx")
     models = tmp_path / "models"

@@ -310,7 +310,8 @@ def describe_entry(entry: ModelEntry) -> list[tuple[str, str]]:
     pre = entry.preprocess
     if pre is None:
         preprocessing = (
-            "unknown: the zoo does not document it (pass a private catalog entry to set it)"
+            "unknown: the zoo does not document it "
+            "(pass --preprocess or --mean/--std to zoo fetch or zoo adapt)"
         )
     else:
         preprocessing = (
