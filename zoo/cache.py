@@ -321,7 +321,7 @@ def fetch(
             present = _present(models_dir, plan, force=force)
             if present is not None:
                 return present
-            return _fetch_fresh(models_dir, plan, progress=progress)
+            return _fetch_fresh(models_dir, plan, catalog=catalog, progress=progress)
     except Timeout as exc:
         raise ZooError(
             f"another `zoo fetch` of {plan.name} has held {exc.lock_file} for {LOCK_TIMEOUT:.0f} s; "
@@ -337,7 +337,7 @@ def _trusted(plan: _Plan, sha256: str) -> bool:
     return bool(expected) and sha256 == expected.lower()
 
 
-def _fetch_fresh(models_dir: Path, plan: _Plan, *, progress: bool) -> FetchResult:
+def _fetch_fresh(models_dir: Path, plan: _Plan, *, catalog: Catalog, progress: bool) -> FetchResult:
     from zoo.onnxfile import load_onnx
 
     with disk_errors(models_dir):
@@ -355,12 +355,28 @@ def _fetch_fresh(models_dir: Path, plan: _Plan, *, progress: bool) -> FetchResul
                 f"the model taken from {source_url} has sha256 {actual}, expected {plan.sha256}; "
                 "the archive may have changed, pass --mirror DIR with a verified copy"
             )
-        load_onnx(staged)  # an HTML page, LFS pointer or garbage never gets a name
-        if not _trusted(plan, actual):
-            from zoo.sandbox import probe_in_child
-
-            # A file nobody vouched for opens in a child first: a crash there is a refusal here.
-            probe_in_child(staged)
+        model = load_onnx(staged)  # an HTML page, LFS pointer or garbage never gets a name
+        _check_opens(staged, model, plan, trusted=_trusted(plan, actual), catalog=catalog)
         return _install(models_dir, plan, staged, sha256=actual, source_url=source_url)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_opens(staged: Path, model: Any, plan: _Plan, *, trusted: bool, catalog: Catalog) -> None:
+    """Refuse a file onnxruntime cannot open, upgraded first when its opset is older than 7.
+
+    A file nobody vouched for opens in a child first: a crash there is a refusal here. The stored
+    file keeps its original bytes (its sha256 still matches the catalog); readers upgrade a copy.
+    """
+    from zoo.legacy import UnupgradableModel, needs_upgrade, refusal, upgrade_opset
+
+    old = needs_upgrade(model)
+    try:
+        if not trusted:
+            from zoo.sandbox import probe_in_child
+
+            probe_in_child(staged, upgrade=old)
+        elif old:
+            upgrade_opset(model)
+    except UnupgradableModel as exc:
+        raise refusal(exc, name=plan.name, entry=plan.entry, catalog=catalog) from exc
