@@ -122,6 +122,8 @@ def upgrade_opset(model: onnx.ModelProto, *, target: int = TARGET_OPSET) -> Upgr
     except Exception as exc:  # the converter raises bare RuntimeErrors from C++ assertions
         raise UnupgradableModel(opset, _converter_reason(exc)) from exc
     _drop_untyped_value_info(work)  # the converter leaves untyped entries for nodes it inserts
+    notes += _plain_softmax(work)
+    notes += _name_nodes(work)
     work.ir_version = max(
         work.ir_version, helper.find_min_ir_version_for([helper.make_opsetid("", target)])
     )
@@ -195,12 +197,16 @@ def _typed(value: onnx.ValueInfoProto) -> bool:
 
 
 def _inference_mode(model: onnx.ModelProto, opset: int) -> list[str]:
-    """Set is_test=1 on BatchNormalization/Dropout left in training mode, dropping training outputs."""
+    """Run BatchNormalization/Dropout as at inference: is_test=1, training-only outputs unused dropped.
+
+    Caffe2 wrote Dropout with its mask as a second output that nothing reads; onnx2torch converts
+    a Dropout with two outputs into something that no longer matches onnxruntime.
+    """
     if opset >= ORT_MIN_OPSET:
         return []
     used = {name for node in model.graph.node for name in node.input}
     used |= {value.name for value in model.graph.output}
-    changed = 0
+    to_inference = outputs_dropped = 0
     for node in model.graph.node:
         if (
             node.op_type not in ("BatchNormalization", "Dropout")
@@ -210,20 +216,113 @@ def _inference_mode(model: onnx.ModelProto, opset: int) -> list[str]:
         for attr in node.attribute:
             if attr.name == "is_test" and attr.i == 0:
                 attr.i = 1
-                changed += 1
-                if node.op_type == "BatchNormalization":
-                    # Running statistics and saved moments exist only in training mode.
-                    extra = [name for name in node.output[1:] if name in used]
-                    if extra:
-                        raise UnupgradableModel(
-                            opset, f"BatchNormalization in training mode feeds {extra[0]!r}"
-                        )
-                    del node.output[1:]
+                to_inference += 1
+        extra = [name for name in node.output[1:] if name in used]
+        if extra:
+            raise UnupgradableModel(
+                opset, f"{node.op_type} feeds its training-only output {extra[0]!r} to the graph"
+            )
+        if len(node.output) > 1:
+            del node.output[1:]
+            outputs_dropped += 1
+    notes = []
+    if to_inference:
+        notes.append(
+            f"{to_inference} training-mode node{'s' if to_inference > 1 else ''} set to inference"
+        )
+    if outputs_dropped:
+        notes.append(
+            f"unused training outputs of {outputs_dropped} node{'s' if outputs_dropped > 1 else ''} dropped"
+        )
+    return notes
+
+
+def _name_nodes(model: onnx.ModelProto) -> list[str]:
+    """Name unnamed nodes after their first output, as the old exporters did not name them.
+
+    Module names in the importer come from node names; "conv1_1" and "fire2_squeeze" show where a
+    layer sits, where the importer's fallbacks ("Conv_7") do not.
+    """
+    taken = {node.name for node in model.graph.node if node.name}
+    named = 0
+    for node in model.graph.node:
+        if node.name or not node.output or not node.output[0] or node.output[0] in taken:
+            continue
+        node.name = node.output[0]
+        taken.add(node.name)
+        named += 1
     return (
-        [f"{changed} training-mode node{'s' if changed > 1 else ''} set to inference"]
-        if changed
+        [f"{named} unnamed node{'s' if named > 1 else ''} named after their outputs"]
+        if named
         else []
     )
+
+
+def _plain_softmax(model: onnx.ModelProto) -> list[str]:
+    """Undo the converter's Flatten -> Softmax -> Reshape(Shape) where a plain Softmax is the same.
+
+    Before opset 13 Softmax(axis=a) flattened the axes from `a` on; the converter keeps that with
+    Shape/Flatten/Reshape around a last-axis Softmax. When every axis after `a` has size 1 (a 4-D
+    [N, K, 1, 1] SqueezeNet output), Softmax over axis `a` alone is the same and heads stay simple.
+    """
+    import onnx
+
+    graph = model.graph
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:
+        return []
+    shapes = {
+        value.name: [
+            d.dim_value if d.HasField("dim_value") else None
+            for d in value.type.tensor_type.shape.dim
+        ]
+        for value in [*inferred.input, *inferred.value_info, *inferred.output]
+        if value.type.tensor_type.HasField("shape")
+    }
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    removed: list[onnx.NodeProto] = []
+    simplified = 0
+    for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
+        flatten = producers.get(softmax.input[0])
+        users = consumers.get(softmax.output[0], [])
+        if flatten is None or flatten.op_type != "Flatten" or len(users) != 1:
+            continue
+        reshape = users[0]
+        shape_node = producers.get(reshape.input[1]) if len(reshape.input) > 1 else None
+        if reshape.op_type != "Reshape" or shape_node is None or shape_node.op_type != "Shape":
+            continue
+        source = flatten.input[0]
+        axis = next((a.i for a in flatten.attribute if a.name == "axis"), 1)
+        dims = shapes.get(source)
+        if (
+            shape_node.input[0] != source
+            or dims is None
+            or any(d != 1 for d in dims[axis % len(dims) + 1 :])
+        ):
+            continue
+        if (
+            len(consumers.get(flatten.output[0], [])) != 1
+            or len(consumers.get(shape_node.output[0], [])) != 1
+        ):
+            continue
+        softmax.input[0] = source
+        softmax.output[0] = reshape.output[0]
+        for attr in softmax.attribute:
+            if attr.name == "axis":
+                attr.i = axis
+        removed += [flatten, reshape, shape_node]
+        simplified += 1
+    if not simplified:
+        return []
+    kept = [node for node in graph.node if not any(node is r for r in removed)]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return [f"{simplified} Softmax over trailing 1x1 axes kept as one node"]
 
 
 def _broadcast_axes(model: onnx.ModelProto, opset: int) -> list[str]:

@@ -151,6 +151,7 @@ def check_fidelity(
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = min(2, os.cpu_count() or 1)
+    options.log_severity_level = 3  # an initializer normalisation left unused is no news to a user
     session = ort.InferenceSession(
         onnx_model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )

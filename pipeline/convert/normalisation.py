@@ -285,9 +285,11 @@ def _complete_shapes(model: onnx.ModelProto, notes: list[str]) -> None:
     for value in model.graph.input:
         dims = [d.dim_value if d.dim_value > 0 else 1 for d in value.type.tensor_type.shape.dim]
         feeds[value.name] = np.zeros(dims, dtype=np.float32)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # warnings about unused initializers are noise here
     try:
         session = ort.InferenceSession(
-            probe_model.SerializeToString(), providers=["CPUExecutionProvider"]
+            probe_model.SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
         results = session.run(missing, feeds)
     except Exception:  # shapes stay unknown; conversion reports what it cannot handle
