@@ -70,7 +70,9 @@ class _Graph:
             return {}
         return {"consumed_inputs": [1 if i in consumed else 0 for i in range(n_inputs)]}
 
-    def conv(self, x: str, out: str, cin: int, cout: int, k: int, *, bias: bool = True, group: int = 1) -> str:
+    def conv(
+        self, x: str, out: str, cin: int, cout: int, k: int, *, bias: bool = True, group: int = 1
+    ) -> str:
         w = self.weight(f"{out}_w", (cout, cin // group, k, k), fan_in=cin // group * k * k)
         inputs = [x, w] + ([self.weight(f"{out}_b", (cout,))] if bias else [])
         pad = k // 2
@@ -143,7 +145,9 @@ def _caffe(g: _Graph, size: int, classes: int) -> tuple[str, list[int]]:
 
 
 def _bn(g: _Graph, size: int, classes: int) -> tuple[str, list[int]]:
-    x = g.relu(g.batch_norm(g.conv("data_0", "conv1_1", 3, 8, 3, bias=False), "conv1_bn", 8), "conv1_2")
+    x = g.relu(
+        g.batch_norm(g.conv("data_0", "conv1_1", 3, 8, 3, bias=False), "conv1_bn", 8), "conv1_2"
+    )
     g.untyped.append(x)
     y = g.relu(g.batch_norm(g.conv(x, "res2_a", 8, 8, 3, bias=False), "res2_a_bn", 8), "res2_a_r")
     y = g.batch_norm(g.conv(y, "res2_b", 8, 8, 1, bias=False), "res2_b_bn", 8)
@@ -169,7 +173,9 @@ def _squeeze(g: _Graph, size: int, classes: int) -> tuple[str, list[int]]:
 
 
 def _shuffle(g: _Graph, size: int, classes: int) -> tuple[str, list[int]]:
-    x = g.relu(g.batch_norm(g.conv("data_0", "conv1", 3, 8, 3, bias=False), "conv1_bn", 8), "conv1_r")
+    x = g.relu(
+        g.batch_norm(g.conv("data_0", "conv1", 3, 8, 3, bias=False), "conv1_bn", 8), "conv1_r"
+    )
     y = g.batch_norm(g.conv(x, "gconv1", 8, 8, 1, bias=False, group=2), "gconv1_bn", 8)
     # Channel shuffle of 2 groups of 4, as Caffe2's ChannelShuffle was exported.
     y = g.reshape(y, "shuffle_5d", [1, 2, 4, size, size])
@@ -189,7 +195,9 @@ def _cntk(g: _Graph, size: int, classes: int) -> tuple[str, list[int]]:
     x = g.relu(x, "ReLU32")
     x = g.node("MaxPool", [x], "Pooling66", kernel_shape=[2, 2], strides=[2, 2], pads=[0, 0, 0, 0])
     g.untyped.append(x)
-    x = g.relu(g.bias_add(g.conv(x, "Convolution110", 8, 4, 5, bias=False), "Plus112", 4), "ReLU114")
+    x = g.relu(
+        g.bias_add(g.conv(x, "Convolution110", 8, 4, 5, bias=False), "Plus112", 4), "ReLU114"
+    )
     quarter = size // 2
     flat = 4 * quarter * quarter
     x = g.reshape(x, "Pooling160_reshape0", [1, flat])
@@ -211,7 +219,9 @@ def legacy_classifier(
     channels = 1 if kind == "cntk" else 3
     input_name = "Input3" if kind == "cntk" else "data_0"
     output, output_shape = _BODIES[kind](g, size, classes)
-    inputs = [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [1, channels, size, size])]
+    inputs = [
+        helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [1, channels, size, size])
+    ]
     if g.old:
         # IR version 3 lists every initializer as a graph input too.
         inputs += [

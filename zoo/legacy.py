@@ -337,8 +337,8 @@ def _broadcast_axes(model: onnx.ModelProto, opset: int) -> list[str]:
     from onnx import helper, numpy_helper
 
     candidates = [
-        node
-        for node in model.graph.node
+        (index, node)
+        for index, node in enumerate(model.graph.node)
         if node.op_type in _BROADCAST_OPS
         and node.domain in _ONNX_DOMAINS
         and any(a.name == "axis" for a in node.attribute)
@@ -350,7 +350,8 @@ def _broadcast_axes(model: onnx.ModelProto, opset: int) -> list[str]:
     initializers = {init.name: init for init in model.graph.initializer}
     uses = Counter(name for node in model.graph.node for name in node.input)
     reshaped = unsqueezed = 0
-    for node in candidates:
+    inserts: list[tuple[int, onnx.NodeProto]] = []
+    for index, node in candidates:
         axis = next(a.i for a in node.attribute if a.name == "axis")
         rank_a, rank_b = ranks.get(node.input[0]), ranks.get(node.input[1])
         if rank_a is None or rank_b is None:
@@ -373,10 +374,13 @@ def _broadcast_axes(model: onnx.ModelProto, opset: int) -> list[str]:
             continue
         aligned = f"{node.input[1]}__aligned{unsqueezed}"
         axes = list(range(rank_b, rank_b + trailing))
-        unsqueeze = helper.make_node("Unsqueeze", [node.input[1]], [aligned], axes=axes)
-        _insert_before(model, node, unsqueeze)
+        inserts.append(
+            (index, helper.make_node("Unsqueeze", [node.input[1]], [aligned], axes=axes))
+        )
         node.input[1] = aligned
         unsqueezed += 1
+    if inserts:
+        _insert_before(model, inserts)
     notes = []
     if reshaped:
         notes.append(
@@ -397,10 +401,15 @@ def _ranks(graph: onnx.GraphProto) -> dict[str, int]:
     return ranks
 
 
-def _insert_before(model: onnx.ModelProto, anchor: onnx.NodeProto, new: onnx.NodeProto) -> None:
-    nodes = list(model.graph.node)
-    index = next(i for i, node in enumerate(nodes) if node is anchor or node == anchor)
-    nodes.insert(index, new)
+def _insert_before(model: onnx.ModelProto, inserts: list[tuple[int, onnx.NodeProto]]) -> None:
+    """Put each new node just before the node at its index (the list is rebuilt once)."""
+    before: dict[int, list[onnx.NodeProto]] = {}
+    for index, new in inserts:
+        before.setdefault(index, []).append(new)
+    nodes = []
+    for index, node in enumerate(model.graph.node):
+        nodes += before.get(index, [])
+        nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
 
