@@ -381,7 +381,7 @@ def evaluate_file(
     from pipeline.features import ort_session, run_batches
     from pipeline.report import compute_metrics, plot_confusion
     from pipeline.sources import load_source
-    from zoo.onnxfile import load_onnx
+    from zoo.onnxfile import load_runnable
 
     onnx_path = Path(onnx_path)
     labels, preprocess, input_name = _labels_and_preprocess(onnx_path, catalog, preprocess)
@@ -394,7 +394,7 @@ def evaluate_file(
             f"the model's classes are {', '.join(labels[:10])}"
         )
     remap = [labels.index(name) for name in split.class_names]
-    session = ort_session(load_onnx(onnx_path))
+    session = ort_session(load_runnable(onnx_path))
     batches = (_images(samples[i : i + 64], preprocess) for i in range(0, len(samples), 64))
     scores = run_batches(session, input_name=input_name, batches=batches)
     truth = np.array([remap[s.label] for s in samples])

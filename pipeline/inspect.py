@@ -6,6 +6,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from zoo.legacy import ORT_MIN_OPSET
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -33,6 +35,15 @@ class InspectReport:
     fidelity: Fidelity | None
     num_params: int  # trainable parameters of the converted model, old head included
     notes: list[str] = field(default_factory=list)
+    opset: int = 0  # the file's own opset
+    upgraded_opset: int | None = None  # what onnxruntime and the importer saw, when it was older
+
+    def opset_line(self) -> str:
+        """E.g. "3 (upgraded to 13 for onnxruntime and the importer)"."""
+        if self.upgraded_opset is None:
+            return str(self.opset)
+        readers = "onnxruntime and the importer" if self.opset < ORT_MIN_OPSET else "the importer"
+        return f"{self.opset} (upgraded to {self.upgraded_opset} for {readers})"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for --json."""
@@ -44,6 +55,9 @@ class InspectReport:
             "fidelity": asdict(self.fidelity) if self.fidelity else None,
             "num_params": self.num_params,
             "notes": list(self.notes),
+            "opset": self.opset,
+            "upgraded_opset": self.upgraded_opset,
+            "opset_line": self.opset_line(),
         }
 
 
@@ -52,6 +66,7 @@ def inspect_model(onnx_path: str | os.PathLike[str], *, name: str | None = None)
     from pipeline.convert import import_model
     from pipeline.probe import head_kind
     from pipeline.surgery import discover_blocks, replace_head
+    from zoo.legacy import default_opset
 
     imported = import_model(onnx_path, name=name)
     # A throw-away head only to cut the backbone; blocks are counted on the adapted backbone.
@@ -68,7 +83,13 @@ def inspect_model(onnx_path: str | os.PathLike[str], *, name: str | None = None)
         fidelity=imported.fidelity,
         num_params=sum(p.numel() for p in imported.module.parameters() if p.requires_grad),
         notes=list(imported.notes),
+        opset=imported.source_opset,
+        upgraded_opset=_upgraded_to(imported.source_opset, default_opset(imported.onnx_model)),
     )
+
+
+def _upgraded_to(source: int, seen: int) -> int | None:
+    return seen if source and seen != source else None
 
 
 def render(report: InspectReport, console: Console) -> None:
@@ -80,6 +101,7 @@ def render(report: InspectReport, console: Console) -> None:
     summary.add_column("field", style="bold")
     summary.add_column("value")
     height, width = probe.input_size
+    summary.add_row("opset", report.opset_line())
     summary.add_row("input", f"{probe.input_name} {probe.layout} {probe.channels}x{height}x{width}")
     summary.add_row("batch", "dynamic" if probe.dynamic_batch else "fixed")
     summary.add_row(

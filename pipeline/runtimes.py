@@ -28,9 +28,12 @@ CHUNK = 64  # the largest batch handed to either engine at once, to bound memory
 def create_session(onnx_path: str | Path, provider: str) -> Any:
     """An onnxruntime session that really runs on `provider`; NotFound says why not.
 
-    A file that even the CPU provider cannot load raises InvalidModelFile instead.
+    A file that even the CPU provider cannot load raises InvalidModelFile instead. A file older than
+    opset 7 runs as its upgraded copy (zoo.legacy), as everywhere else.
     """
     import onnxruntime as ort
+
+    from zoo.onnxfile import runnable_source
 
     if provider not in ort.get_available_providers():
         raise NotFound(f"{provider} is not in this onnxruntime build; use CPUExecutionProvider")
@@ -41,9 +44,10 @@ def create_session(onnx_path: str | Path, provider: str) -> Any:
     if provider != "CUDAExecutionProvider":
         candidates = [provider]
     last_error: Exception | None = None
+    source = runnable_source(onnx_path)
     for candidate in candidates:
         try:
-            session = ort.InferenceSession(str(onnx_path), options, providers=[candidate])
+            session = ort.InferenceSession(source, options, providers=[candidate])
         except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
             if provider == "CPUExecutionProvider":
                 message = " ".join(str(exc).split())[:300]
@@ -186,6 +190,8 @@ def check_runtime_opencv(onnx_path: str | Path, inputs: VerifyInputs) -> Runtime
     """Load the file with cv2.dnn, run it, and compare its top-1 with onnxruntime on the CPU."""
     import cv2
 
+    from zoo.onnxfile import runnable_source
+
     batch = inputs.all_inputs
     logging = cv2.utils.logging
     level = logging.getLogLevel()
@@ -193,7 +199,10 @@ def check_runtime_opencv(onnx_path: str | Path, inputs: VerifyInputs) -> Runtime
     logging.setLogLevel(logging.LOG_LEVEL_SILENT)
     loaded = False
     try:
-        net = cv2.dnn.readNetFromONNX(str(onnx_path))
+        source = runnable_source(onnx_path)  # an opset-1..6 file is read upgraded, as by onnxruntime
+        net = cv2.dnn.readNetFromONNX(
+            source if isinstance(source, str) else np.frombuffer(source, dtype=np.uint8)
+        )
         loaded = True
         names = list(net.getUnconnectedOutLayersNames())
         net.setInput(batch)

@@ -498,11 +498,9 @@ def _fetch_fresh(
                 return _restated(models_dir, present, identified, request, catalog=catalog)
         model = load_onnx(staged)  # an HTML page, LFS pointer or garbage never gets a name
         refuse_quantized(model, label=label, sha256=actual, catalog=catalog)
-        if not _trusted(identified, actual):
-            from zoo.sandbox import probe_in_child
-
-            # A file nobody vouched for opens in a child first: a crash there is a refusal here.
-            probe_in_child(staged)
+        _check_opens(
+            staged, model, identified, trusted=_trusted(identified, actual), catalog=catalog
+        )
         entry = _card_entry(identified, model, sha256=actual, size=staged.stat().st_size, request=request)  # fmt: skip
         return _install(
             models_dir, identified, staged, sha256=actual, source_url=source_url, entry=entry
@@ -520,3 +518,23 @@ def _card_entry(
     return fetched_entry(
         plan.entry, model, name=plan.name, sha256=sha256, size=size, request=request
     )
+
+
+def _check_opens(staged: Path, model: Any, plan: _Plan, *, trusted: bool, catalog: Catalog) -> None:
+    """Refuse a file onnxruntime cannot open, upgraded first when its opset is older than 7.
+
+    A file nobody vouched for opens in a child first: a crash there is a refusal here. The stored
+    file keeps its original bytes (its sha256 still matches the catalog); readers upgrade a copy.
+    """
+    from zoo.legacy import UnupgradableModel, needs_upgrade, refusal, upgrade_opset
+
+    old = needs_upgrade(model)
+    try:
+        if not trusted:
+            from zoo.sandbox import probe_in_child
+
+            probe_in_child(staged, upgrade=old)
+        elif old:
+            upgrade_opset(model)
+    except UnupgradableModel as exc:
+        raise refusal(exc, name=plan.name, entry=plan.entry, catalog=catalog) from exc

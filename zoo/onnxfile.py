@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from zoo.errors import InvalidModelFile, UnsafeFile
 
@@ -149,3 +149,71 @@ def load_onnx(path: str | os.PathLike[str], *, load_external_data: bool = True) 
 
         load_external_data_for_model(model, str(path.parent))
     return model
+
+
+def _varint(handle: BinaryIO) -> int | None:
+    value = shift = 0
+    while True:
+        byte = handle.read(1)
+        if not byte:
+            return None
+        value |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return value
+        shift += 7
+        if shift > 63:
+            return None
+
+
+def declared_opset(path: str | os.PathLike[str]) -> int | None:
+    """The standard-domain opset a model file declares, read without parsing its graph.
+
+    Walks ModelProto's top-level fields and skips the graph's bytes, so asking costs no more for
+    a 500 MB file than for a small one. None when the file is not a readable model.
+    """
+    from onnx import OperatorSetIdProto
+
+    opset_field, lengths, fixed = 8, 2, {0: 0, 1: 8, 5: 4}
+    try:
+        with open(path, "rb") as handle:
+            while (tag := _varint(handle)) is not None:
+                field, wire = tag >> 3, tag & 7
+                if wire == lengths:
+                    size = _varint(handle)
+                    if size is None:
+                        return None
+                    if field == opset_field:
+                        entry = OperatorSetIdProto.FromString(handle.read(size))
+                        if entry.domain in ("", "ai.onnx"):
+                            return entry.version
+                    else:
+                        handle.seek(size, os.SEEK_CUR)
+                elif wire == 0:
+                    if _varint(handle) is None:
+                        return None
+                elif wire in fixed:
+                    handle.seek(fixed[wire], os.SEEK_CUR)
+                else:
+                    return None
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def load_runnable(
+    path: str | os.PathLike[str], *, load_external_data: bool = True
+) -> onnx.ModelProto:
+    """`load_onnx`, upgraded to an opset onnxruntime runs when the file is older (see zoo.legacy)."""
+    from zoo.legacy import runnable
+
+    return runnable(load_onnx(path, load_external_data=load_external_data))
+
+
+def runnable_source(path: str | os.PathLike[str]) -> str | bytes:
+    """What to hand onnxruntime for a file: its path, or its upgraded bytes when its opset is old."""
+    from zoo.legacy import ORT_MIN_OPSET
+
+    opset = declared_opset(path)
+    if opset is None or opset >= ORT_MIN_OPSET:
+        return os.fspath(path)  # onnxruntime says itself what is wrong with an unreadable file
+    return load_runnable(path).SerializeToString()

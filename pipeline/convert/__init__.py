@@ -23,6 +23,7 @@ from pipeline.convert.normalisation import (
     weight_initializers,
 )
 from zoo.errors import ImportFidelityError, UnsupportedModel, ZooError
+from zoo.legacy import UnupgradableModel, default_opset, refusal
 
 if TYPE_CHECKING:
     import numpy as np
@@ -73,6 +74,7 @@ class ImportedModel:
     fidelity: Fidelity | None
     notes: list[str] = field(default_factory=list)
     name: str = "model"
+    source_opset: int = 0  # the file's own opset; onnx_model is at TARGET_OPSET when it was older
 
 
 def _buffers_to_parameters(module: fx.GraphModule, onnx_model: onnx.ModelProto) -> int:
@@ -149,6 +151,7 @@ def check_fidelity(
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = min(2, os.cpu_count() or 1)
+    options.log_severity_level = 3  # an initializer normalisation left unused is no news to a user
     session = ort.InferenceSession(
         onnx_model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
@@ -197,6 +200,8 @@ def import_model(
         return _import_checked(
             model, name=name, check_fidelity=check_fidelity, sample_inputs=sample_inputs
         )
+    except UnupgradableModel as exc:
+        raise refusal(exc, name=name) from exc
     except ZooError:
         raise
     except (
@@ -231,7 +236,9 @@ def _import_checked(
                 f"model {name!r} converts with a max difference of {fidelity.max_abs:.3g} from onnxruntime "
                 f"(tolerance {FIDELITY_TOLERANCE:g}); report it and pick another model or opset"
             )
-    return ImportedModel(module, normalised, found, fidelity, notes, name)
+    return ImportedModel(
+        module, normalised, found, fidelity, notes, name, source_opset=default_opset(model)
+    )
 
 
 def _measure(

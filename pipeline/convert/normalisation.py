@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from zoo.errors import UnsupportedModel
+from zoo.legacy import TARGET_OPSET
 
 if TYPE_CHECKING:
     import onnx
 
 ONNX_DOMAINS = ("", "ai.onnx")
-# onnx2torch documents opsets 9-16 as tested and recommends 13: older files are upgraded to it.
-TARGET_OPSET = 13
+# onnx2torch documents opsets 9-16 as tested and recommends 13 (zoo.legacy.TARGET_OPSET): older
+# files are upgraded to it.
 MIN_CONVERTIBLE_OPSET = 9
 BATCH_DIM_PARAM = "batch"
 # Inputs of these ops are configuration (shapes, scales, clip bounds), never trainable weights.
@@ -88,22 +89,20 @@ def refuse_custom_domains(model: onnx.ModelProto, name: str) -> None:
 
 
 def _upgrade_opset(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
-    """Upgrade opset-7/8 files whose BatchNormalization/Gemm/Dropout/Flatten versions onnx2torch lacks."""
-    from onnx import version_converter
+    """Upgrade to TARGET_OPSET files older than onnx2torch takes or with op versions it lacks.
+
+    Opset 1-6 files (old idioms, no onnxruntime kernels) and opset-7/8 files (BatchNormalization-7,
+    Gemm-7, Dropout-7, Flatten-1) go through the one upgrade path, `zoo.legacy.upgrade_opset`.
+    """
+    from zoo.legacy import upgrade_opset
 
     opset = _opset(model)
     if opset >= MIN_CONVERTIBLE_OPSET and not unconvertible_ops(model):
         return model
-    if opset >= TARGET_OPSET:
-        return model
-    try:
-        upgraded = version_converter.convert_version(model, TARGET_OPSET)
-    except Exception as exc:  # the converter raises bare RuntimeErrors from C++
-        raise UnsupportedModel(
-            f"opset {opset} could not be upgraded to {TARGET_OPSET} ({exc}); pick a newer opset of this model"
-        ) from exc
-    notes.append(f"upgraded opset {opset} to {TARGET_OPSET}")
-    return upgraded
+    upgrade = upgrade_opset(model, target=TARGET_OPSET)
+    if upgrade.upgraded:
+        notes.append(upgrade.summary())
+    return upgrade.model
 
 
 def _fold_constants(model: onnx.ModelProto, notes: list[str]) -> None:
@@ -286,9 +285,11 @@ def _complete_shapes(model: onnx.ModelProto, notes: list[str]) -> None:
     for value in model.graph.input:
         dims = [d.dim_value if d.dim_value > 0 else 1 for d in value.type.tensor_type.shape.dim]
         feeds[value.name] = np.zeros(dims, dtype=np.float32)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # warnings about unused initializers are noise here
     try:
         session = ort.InferenceSession(
-            probe_model.SerializeToString(), providers=["CPUExecutionProvider"]
+            probe_model.SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
         results = session.run(missing, feeds)
     except Exception:  # shapes stay unknown; conversion reports what it cannot handle
