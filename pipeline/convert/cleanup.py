@@ -9,6 +9,7 @@ the constants and drops the no-op nodes; only what onnxslim lacks is written her
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -65,10 +66,9 @@ def to_float32(model: onnx.ModelProto, notes: list[str]) -> None:
             if attr.name == DTYPE_ATTRS.get(node.op_type) and attr.i in floats:
                 attr.i = TensorProto.FLOAT
                 n_nodes += 1
-            elif node.op_type in ("Constant", "ConstantOfShape") and attr.name == "value":
-                if attr.t.data_type in floats:
-                    _tensor_to_float32(attr.t)
-                    n_nodes += 1
+            elif attr.name == "value" and attr.t.data_type in floats:  # Constant, ConstantOfShape
+                _tensor_to_float32(attr.t)
+                n_nodes += 1
     for value in list(graph.value_info) + list(graph.output):
         if value.type.tensor_type.elem_type in floats:
             value.type.tensor_type.elem_type = TensorProto.FLOAT
@@ -113,7 +113,7 @@ def fold_and_prune(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto 
     import onnx
     import onnxslim
 
-    before = len(model.graph.node)
+    before = Counter(node.op_type for node in model.graph.node)
     try:
         typed = onnx.shape_inference.infer_shapes(model)  # Cast elimination needs element types
         slimmed = onnxslim.slim(typed, skip_optimizations=SLIM_SKIPPED, no_shape_infer=True)
@@ -127,11 +127,10 @@ def fold_and_prune(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto 
     slimmed.graph.value_info.extend(kept)
     del slimmed.metadata_props[:]
     slimmed.metadata_props.extend(model.metadata_props)
-    removed = before - len(slimmed.graph.node)
+    removed = before - Counter(node.op_type for node in slimmed.graph.node)
     if removed:
-        notes.append(
-            f"folded constant weights and removed no-op nodes ({before} -> {len(slimmed.graph.node)} nodes)"
-        )
+        listed = ", ".join(f"{count} {op}" for op, count in sorted(removed.items()))
+        notes.append(f"folded constants and removed no-op nodes ({listed})")
     return slimmed
 
 
