@@ -327,7 +327,7 @@ def predict(
     import numpy as np
 
     from pipeline.images import open_image, preprocess_image
-    from pipeline.runtimes import create_session
+    from pipeline.runtimes import as_input_type, create_session, session_input_type
 
     onnx_path = Path(onnx_path)
     labels, preprocess, input_name = _labels_and_preprocess(onnx_path, catalog, preprocess)
@@ -351,7 +351,9 @@ def predict(
             continue
         outputs = dict(
             zip(
-                output_names, session.run(None, {input_name: batch.astype(np.float32)}), strict=True
+                output_names,
+                session.run(None, {input_name: as_input_type(batch, session_input_type(session))}),
+                strict=True,
             )
         )
         if "probs" in outputs:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.runtimes import as_input_type
 from pipeline.verify import VerifyInputs, VerifyReport, eval_on_cpu
 from pipeline.verify import verify as run_gate
 from zoo.catalog import Preprocess
@@ -174,7 +175,7 @@ class _WithProbs:
     """Builds the export wrapper lazily so importing this module does not import torch."""
 
     @staticmethod
-    def wrap(model: torch.nn.Module) -> torch.nn.Module:
+    def wrap(model: torch.nn.Module, *, cast_input: bool = False) -> torch.nn.Module:
         import torch
 
         class WithProbs(torch.nn.Module):
@@ -183,6 +184,10 @@ class _WithProbs:
                 self.inner = inner
 
             def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                if (
+                    cast_input
+                ):  # the file keeps its source's uint8/float64 input; torch computes in float32
+                    x = x.to(torch.float32)
                 logits = torch.flatten(self.inner(x), 1)  # 4-D [B,N,1,1] heads become [B,N]
                 return logits, torch.softmax(logits, dim=1)
 
@@ -205,18 +210,21 @@ def _let_onnx2torch_see_the_opset() -> None:
     helper.GLOBALS = GLOBALS
 
 
-def _torch_export(model: torch.nn.Module, path: Path, *, input_name: str, input_shape: tuple[int, ...], opset: int) -> None:  # fmt: skip
+def _torch_export(model: torch.nn.Module, path: Path, *, input_name: str, input_shape: tuple[int, ...], opset: int, input_type: str = "float32") -> None:  # fmt: skip
+    import numpy as np
     import torch
 
     _let_onnx2torch_see_the_opset()
 
-    dummy = torch.randn(1, *input_shape)
+    dummy = torch.from_numpy(
+        as_input_type(np.random.default_rng(0).uniform(0, 255, (1, *input_shape)), input_type)
+    )
     dynamic = {name: {0: "batch"} for name in (input_name, *OUTPUT_NAMES)}
     with warnings.catch_warnings():
         # The legacy exporter warns that it is legacy; dynamo needs onnxscript, which we do not ship.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _WithProbs.wrap(model),
+            _WithProbs.wrap(model, cast_input=input_type != "float32"),
             (dummy,),
             str(path),
             input_names=[input_name],
@@ -265,8 +273,15 @@ def export_model(
     rtol: float = 1e-3,
     verify: bool = True,
     external_data_threshold_bytes: int = EXTERNAL_DATA_THRESHOLD,
+    input_type: str | None = None,
 ) -> ExportResult:
-    """Export `model` (input -> logits) to `out_path` with logits+probs outputs, metadata and the gate."""
+    """Export `model` (input -> logits) to `out_path` with logits+probs outputs, metadata and the gate.
+
+    The input keeps `input_type` (default: the element type of the model's source file, from its
+    probe), so a file that took uint8 or float64 images still does, with a Cast inside.
+    """
+    if input_type is None:
+        input_type = getattr(getattr(model, "probe", None), "input_type", "float32")
     if layout not in ("NCHW", "NHWC"):
         raise ValueError(f"layout must be NCHW or NHWC, not {layout!r}")
     shape = tuple(int(d) for d in input_shape)
@@ -283,7 +298,7 @@ def export_model(
     work.mkdir()
     notes: list[str] = []
     try:
-        graph, slimmed = _build_graph(model, work, input_name=input_name, input_shape=shape, opset=opset, notes=notes)  # fmt: skip
+        graph, slimmed = _build_graph(model, work, input_name=input_name, input_shape=shape, opset=opset, notes=notes, input_type=input_type)  # fmt: skip
         num_classes = graph.graph.output[0].type.tensor_type.shape.dim[1].dim_value
         labels = metadata.get("labels") or metadata.get(PREFIX + "labels")
         if labels is not None and len(labels) != num_classes:
@@ -336,13 +351,14 @@ def _build_graph(
     input_shape: tuple[int, ...],
     opset: int,
     notes: list[str],
+    input_type: str = "float32",
 ) -> tuple[onnx.ModelProto, bool]:
     """Trace the model with a probs output, then simplify; returns the graph and whether slim worked."""
     import onnx
 
     with eval_on_cpu(model):
         try:
-            _torch_export(model, work / "raw.onnx", input_name=input_name, input_shape=input_shape, opset=opset)  # fmt: skip
+            _torch_export(model, work / "raw.onnx", input_name=input_name, input_shape=input_shape, opset=opset, input_type=input_type)  # fmt: skip
         except Exception as exc:
             raise UnsupportedModel(
                 f"torch.onnx.export failed at opset {opset} ({type(exc).__name__}: {str(exc)[:300]}); "

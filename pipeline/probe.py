@@ -6,17 +6,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from pipeline.convert.cleanup import source_input_type
 from zoo.errors import UnsupportedModel
 
 if TYPE_CHECKING:
     import onnx
 
 DEFAULT_SIZE = 224
-# Ops that may follow the classifier without changing which class wins (pooling, reshapes, activations).
-TRAILING_OPS = frozenset(
-    {"Softmax", "LogSoftmax", "Relu", "Flatten", "Reshape", "Squeeze", "Identity", "Dropout"}
-    | {"GlobalAveragePool", "AveragePool", "ReduceMean"}
+# Ops that pass a tensor on without computing anything a head cares about (type, shape, axis order).
+PASSTHROUGH_OPS = frozenset(
+    {"Identity", "Dropout", "Cast", "Transpose", "Flatten", "Reshape", "Squeeze", "Unsqueeze"}
 )
+# Ops that may follow the classifier without changing which class wins (pooling, reshapes, activations).
+TRAILING_OPS = PASSTHROUGH_OPS | {"Softmax", "LogSoftmax", "Relu"} | {"GlobalAveragePool", "AveragePool", "ReduceMean"}  # fmt: skip
 OUTPUT_KINDS = ("logits", "probabilities", "relu_scores")
 
 
@@ -82,6 +84,9 @@ class ProbeResult:
     feature_dim: int  # channels of the feature tensor, e.g. 1280 for EfficientNet-Lite0
     num_classes: int  # classes of the old head
     dynamic_batch: bool  # whether the graph input's batch dimension is free
+    # Element type the source file declares for its input (numpy name): a uint8 or float64 input is
+    # imported as float32 and declared again by the export, with a Cast inside.
+    input_type: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for JSON."""
@@ -145,6 +150,9 @@ def _match_matmul(index: GraphIndex, node: onnx.NodeProto) -> HeadMatch | None:
         if len(computed) != 1 or computed[0] not in index.producer:
             return None
         node = index.producer[computed[0]]
+        while node.op_type in ("Cast", "Identity") and node.input[0] in index.producer:
+            nodes.insert(0, node)  # a Cast between MatMul and Add belongs to the old head
+            node = index.producer[node.input[0]]
         nodes.insert(0, node)
     if node.op_type != "MatMul":
         return None
@@ -166,9 +174,14 @@ def _match_conv(index: GraphIndex, node: onnx.NodeProto) -> HeadMatch | None:
 
 def _input_layout(index: GraphIndex, name: str, dims: list[int | str]) -> str:
     """NHWC when the last axis looks like channels or a leading Transpose moves it to NCHW."""
-    for node in index.consumers.get(name, []):
-        if node.op_type == "Transpose" and list(_attr(node, "perm", [])) == [0, 3, 1, 2]:
-            return "NHWC"
+    pending, seen = [name], set()
+    while pending:  # through Casts and Identities: uint8 inputs are cast before the Transpose
+        for node in index.consumers.get(pending.pop(), []):
+            if node.op_type == "Transpose" and list(_attr(node, "perm", [])) == [0, 3, 1, 2]:
+                return "NHWC"
+            if node.op_type in ("Cast", "Identity") and node.output[0] not in seen:
+                seen.add(node.output[0])
+                pending.append(node.output[0])
     if len(dims) == 4 and dims[3] in (1, 3) and dims[1] not in (1, 3):
         return "NHWC"
     return "NCHW"
@@ -224,11 +237,16 @@ def probe(model_or_imported: Any) -> ProbeResult:
         feature_dim=int(found.feature_dim),
         num_classes=int(found.num_classes),
         dynamic_batch=not isinstance(dims[0], int) or dims[0] == 0,
+        input_type=source_input_type(model),
     )
 
 
 def _walk_back(index: GraphIndex, output_name: str) -> tuple[onnx.NodeProto, str]:
-    """Skip trailing softmax/ReLU/pool/flatten nodes from the output to the last scoring node."""
+    """Skip trailing softmax/ReLU/pool/reshape/transpose/cast nodes from the output to the last scoring node.
+
+    A Softmax on any axis makes the output probabilities; a LogSoftmax gives log-probabilities,
+    which are logits as far as the arg-max and a softmax go.
+    """
     kind = "logits"
     name = output_name
     while True:
@@ -239,7 +257,7 @@ def _walk_back(index: GraphIndex, output_name: str) -> tuple[onnx.NodeProto, str
             )
         if node.op_type not in TRAILING_OPS:
             return node, kind
-        if node.op_type in ("Softmax", "LogSoftmax") and kind == "logits":
+        if node.op_type == "Softmax" and kind == "logits":
             kind = "probabilities"
         elif node.op_type == "Relu" and kind == "logits":
             kind = "relu_scores"

@@ -92,9 +92,29 @@ def default_providers(onnx_path: str | Path) -> tuple[list[str], dict[str, str]]
     return providers, skipped
 
 
+# onnxruntime's names of element types that numpy spells differently.
+_ORT_TYPE_NAMES = {"float": "float32", "double": "float64"}
+
+
+def session_input_type(session: Any) -> str:
+    """The numpy name of the element type a session's first input takes, e.g. 'float32', 'uint8'."""
+    name = session.get_inputs()[0].type.removeprefix("tensor(").removesuffix(")")
+    return _ORT_TYPE_NAMES.get(name, name)
+
+
+def as_input_type(values: np.ndarray, dtype: str) -> np.ndarray:
+    """`values` in the element type a file declares for its input; integers are rounded and clipped."""
+    target = np.dtype(dtype)
+    if target.kind in "iu":
+        info = np.iinfo(target)
+        return np.clip(np.rint(values), info.min, info.max).astype(target)
+    return np.asarray(values).astype(target, copy=False)
+
+
 def run_session(session: Any, inputs: np.ndarray) -> dict[str, np.ndarray]:
     """All outputs of `session` by name, at batch 1 for the first few inputs and batch N for all."""
     input_name = session.get_inputs()[0].name
+    inputs = as_input_type(inputs, session_input_type(session))  # a uint8/float64 input included
     names = [o.name for o in session.get_outputs()]
     chunks: list[list[np.ndarray]] = []
     for start in range(0, len(inputs), CHUNK):

@@ -19,6 +19,7 @@ import numpy as np
 from pipeline.runtimes import (
     CHUNK,
     RuntimeReport,
+    as_input_type,
     create_session,
     default_providers,
     logits_of,
@@ -313,8 +314,12 @@ def verify(
     rtol: float = 1e-3,
     providers: Sequence[str] | None = None,
 ) -> VerifyReport:
-    """Compare `torch_model` with the ONNX file on `inputs` for each usable onnxruntime provider."""
-    batch = inputs.all_inputs
+    """Compare `torch_model` with the ONNX file on `inputs` for each usable onnxruntime provider.
+
+    A file whose input is not float32 (uint8, float16, float64) gets the inputs in its type, and
+    torch the same values, so that both engines see one input.
+    """
+    batch = as_input_type(inputs.all_inputs, _file_input_type(onnx_path)).astype(np.float32)
     reference = torch_logits(torch_model, batch).astype(np.float64)
     labels = None if inputs.labels is None else inputs.labels[: inputs.n_images]
     if providers is None:
@@ -344,6 +349,19 @@ def verify(
     return VerifyReport(
         onnx_path=str(onnx_path), atol=atol, rtol=rtol, results=results, skipped=skipped
     )
+
+
+def _file_input_type(onnx_path: str | Path) -> str:
+    """The numpy name of the element type the file's first input declares ('float32' if unreadable)."""
+    import onnx
+
+    from pipeline.convert.cleanup import type_name
+
+    try:
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+        return type_name(graph.input[0].type.tensor_type.elem_type)
+    except Exception:  # an unreadable file fails later, in onnxruntime, with its own message
+        return "float32"
 
 
 @dataclass

@@ -309,6 +309,124 @@ def custom_domain() -> onnx.ModelProto:
     )
 
 
+def nhwc_cast_chain() -> onnx.ModelProto:
+    """NHWC input and a MatMul+Add+Softmax head behind chains of Casts, as a PyTorch export of a
+    third-party classifier has them (float -> float16 -> float included)."""
+    nodes, inits, features = backbone_nodes("nchw")
+    nodes.insert(
+        0, helper.make_node("Transpose", ["input"], ["nchw"], name="/Transpose", perm=[0, 3, 1, 2])
+    )
+    nodes += _pooled(features)
+
+    def cast(source: str, target: str, to: int, index: int) -> onnx.NodeProto:
+        return helper.make_node("Cast", [source], [target], name=f"/Cast_{index}", to=to)
+
+    nodes += [
+        cast("flat", "flat_c0", TensorProto.FLOAT, 300),
+        cast("flat_c0", "flat_c1", TensorProto.FLOAT16, 301),
+        cast("flat_c1", "flat_c2", TensorProto.FLOAT, 302),
+        helper.make_node("MatMul", ["flat_c2", "fc.w"], ["mm"], name="/fc/MatMul"),
+        cast("mm", "mm_c", TensorProto.FLOAT, 305),
+        helper.make_node("Add", ["mm_c", "fc.b"], ["logits"], name="/fc/Add"),
+        helper.make_node("Softmax", ["logits"], ["probs"], name="/Softmax", axis=-1),
+        cast("probs", "probs_c", TensorProto.FLOAT, 307),
+        cast("probs_c", "output", TensorProto.FLOAT, 308),
+    ]
+    inits += [_init("fc.w", (6, NUM_CLASSES), seed=11), _init("fc.b", (NUM_CLASSES,), seed=12)]
+    return make_model(
+        nodes,
+        inits,
+        input_shape=["batch", SIZE, SIZE, CHANNELS],
+        output_shape=["batch", NUM_CLASSES],
+        input_name="input",
+        output_name="output",
+    )
+
+
+def softmax_4d_transposed() -> onnx.ModelProto:
+    """A 1x1 Conv head with a 4-D [N, C, 1, 1] Softmax output that an export wrapped in Transposes."""
+    nodes, inits, features = backbone_nodes()
+    nodes += [
+        helper.make_node("GlobalAveragePool", [features], ["pooled"], name="pool/GAP"),
+        helper.make_node(
+            "Conv", ["pooled", "cls.w", "cls.b"], ["cls"], name="cls/Conv", kernel_shape=[1, 1]
+        ),
+        helper.make_node("Transpose", ["cls"], ["nhwc"], name="to_nhwc", perm=[0, 2, 3, 1]),
+        helper.make_node("Softmax", ["nhwc"], ["soft"], name="softmax", axis=3),
+        helper.make_node("Transpose", ["soft"], ["scores"], name="to_nchw", perm=[0, 3, 1, 2]),
+    ]
+    inits += [
+        _init("cls.w", (NUM_CLASSES, 6, 1, 1), seed=13),
+        _init("cls.b", (NUM_CLASSES,), seed=14),
+    ]
+    return make_model(
+        nodes,
+        inits,
+        input_shape=["N", CHANNELS, SIZE, SIZE],
+        output_shape=["N", NUM_CLASSES, 1, 1],
+    )
+
+
+def reshaped_matmul_weight() -> onnx.ModelProto:
+    """CNTK style (the zoo's mnist-8): SAME auto_pad, a fixed batch of 1, a MatMul weight computed by a
+    Reshape of an initializer, a [1, N] bias, initializers listed as inputs, IR version 3."""
+    nodes, inits, features = backbone_nodes()
+    stem = nodes[0]
+    kept = [attr for attr in stem.attribute if attr.name != "pads"]
+    del stem.attribute[:]
+    stem.attribute.extend([*kept, helper.make_attribute("auto_pad", "SAME_UPPER")])
+    nodes += [
+        helper.make_node("GlobalAveragePool", [features], ["pooled"], name="pool/GAP"),
+        helper.make_node("Reshape", ["pooled", "flat_shape"], ["flat"], name="Times_reshape0"),
+        helper.make_node("Reshape", ["fc.w4d", "fc.w_shape"], ["fc.w"], name="Times_reshape1"),
+        helper.make_node("MatMul", ["flat", "fc.w"], ["mm"], name="Times"),
+        helper.make_node("Add", ["mm", "fc.b"], ["scores"], name="Plus"),
+    ]
+    inits += [
+        _ints("flat_shape", [1, 6]),
+        _init("fc.w4d", (6, 1, 1, NUM_CLASSES), seed=11),
+        _ints("fc.w_shape", [6, NUM_CLASSES]),
+        _init("fc.b", (1, NUM_CLASSES), seed=12),
+    ]
+    model = make_model(
+        nodes, inits, input_shape=[1, CHANNELS, SIZE, SIZE], output_shape=[1, NUM_CLASSES], opset=8
+    )
+    for init in inits:  # old exporters list every initializer as a graph input too
+        model.graph.input.append(
+            helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+        )
+    model.ir_version = 3
+    return model
+
+
+def mixed_precision(input_type: int = TensorProto.DOUBLE) -> onnx.ModelProto:
+    """An input of another type (float64, uint8) cast to float, a bias stored in float64 and cast,
+    and a head computed in float16 (Cast to float16, fp16 weights, Cast back)."""
+    nodes, inits, features = backbone_nodes("image_f")
+    nodes.insert(0, helper.make_node("Cast", ["image"], ["image_f"], name="cast_in", to=1))
+    bias = next(init for init in inits if init.name == "s1.b")
+    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias).astype(np.float64), "s1.b64"))
+    nodes.insert(0, helper.make_node("Cast", ["s1.b64"], ["s1.b"], name="cast_bias", to=1))
+    nodes += _pooled(features)
+    half = TensorProto.FLOAT16
+    nodes += [
+        helper.make_node("Cast", ["flat"], ["flat16"], name="to_half", to=half),
+        helper.make_node("MatMul", ["flat16", "fc.w"], ["mm"], name="fc/MatMul"),
+        helper.make_node("Add", ["mm", "fc.b"], ["logits16"], name="fc/Add"),
+        helper.make_node("Cast", ["logits16"], ["scores"], name="to_float", to=1),
+    ]
+    inits += [
+        numpy_helper.from_array(numpy_helper.to_array(_init("fc.w", (6, NUM_CLASSES), seed=11)).astype(np.float16), "fc.w"),  # fmt: skip
+        numpy_helper.from_array(numpy_helper.to_array(_init("fc.b", (NUM_CLASSES,), seed=12)).astype(np.float16), "fc.b"),  # fmt: skip
+    ]
+    model = make_model(
+        nodes, inits, input_shape=["N", CHANNELS, SIZE, SIZE], output_shape=["N", NUM_CLASSES]
+    )
+    model.graph.input[0].type.tensor_type.elem_type = input_type
+    onnx.checker.check_model(model)
+    return model
+
+
 # name -> (builder, head kind, output kind, layout)
 TINY_GRAPHS: dict[str, tuple[Callable[[], onnx.ModelProto], str, str, str]] = {
     "gemm": (gemm_head, "gemm", "logits", "NCHW"),
@@ -321,6 +439,12 @@ TINY_GRAPHS: dict[str, tuple[Callable[[], onnx.ModelProto], str, str, str]] = {
     "fixed_batch": (fixed_batch_reshape, "gemm", "logits", "NCHW"),
     "opset7": (opset7_classic, "gemm", "logits", "NCHW"),
     "shared_weights": (shared_weights, "gemm", "logits", "NCHW"),
+    # Quirks of real exports (issue 12): heads behind other nodes, computed weights, element types.
+    "nhwc_cast_chain": (nhwc_cast_chain, "matmul_add", "probabilities", "NHWC"),
+    "softmax_4d_transposed": (softmax_4d_transposed, "conv1x1", "probabilities", "NCHW"),
+    "reshaped_matmul_weight": (reshaped_matmul_weight, "matmul_add", "logits", "NCHW"),
+    "float64_input": (mixed_precision, "matmul_add", "logits", "NCHW"),
+    "uint8_input": (lambda: mixed_precision(TensorProto.UINT8), "matmul_add", "logits", "NCHW"),
 }
 
 

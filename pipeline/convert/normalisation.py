@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from pipeline.convert.cleanup import explicit_pads, fold_and_prune, to_float32
 from zoo.errors import UnsupportedModel
 from zoo.legacy import TARGET_OPSET
 
@@ -103,6 +104,13 @@ def _upgrade_opset(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
     if upgrade.upgraded:
         notes.append(upgrade.summary())
     return upgrade.model
+
+
+def _ir_version_of(model: onnx.ModelProto) -> int:
+    """The IR version that the model's standard opset came with (at least 4)."""
+    from onnx import helper
+
+    return max(4, helper.OP_SET_ID_VERSION_MAP.get(("ai.onnx", _opset(model)), 4))
 
 
 def _fold_constants(model: onnx.ModelProto, notes: list[str]) -> None:
@@ -317,15 +325,21 @@ def normalise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     normalised = onnx.ModelProto()
     normalised.CopyFrom(model)
     normalised = _upgrade_opset(normalised, notes)
-    _fold_constants(normalised, notes)
-    _unshare_weights(normalised, notes)
-    # Initializers listed as graph inputs (old exporters) would become placeholders in torch.
+    # Initializers listed as graph inputs (old exporters) would become placeholders in torch,
+    # and constant folding would take them for inputs a user may override.
     init_names = {init.name for init in normalised.graph.initializer}
     graph_inputs = [value for value in normalised.graph.input if value.name not in init_names]
     if len(graph_inputs) != len(normalised.graph.input):
         del normalised.graph.input[:]
         normalised.graph.input.extend(graph_inputs)
         notes.append("removed initializers from the graph inputs")
+    # Below IR 4 an initializer must also be an input: shape inference ignores the others.
+    normalised.ir_version = max(normalised.ir_version, _ir_version_of(normalised))
+    to_float32(normalised, notes)
+    normalised = fold_and_prune(normalised, notes) or normalised
+    _fold_constants(normalised, notes)  # what onnxslim did not take, e.g. when it failed
+    _unshare_weights(normalised, notes)
+    normalised = explicit_pads(normalised, notes)
     normalised = _make_batch_dynamic(normalised, notes)
     _complete_shapes(normalised, notes)
     return normalised, notes

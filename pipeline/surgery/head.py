@@ -17,11 +17,22 @@ if TYPE_CHECKING:
 
 
 class GlobalPool(nn.Module):
-    """Average over every spatial axis of an NCHW feature map, then flatten to [N, C]."""
+    """Average over every spatial axis of an NCHW feature map, then flatten to [N, C].
+
+    With `channels_last` the channels are the last axis ([N, H, W, C]: a MatMul head of a TF
+    export reads its features so).
+    """
+
+    def __init__(self, *, channels_last: bool = False) -> None:
+        super().__init__()
+        self.channels_last = channels_last
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.dim() > 2:
-            features = features.mean(dim=tuple(range(2, features.dim())))
+            spatial = (
+                range(1, features.dim() - 1) if self.channels_last else range(2, features.dim())
+            )
+            features = features.mean(dim=tuple(spatial))
         return features.flatten(1)
 
 
@@ -167,4 +178,6 @@ def replace_head(
     end = _value_node(module, onnx_outputs, probe.feature_name)
     backbone = cut_graph(module, end)
     head = make_head(probe.feature_dim, num_classes, hidden=hidden, dropout=dropout)
-    return AdaptedModel(backbone, GlobalPool(), head, probe=probe, onnx_outputs=onnx_outputs)
+    # A MatMul multiplies the last axis: its spatial features carry their channels last.
+    pool = GlobalPool(channels_last=probe.head_kind == "matmul_add" and probe.feature_spatial)
+    return AdaptedModel(backbone, pool, head, probe=probe, onnx_outputs=onnx_outputs)
