@@ -135,8 +135,8 @@ def load_source(
                 f"{src} is a file but not a .csv; pass a CSV of path,label rows or a folder"
             )
         collected = _collect_csv(path)
-    elif _split_folders(path):
-        collected = _collect_presplit(path)
+    elif folders := _split_folders(path):
+        collected = _collect_presplit(path, folders)
     else:
         collected = _collect_image_folder(path)
     return _finish(collected, source=str(path), strict=strict, max_pixels=max_pixels, **fractions)
@@ -216,8 +216,7 @@ def _collect_image_folder(root: Path) -> _Collected:
     return _Collected(sorted(by_class), parts, _slug(root.absolute().name), skipped)
 
 
-def _collect_presplit(root: Path) -> _Collected:
-    folders = _split_folders(root)
+def _collect_presplit(root: Path, folders: dict[str, Path]) -> _Collected:
     skipped: list[tuple[str, str]] = []
     class_names = sorted({d.name for folder in folders.values() for d in visible_dirs(folder)})
     parts: dict[str, list[tuple[str, str]]] = {}
