@@ -419,7 +419,7 @@ def _report_adapt(result, *, as_json: bool) -> None:  # noqa: ANN001
     m = result.metrics
     console.table(
         f"{result.model_name}: {result.strategy} ({result.fast_path})",
-        ["test accuracy", "macro F1", "best epoch", "epochs", "trainable params", "time"],
+        [f"{m.split} accuracy", "macro F1", "best epoch", "epochs", "trainable params", "time"],
         [
             (
                 f"{m.accuracy:.4f}",
@@ -489,7 +489,14 @@ def compare_command(
     rows = result.rows()
     console.table(
         f"comparison in {result.folder}",
-        ["strategy", "test accuracy", "macro F1", "best epoch", "time", "trainable params"],
+        [
+            "strategy",
+            f"{rows[0]['metrics_split'] if rows else 'test'} accuracy",
+            "macro F1",
+            "best epoch",
+            "time",
+            "trainable params",
+        ],
         [
             (
                 r["strategy"],

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import runs
 from pipeline.train import TrainConfig, TrainState
+from zoo.catalog import Preprocess
 from zoo.errors import DataError, NotFound, UnsupportedModel, ZooError
 from zoo.files import write_json
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from pipeline.data import DataSplit
     from pipeline.distributed import DistContext
     from pipeline.report import Metrics
-    from zoo.catalog import Catalog, Preprocess
+    from zoo.catalog import Catalog
     from zoo.preprocess import PreprocessRequest
 
 STRATEGIES = ("auto", "feature", "finetune", "gradual", "full", "scratch")
@@ -100,9 +101,10 @@ class AdaptResult:
             "stopped": self.stopped,
             "seconds": round(self.seconds, 2),
             "trainable_params": self.trainable_params,
-            "test_accuracy": self.metrics.accuracy,
+            "test_accuracy": self.metrics.accuracy,  # on metrics_split's images
             "macro_f1": self.metrics.macro_f1,
             "test_images": self.metrics.num_images,
+            "metrics_split": self.metrics.split,
         }
 
 
@@ -121,6 +123,11 @@ def prepare_data(options: AdaptOptions, *, run_dir: Path | None) -> DataSplit:
     if split_file and split_file.exists():
         return DataSplit.load(split_file)
     split = load_source(options.data, seed=options.seed, strict=options.strict)
+    if not split.val:  # the best epoch is chosen on it
+        raise DataError(
+            f"no validation images in {options.data}: every class has a single image; add at "
+            "least one more image per class (or a val/ folder)"
+        )
     found = len(split.class_names)
     if options.classes is not None and options.classes != found:
         shown = ", ".join(split.class_names[:12]) + (" …" if found > 12 else "")
@@ -181,6 +188,39 @@ def _open_source_model(
         log(f"using {model_ref}, the model fetched most recently into {models_dir}")
     onnx_path, card = open_model(model_ref, models_dir=models_dir, catalog=catalog)
     return onnx_path, card, card.get("name", Path(model_ref).stem)
+
+
+def _resumed_options(options: AdaptOptions, previous: dict[str, Any]) -> AdaptOptions:
+    """The options a run was started with, for --resume (fields this version lacks are left out)."""
+    known = {f.name for f in dataclasses.fields(AdaptOptions)} - {"out", "resume"}
+    recorded = {k: v for k, v in (previous.get("options") or {}).items() if k in known}
+    return dataclasses.replace(options, **recorded, resume=True, out=options.out)
+
+
+def _open_resumed_model(
+    previous: dict[str, Any],
+    *,
+    run_dir: Path,
+    models_dir: Path,
+    catalog: Catalog,
+    log: Callable[[str], None],
+) -> tuple[Path, dict[str, Any], str]:
+    """The model a run started from (its recorded sha256), never merely the latest fetched."""
+    source = previous.get("source") or {}
+    if not source:
+        raise ZooError(
+            f"{run_dir}/{runs.RUN_FILE} does not say which model the run trained; start a new run"
+        )
+    opened = runs.open_source(source, models_dir=models_dir, catalog=catalog, run_dir=run_dir)
+    name = source.get("name") or opened.card.get("name") or Path(opened.path).stem
+    sha256 = opened.card.get("sha256") or ""
+    where = (
+        ""
+        if Path(opened.path).parent.name != "blobs"
+        else f" (from its blob: {name} now names another file)"
+    )
+    log(f"resuming with {name} (sha256 {sha256[:12]}…), the model this run started from{where}")
+    return opened.path, opened.card, name
 
 
 def _claim_run(
@@ -277,10 +317,15 @@ def adapt(
         if options.out is None:
             raise ZooError("--resume needs --out RUN_DIR, the run to continue")
         previous = dist.broadcast_object(runs.read_run(options.out) if dist.is_main else None)
-        options = dataclasses.replace(options, **previous["options"], resume=True, out=options.out)
-    onnx_path, card, model_name = _open_source_model(
-        options.model, models_dir=models_dir, catalog=catalog, log=log
-    )
+        options = _resumed_options(options, previous)
+        onnx_path, card, model_name = _open_resumed_model(
+            previous, run_dir=options.out, models_dir=models_dir, catalog=catalog, log=log
+        )
+    else:
+        onnx_path, card, model_name = _open_source_model(
+            options.model, models_dir=models_dir, catalog=catalog, log=log
+        )
+    source = runs.source_record(onnx_path, card, model_name)
     # Known before a run directory is claimed: a model nobody said how to feed leaves nothing behind.
     native = model_preprocess(card, onnx_path, catalog=catalog, request=options.preprocess)
 
@@ -289,9 +334,14 @@ def adapt(
         run_dir, split = _claim_run(
             options, split=split, models_dir=models_dir, model_name=model_name, log=log
         )
+        if not options.resume:  # the model is on record before anything can interrupt the run
+            write_json(run_dir / runs.RUN_FILE, runs.first_record(options, source=source))
     # One run directory and one split for all workers, whatever each machine's disk holds.
     run_dir, split = dist.broadcast_object((run_dir, split))
-    preprocess = _resolve_preprocess(native, split, options.image_size)
+    if previous.get("preprocess"):  # a resumed run keeps the preprocessing it trained with
+        preprocess = Preprocess.from_dict(previous["preprocess"])
+    else:
+        preprocess = _resolve_preprocess(native, split, options.image_size)
 
     device = resolve_device(options.device)
     imported, adapted = build_model(
@@ -306,7 +356,10 @@ def adapt(
 
     blocks = discover_blocks(adapted)
     strategy, unfreeze, reason = options.strategy, options.unfreeze, "chosen with --strategy"
-    if strategy == "auto":
+    if previous.get("strategy"):  # a resumed run keeps its choice, even one `auto` made
+        strategy, unfreeze = previous["strategy"], previous.get("unfreeze")
+        reason = previous.get("strategy_reason") or reason
+    elif strategy == "auto":
         strategy, unfreeze, reason = _auto_strategy(imported, split, native, num_blocks=len(blocks))
         log(f"strategy auto -> {strategy}: {reason}")
     # Workers must agree even if their onnxruntime scores differ in the last bit.
@@ -332,12 +385,7 @@ def adapt(
     record = runs.start_record(
         options,
         previous=previous,
-        source={
-            "name": model_name,
-            "path": str(onnx_path),
-            "sha256": card.get("sha256"),
-            "url": card.get("source_url"),
-        },
+        source=source,
         choice={"strategy": strategy, "strategy_reason": reason, "unfreeze": unfreeze},
         blocks=[b.name for b in blocks],
         config=config,
@@ -390,17 +438,30 @@ def adapt(
     from pipeline.report import write_run_report
     from pipeline.train import count_trainable, evaluate
 
-    test = evaluate(setup.model, setup.test_loader, config=config, dist=setup.dist)
+    # Without a test split (train/ + val/ folders) the validation images are all there is to report.
+    metrics_split = "test" if split.test else "val"
+    if metrics_split == "val":
+        log(
+            f"no test split in {split.source_name}: the metrics are on the {len(split.val)} validation "
+            "images, which also chose the best epoch (add a test/ folder for an unbiased figure)"
+        )
+    scored = evaluate(
+        setup.model,
+        setup.test_loader if metrics_split == "test" else setup.val_loader,
+        config=config,
+        dist=setup.dist,
+    )
     title = f"{model_name} → {split.source_name}, {strategy}"
     if not dist.is_main:
-        return None  # the test metrics are rank 0's to write and report
+        return None  # the metrics are rank 0's to write and report
     metrics = write_run_report(
         run_dir,
         history=state.history,
-        labels=test.labels.numpy(),
-        scores=test.logits.numpy(),
+        labels=scored.labels.numpy(),
+        scores=scored.logits.numpy(),
         class_names=split.class_names,
         title=title,
+        split=metrics_split,
         extra={"best_epoch": state.best_epoch, "strategy": strategy},
     )
     seconds = time.perf_counter() - started
@@ -411,6 +472,7 @@ def adapt(
         stopped=state.stopped,
         fast_path=setup.description,
         test_accuracy=metrics.accuracy,
+        metrics_split=metrics.split,
         seconds=round(seconds, 2),
     )
     write_json(run_dir / runs.RUN_FILE, record)

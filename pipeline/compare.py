@@ -30,6 +30,7 @@ class ComparisonResult:
                 "strategy": r.strategy,
                 "test_accuracy": round(r.metrics.accuracy, 4),
                 "macro_f1": round(r.metrics.macro_f1, 4),
+                "metrics_split": r.metrics.split,  # "val" when the data has no test split
                 "best_epoch": r.best_epoch,
                 "epochs_run": r.epochs_run,
                 "seconds": round(r.seconds, 1),

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import runs
-from zoo.errors import ChecksumMismatch, DataError, NotFound, VerificationFailed, ZooError
+from zoo.errors import DataError, NotFound, VerificationFailed, ZooError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -46,7 +46,6 @@ def load_run(run_dir: Path, *, models_dir: Path, catalog: Catalog) -> LoadedRun:
     from pipeline.data import DataSplit
     from pipeline.train import BEST_CHECKPOINT
     from zoo.catalog import Preprocess
-    from zoo.workspace import open_model
 
     run_dir = Path(run_dir)
     record = runs.read_run(run_dir)
@@ -55,16 +54,9 @@ def load_run(run_dir: Path, *, models_dir: Path, catalog: Catalog) -> LoadedRun:
         raise NotFound(
             f"{run_dir} has no {BEST_CHECKPOINT}: the run never finished an epoch; train it with zoo adapt"
         )
-    source = record["source"]
-    try:
-        onnx_path, card = open_model(source["name"], models_dir=models_dir, catalog=catalog)
-    except NotFound:
-        onnx_path, card = open_model(source["path"], models_dir=models_dir, catalog=catalog)
-    if source.get("sha256") and card.get("sha256") and card["sha256"] != source["sha256"]:
-        raise ChecksumMismatch(
-            f"{onnx_path} is not the file {run_dir.name} was trained from (sha256 {card['sha256'][:12]}… "
-            f"instead of {source['sha256'][:12]}…); fetch the original again"
-        )
+    onnx_path, _ = runs.open_source(
+        record.get("source") or {}, models_dir=models_dir, catalog=catalog, run_dir=run_dir
+    )
     _, model = build_model(
         onnx_path,
         num_classes=record["num_classes"],
@@ -84,11 +76,18 @@ def _images(samples: Sequence[Sample], preprocess: Preprocess) -> np.ndarray:
     return preprocessed_batch(samples, preprocess)
 
 
+def gate_split(split: DataSplit) -> tuple[str, list[Sample]]:
+    """The images a run is judged on: its test split, or its validation split when it has no test split."""
+    if split.test:
+        return "test", split.test
+    return "val", split.val
+
+
 def gate_inputs(loaded: LoadedRun, *, limit: int = MAX_VERIFY_IMAGES) -> VerifyInputs:
     """The run's test split (or validation split) as real images, plus a few random tensors."""
     from pipeline.verify import VerifyInputs
 
-    samples = (loaded.split.test or loaded.split.val)[:limit]
+    samples = gate_split(loaded.split)[1][:limit]
     if not samples:
         raise DataError(f"{loaded.run_dir} has no test or validation images to verify against")
     return VerifyInputs.from_arrays(
@@ -142,8 +141,9 @@ def export_run(
     metrics_file = run_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     inputs = gate_inputs(loaded)
+    split_name = {"test": "test", "val": "validation"}[gate_split(loaded.split)[0]]
     log(
-        f"exporting {run_dir.name} (opset {opset}) and checking it on {inputs.n_images} test images"
+        f"exporting {run_dir.name} (opset {opset}) and checking it on {inputs.n_images} {split_name} images"
     )
     result = export_model(
         loaded.model,
@@ -159,7 +159,7 @@ def export_run(
             "strategy": record["strategy"],
             "metrics": {
                 k: metrics.get(k)
-                for k in ("accuracy", "macro_f1", "macro_precision", "macro_recall")
+                for k in ("accuracy", "macro_f1", "macro_precision", "macro_recall", "split")
             },
             "input_name": record["input_name"],
             "layout": loaded.preprocess.layout,
@@ -400,7 +400,7 @@ def evaluate_file(
     batches = (_images(samples[i : i + 64], preprocess) for i in range(0, len(samples), 64))
     scores = run_batches(session, input_name=input_name, batches=batches)
     truth = np.array([remap[s.label] for s in samples])
-    metrics = compute_metrics(truth, scores.reshape(len(samples), -1), labels)
+    metrics = compute_metrics(truth, scores.reshape(len(samples), -1), labels, split="all")
     if plot is not None:
         plot_confusion(Path(plot), metrics, title=f"{onnx_path.name} on {split.source_name}")
     return metrics

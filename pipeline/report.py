@@ -17,9 +17,15 @@ if TYPE_CHECKING:
     from pipeline.train import EpochRecord
 
 
+# The split that metrics are measured on: "test" when the data has one; "val" for train/ + val/
+# folders without test/ (the same images chose the best epoch, so the figures flatter the model);
+# "all" for `zoo evaluate`, which uses every image of a source.
+METRIC_SPLITS = ("test", "val", "all")
+
+
 @dataclass(frozen=True)
 class Metrics:
-    """Test-split figures, as written to metrics.json."""
+    """Figures on one split (see METRIC_SPLITS), as written to metrics.json."""
 
     accuracy: float
     macro_precision: float
@@ -30,12 +36,15 @@ class Metrics:
     confusion: list[list[int]]
     class_names: list[str]
     roc_auc: float | None = None  # binary tasks only
+    split: str = "test"  # which images: one of METRIC_SPLITS
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def compute_metrics(labels: np.ndarray, scores: np.ndarray, class_names: Sequence[str]) -> Metrics:
+def compute_metrics(
+    labels: np.ndarray, scores: np.ndarray, class_names: Sequence[str], *, split: str = "test"
+) -> Metrics:
     """Accuracy, macro precision/recall/F1, per-class report, confusion matrix, ROC AUC if binary."""
     import numpy as np
     from sklearn.metrics import (
@@ -75,6 +84,7 @@ def compute_metrics(labels: np.ndarray, scores: np.ndarray, class_names: Sequenc
         confusion=confusion_matrix(labels, predictions, labels=indices).tolist(),
         class_names=list(class_names),
         roc_auc=roc_auc,
+        split=split,
     )
 
 
@@ -150,7 +160,7 @@ def plot_confusion(path: Path, metrics: Metrics, *, title: str) -> None:
     ax.set(
         xlabel="predicted class",
         ylabel="true class",
-        title=f"{title}\naccuracy {metrics.accuracy:.3f}",
+        title=f"{title}\n{metrics.split} accuracy {metrics.accuracy:.3f} ({metrics.num_images} images)",
     )
     threshold = matrix.max() / 2 if matrix.size else 0
     for (row, col), count in np.ndenumerate(matrix):
@@ -191,10 +201,11 @@ def write_run_report(
     scores: np.ndarray,
     class_names: Sequence[str],
     title: str,
+    split: str = "test",
     extra: dict[str, Any] | None = None,
 ) -> Metrics:
     """history.csv, metrics.json, curves.png, confusion.png (and roc.png for two classes)."""
-    metrics = compute_metrics(labels, scores, class_names)
+    metrics = compute_metrics(labels, scores, class_names, split=split)
     write_history(run_dir / "history.csv", history)
     write_json(run_dir / "metrics.json", {**metrics.to_dict(), **(extra or {})})
     if history:

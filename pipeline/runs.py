@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from pipeline.adapt import AdaptOptions
     from pipeline.data import DataSplit
     from pipeline.train import TrainConfig
-    from zoo.catalog import Preprocess
+    from zoo.catalog import Catalog, Preprocess
+    from zoo.workspace import OpenedModel
 
 RUN_FILE = "run.json"
 SPLIT_FILE = "split.json"
@@ -90,6 +91,65 @@ def latest_run(models_dir: Path) -> Path:
     return runs[-1]
 
 
+def source_record(path: Path, card: dict[str, Any], name: str) -> dict[str, Any]:
+    """run.json's `source`: the model file a run trains from, by workspace name, path and sha256."""
+    return {
+        "name": name,
+        "path": str(path),
+        "sha256": card.get("sha256"),
+        "url": card.get("source_url"),
+    }
+
+
+def open_source(
+    source: dict[str, Any], *, models_dir: Path, catalog: Catalog, run_dir: Path
+) -> OpenedModel:
+    """The very file a run was trained from, whatever was fetched since.
+
+    Tried in order: its workspace name, any other name holding the same sha256, the path it was
+    opened from, and its blob; each only when its sha256 is the recorded one (runs written
+    before sha256s were recorded take the name or path as it is).
+    """
+    from zoo.errors import ChecksumMismatch, InvalidModelFile
+    from zoo.files import sha256_file
+    from zoo.workspace import BLOBS, OpenedModel, list_workspace, open_model
+
+    models_dir = Path(models_dir).expanduser()
+    name, path, sha256 = source.get("name"), source.get("path"), source.get("sha256")
+    refs = [r for r in (name, path) if r]
+    if sha256:
+        refs[1:1] = [str(m.path.parent) for m in list_workspace(models_dir) if m.sha256 == sha256]
+    for ref in refs:
+        try:
+            opened = open_model(ref, models_dir=models_dir, catalog=catalog)
+        except (NotFound, ChecksumMismatch, InvalidModelFile):
+            continue
+        if not sha256 or opened.card.get("sha256") == sha256:
+            return opened
+    blob = models_dir / BLOBS / (sha256 or "")
+    if sha256 and blob.is_file() and sha256_file(blob) == sha256:
+        card = {
+            "name": name or "model",
+            "sha256": sha256,
+            "entry": None,
+            "source_url": source.get("url"),
+        }
+        return OpenedModel(blob, card)
+    again = name if name and _in_catalog(name, catalog) else source.get("url") or path or name
+    raise NotFound(
+        f"the model {Path(run_dir).name} was trained from ({name or path}, sha256 {(sha256 or '?')[:12]}…) "
+        f"is no longer in {models_dir}; fetch it again (zoo fetch {again}) and retry"
+    )
+
+
+def _in_catalog(name: str, catalog: Catalog) -> bool:
+    try:
+        catalog.resolve(name)
+    except NotFound:
+        return False
+    return True
+
+
 def versions() -> dict[str, str]:
     """Python and the packages a run depends on, for run.json."""
     from importlib.metadata import PackageNotFoundError, version
@@ -112,6 +172,25 @@ def versions() -> dict[str, str]:
     return found
 
 
+def first_record(options: AdaptOptions, *, source: dict[str, Any]) -> dict[str, Any]:
+    """run.json as a run is claimed: its options and its model, so that --resume finds both."""
+    return {
+        "tool": "zoo",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "status": "starting",
+        "source": source,
+        "options": _options_record(options),
+    }
+
+
+def _options_record(options: AdaptOptions) -> dict[str, Any]:
+    return {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in dataclasses.asdict(options).items()
+        if k not in ("out", "resume")
+    }
+
+
 def start_record(
     options: AdaptOptions,
     *,
@@ -131,11 +210,7 @@ def start_record(
         or datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "status": "training",
         "source": source,
-        "options": {
-            k: (str(v) if isinstance(v, Path) else v)
-            for k, v in dataclasses.asdict(options).items()
-            if k not in ("out", "resume")
-        },
+        "options": _options_record(options),
         **choice,
         "blocks": blocks,
         "hyperparameters": dataclasses.asdict(config),

@@ -135,8 +135,8 @@ def load_source(
                 f"{src} is a file but not a .csv; pass a CSV of path,label rows or a folder"
             )
         collected = _collect_csv(path)
-    elif _split_folders(path):
-        collected = _collect_presplit(path)
+    elif folders := _split_folders(path):
+        collected = _collect_presplit(path, folders)
     else:
         collected = _collect_image_folder(path)
     return _finish(collected, source=str(path), strict=strict, max_pixels=max_pixels, **fractions)
@@ -156,15 +156,57 @@ def _load_builtin(src: str, *, seed: int, val_fraction: float, test_fraction: fl
     return DataSplit(class_names, train, val, test, name, entry.recommended_size, [], src)
 
 
+def _holds_images(folder: Path) -> bool:
+    """Whether image files lie directly in `folder` (a class folder's look, not a split folder's)."""
+    return any(p.is_file() and is_image_name(p.name) for p in folder.iterdir())
+
+
 def _split_folders(root: Path) -> dict[str, Path]:
-    """Part -> folder when `root` is laid out as train/ val/ test/, else {}."""
+    """Part -> folder when `root` is laid out as train/ val/ test/, else {}.
+
+    `train/` holding class folders (or standing beside val/ or test/) makes a split layout; a
+    `train/` of loose images among other class folders is just a class named "train". Other
+    folders beside the splits are named in a warning and left out, never merged.
+    """
     dirs = visible_dirs(root)
-    parts = {SPLIT_FOLDERS.get(d.name.lower()): d for d in dirs}
-    if "train" not in parts or None in parts:
+    parts: dict[str, Path] = {}
+    others: list[Path] = []
+    for folder in dirs:
+        part = SPLIT_FOLDERS.get(folder.name.lower())
+        if part is None:
+            others.append(folder)
+        elif part in parts:
+            raise DataError(
+                f"{root} has both {parts[part].name}/ and {folder.name}/; keep one of them"
+            )
+        else:
+            parts[part] = folder
+    if "train" not in parts:
+        return {}
+    train_has_classes = bool(visible_dirs(parts["train"]))
+    if not train_has_classes and len(parts) == 1:
         return {}  # a class folder named "train" among others is just a class
-    if len(parts) != len(dirs):
-        raise DataError(f"{root} has both val/ and valid/ (or similar); keep one of them")
-    return parts  # type: ignore[return-value]
+    for folder in parts.values():
+        if not visible_dirs(folder) and _holds_images(folder):
+            raise DataError(
+                f"{folder} holds images directly, not class folders; sort them into "
+                f"{folder.name}/<class>/ folders (one per class)"
+            )
+    classes = [f.name for f in others if _holds_images(f)]
+    if classes:
+        raise DataError(
+            f"{root} holds both split folders ({', '.join(p.name + '/' for p in parts.values())}) and "
+            f"class folders ({', '.join(c + '/' for c in classes[:4])}); move the class folders into "
+            "the splits, or pass one folder of class folders"
+        )
+    if others:
+        log.warning(
+            "ignored folder(s) beside %s in %s: %s (not train/, val/ or test/; rename one to use it)",
+            "/".join(p.name for p in parts.values()),
+            root,
+            ", ".join(f.name + "/" for f in others[:6]) + (" …" if len(others) > 6 else ""),
+        )
+    return parts
 
 
 def _collect_image_folder(root: Path) -> _Collected:
@@ -174,14 +216,19 @@ def _collect_image_folder(root: Path) -> _Collected:
     return _Collected(sorted(by_class), parts, _slug(root.absolute().name), skipped)
 
 
-def _collect_presplit(root: Path) -> _Collected:
-    folders = _split_folders(root)
+def _collect_presplit(root: Path, folders: dict[str, Path]) -> _Collected:
     skipped: list[tuple[str, str]] = []
     class_names = sorted({d.name for folder in folders.values() for d in visible_dirs(folder)})
     parts: dict[str, list[tuple[str, str]]] = {}
     for part, folder in folders.items():
         by_class = _scan_image_folder(folder, skipped, class_names)
-        parts[part] = [(p, name) for name, paths in by_class.items() for p in paths]
+        entries = [(p, name) for name, paths in by_class.items() for p in paths]
+        if entries or part == "train":
+            parts[part] = entries
+        elif part == "val":
+            log.warning("%s holds no images; validation is carved from train/ instead", folder)
+        else:
+            log.warning("%s holds no images; the run is measured on the validation split", folder)
     return _Collected(class_names, parts, _slug(root.absolute().name), skipped)
 
 
@@ -281,6 +328,7 @@ def _finish(
         raise DataError(
             f"only one class ({collected.class_names[0]!r}) in {source}; a classifier needs at "
             "least two: add a folder (or label) per class"
+            + _deeper_hint(Path(source), collected.class_names[0])
         )
     if "all" in parts:
         train, val, test = split_samples(
@@ -299,6 +347,14 @@ def _finish(
     if small:
         log.warning("class(es) with fewer than 2 training images: %s", ", ".join(small[:5]))
     return DataSplit(collected.class_names, train, val, test, collected.name, None, skipped, source)
+
+
+def _deeper_hint(source: Path, only_class: str) -> str:
+    """When the one class folder holds folders itself, the folder the user probably meant."""
+    folder = source / only_class
+    if folder.is_dir() and visible_dirs(folder):
+        return f" (or pass {folder} if its folders are the classes)"
+    return ""
 
 
 def _per_class(samples: Sequence[Sample], n_classes: int) -> list[int]:
