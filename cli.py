@@ -92,7 +92,7 @@ def main(ctx: click.Context, models_dir: Path, catalog_file: Path | None, debug:
 @json_option
 @click.pass_context
 def list_command(ctx: click.Context, as_json: bool) -> None:
-    """List the catalog: every zoo classifier and the bundled model."""
+    """List the catalog: every zoo classifier and the bundled models."""
     from zoo.catalog import catalog_rows
     from zoo.workspace import list_workspace
 
