@@ -25,7 +25,9 @@ def bundled_onnx_of(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str],
 
     def build(name: str) -> Path:
         if name not in built:
-            built[name] = build_bundled(tmp_path_factory.mktemp("bundled") / "model.onnx", name=name)
+            built[name] = build_bundled(
+                tmp_path_factory.mktemp("bundled") / "model.onnx", name=name
+            )
         return built[name]
 
     return build

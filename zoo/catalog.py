@@ -229,7 +229,10 @@ class Catalog(Mapping[str, ModelEntry]):
 @lru_cache(maxsize=1)
 def _builtin_entries() -> tuple[ModelEntry, ...]:
     raw = json.loads(CATALOG_FILE.read_text())
-    return (*BUNDLED_ENTRIES, *(_entry_from_dict(e, source="onnx-model-zoo") for e in raw["models"]))
+    return (
+        *BUNDLED_ENTRIES,
+        *(_entry_from_dict(e, source="onnx-model-zoo") for e in raw["models"]),
+    )
 
 
 def load_user_entries(path: str | os.PathLike[str]) -> list[ModelEntry]:
