@@ -140,6 +140,39 @@ def split_features(
     return pooled(raw)
 
 
+def probe_split(
+    backbone: FrozenBackbone,
+    split: DataSplit,
+    *,
+    preprocess: Preprocess,
+    cache_dir: Path,
+    model_sha256: str,
+    with_test: bool = False,
+) -> tuple[ProbeFit, int]:
+    """The linear probe of `backbone` on `split` (test accuracy too `with_test`); and the feature dim.
+
+    Without `with_test` the test images are never read: that is how `zoo rank` calls it.
+    """
+    common = {
+        "preprocess": preprocess,
+        "cache_dir": cache_dir,
+        "model_sha256": model_sha256,
+        "sessions": {},
+    }
+    train_x = split_features(backbone, split.train, **common)
+    val_x = split_features(backbone, split.val, **common)
+    test = {}
+    if with_test and split.test:
+        test = {
+            "test_x": split_features(backbone, split.test, **common),
+            "test_y": [s.label for s in split.test],
+        }
+    fit = linear_probe(
+        train_x, [s.label for s in split.train], val_x, [s.label for s in split.val], **test
+    )
+    return fit, int(train_x.shape[1])
+
+
 @dataclass(frozen=True)
 class RankedModel:
     """One candidate: its probe figures, or why it could not be probed."""
@@ -249,16 +282,12 @@ def _rank_one(
         preprocess = _native_preprocess(card, split)
         backbone = open_backbone(path, name=name)
         log(f"{name}: features of {images} images at {preprocess.crop} px")
-        common = {
-            "preprocess": preprocess,
-            "cache_dir": models_dir / ".cache" / "features",
-            "model_sha256": card.get("sha256") or "",
-            "sessions": {},
-        }
-        train_x = split_features(backbone, split.train, **common)
-        val_x = split_features(backbone, split.val, **common)
-        fit = linear_probe(
-            train_x, [s.label for s in split.train], val_x, [s.label for s in split.val]
+        fit, feature_dim = probe_split(
+            backbone,
+            split,
+            preprocess=preprocess,
+            cache_dir=models_dir / ".cache" / "features",
+            model_sha256=card.get("sha256") or "",
         )
     except DataError:
         raise  # the data, not the model: no other candidate would do better
@@ -273,7 +302,7 @@ def _rank_one(
         val_accuracy=fit.val_accuracy,
         val_loss=fit.val_loss,
         c=fit.c,
-        feature_dim=int(train_x.shape[1]),
+        feature_dim=feature_dim,
         image_size=preprocess.crop,
         images=images,
         seconds=time.perf_counter() - started,
