@@ -142,7 +142,7 @@ def main(ctx: click.Context, models_dir: Path, catalog_file: Path | None, debug:
 @json_option
 @click.pass_context
 def list_command(ctx: click.Context, as_json: bool) -> None:
-    """List the catalog: every zoo classifier and the bundled model."""
+    """List the catalog: every zoo classifier and the bundled models."""
     from zoo.catalog import catalog_rows
     from zoo.workspace import list_workspace
 
@@ -227,6 +227,60 @@ def fetch_command(
     verb = "already present" if result.cached else "fetched"
     console.info(f"{result.name}: {verb}, sha256 {result.sha256[:16]}…")
     click.echo(str(result.path))
+
+
+@main.command("rank")
+@click.argument("models", nargs=-1)
+@click.option(
+    "--data",
+    default="builtin:digits",
+    show_default=True,
+    help="Class folders, train/val/test folders, a path,label CSV, or builtin:digits.",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="The split, as zoo adapt --seed."
+)
+@click.option("--strict", is_flag=True, help="Fail on unreadable images instead of skipping them.")
+@json_option
+@click.pass_context
+def rank_command(
+    ctx: click.Context, models: tuple[str, ...], data: str, seed: int, strict: bool, as_json: bool
+) -> None:
+    """Which model for your data? Rank MODELS (default: all fetched plus the bundled ones) by probe."""
+    from pipeline.rank import rank_models
+
+    result = rank_models(
+        models,
+        data=data,
+        models_dir=_models_dir(ctx),
+        catalog=_catalog(ctx),
+        seed=seed,
+        strict=strict,
+        log=console.info,
+    )
+    if as_json:
+        console.emit_json(result.to_dict())
+        return
+    console.table(
+        f"linear probe on {result.train_images} train / {result.val_images} validation images "
+        f"of {data} ({len(result.class_names)} classes)",
+        ["rank", "model", "val accuracy", "feature dim", "size", "images", "time"],
+        [
+            (
+                i + 1,
+                m.name,
+                f"{m.val_accuracy:.4f}",
+                m.feature_dim,
+                m.image_size,
+                m.images,
+                f"{m.seconds:.0f} s",
+            )  # fmt: skip
+            if m.reason is None
+            else ("-", m.name, m.reason, "", "", "", f"{m.seconds:.0f} s")
+            for i, m in enumerate(result.models)
+        ],
+    )
+    click.echo(f"{result.recommendation}  ({result.seconds:.0f} s in all)")
 
 
 def _adapt_options(function):  # noqa: ANN001, ANN202

@@ -43,8 +43,13 @@ class Scale:
     deploy_latency_calls: int  # benchmark 4: batch-1 calls per repetition
     deploy_batch: int
     deploy_batch_calls: int  # batch calls per repetition: one call alone is too noisy a figure
-    transfer_per_class: tuple[int, ...]  # benchmark 5
-    transfer_epochs: int
+    transfer_photo_per_class: int | None  # benchmark 5: training images per class (None: all)
+    transfer_digits_per_class: int  # builtin:digits, the set unlike ImageNet
+    transfer_size: int  # px of the convolution-training rows on photos (defaults: the model's own)
+    transfer_epochs: int  # epochs of those rows
+    transfer_default_epochs: int | None  # None: the defaults row really runs the defaults
+    transfer_eval_per_class: int | None  # validation and test images per class (None: all)
+    transfer_plot_per_class: tuple[int, ...]  # smaller training sets for the plot
     memory_images: int  # benchmark 6: images, and runs per process kind (memory is not noisy)
     memory_repetitions: int
 
@@ -68,8 +73,13 @@ FULL = Scale(
     deploy_latency_calls=20,
     deploy_batch=32,
     deploy_batch_calls=5,
-    transfer_per_class=(10, 20, 50),
-    transfer_epochs=15,
+    transfer_photo_per_class=None,
+    transfer_digits_per_class=20,
+    transfer_size=128,
+    transfer_epochs=8,
+    transfer_default_epochs=None,
+    transfer_eval_per_class=None,
+    transfer_plot_per_class=(10, 20),
     memory_images=128,
     memory_repetitions=2,
 )
@@ -89,8 +99,13 @@ QUICK = Scale(
     deploy_latency_calls=5,
     deploy_batch=8,
     deploy_batch_calls=2,
-    transfer_per_class=(10,),
-    transfer_epochs=2,
+    transfer_photo_per_class=4,
+    transfer_digits_per_class=4,
+    transfer_size=64,
+    transfer_epochs=1,
+    transfer_default_epochs=1,
+    transfer_eval_per_class=4,
+    transfer_plot_per_class=(2,),
     memory_images=64,
     memory_repetitions=1,
 )

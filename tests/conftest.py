@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,11 +17,26 @@ def exported_onnx(tmp_path_factory: pytest.TempPathFactory) -> ExportCache:
 
 
 @pytest.fixture(scope="session")
-def bundled_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real pretrained efficientnet-lite0, exported once per test session."""
+def bundled_onnx_of(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """`bundled_onnx_of(name)` -> that real pretrained bundled model, exported once per test session."""
     from zoo.bundled import build_bundled
 
-    return build_bundled(tmp_path_factory.mktemp("bundled") / "model.onnx")
+    built: dict[str, Path] = {}
+
+    def build(name: str) -> Path:
+        if name not in built:
+            built[name] = build_bundled(
+                tmp_path_factory.mktemp("bundled") / "model.onnx", name=name
+            )
+        return built[name]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def bundled_onnx(bundled_onnx_of: Callable[[str], Path]) -> Path:
+    """The real pretrained efficientnet-lite0, exported once per test session."""
+    return bundled_onnx_of("efficientnet-lite0")
 
 
 @pytest.fixture(scope="session")

@@ -235,3 +235,27 @@ def test_main_writes_each_section_with_the_machine_and_keeps_the_others(
     assert "## Machine and run" in text and "| torch threads |" in text
     assert "`.venv/bin/python -m bench.run --only fake --quick`" in text
     assert text.index("## Machine") < text.index("9. Fake") < text.index("kept from an earlier run")
+
+
+def test_transfer_runs_the_real_photo_sets_present_and_notes_the_absent(tmp_path: Path) -> None:
+    from bench import transfer
+
+    sets, missing = transfer.data_sets(common.FULL, shared=tmp_path)
+    assert [s.name for s in sets] == ["digits"] and len(missing) == 2
+    assert missing[0].startswith("flowers5 skipped:")
+    (tmp_path / "datasets" / "textures10").mkdir(parents=True)
+    sets, missing = transfer.data_sets(common.QUICK, shared=tmp_path)
+    assert [s.name for s in sets] == ["textures10", "digits"] and len(missing) == 1
+    textures, digits = sets
+    assert textures.source == str(tmp_path / "datasets" / "textures10")
+    assert (textures.train_per_class, textures.train_size) == (4, 64)
+    assert (digits.source, digits.train_size) == ("builtin:digits", None)
+    assert transfer.ROWS == (
+        "probe",
+        "feature",
+        "finetune",
+        "gradual",
+        "full",
+        "scratch",
+        "defaults",
+    )

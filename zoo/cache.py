@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from zoo.catalog import BUNDLED_SOURCE, Catalog, ModelEntry
+from zoo.catalog import Catalog, ModelEntry
 from zoo.download import WAYS_OUT, download
 from zoo.errors import ChecksumMismatch, DownloadError, InvalidModelFile, NotFound, ZooError
 from zoo.files import MODELS_DIR_NEXT_STEP, copy_file, disk_errors, sha256_file, write_json
@@ -115,7 +115,7 @@ def _entry_plan(
     entry: ModelEntry, *, name: str | None, sha256: str | None, mirror: str | None
 ) -> _Plan:
     if entry.is_bundled:
-        return _Plan(name or entry.name, BUNDLED_SOURCE, sha256=None, entry=entry, bundled=True)
+        return _Plan(name or entry.name, entry.source, sha256=None, entry=entry, bundled=True)
     repo_path = entry.path or f"{entry.name}.onnx"
     onnx_urls = [*(_mirror_urls(mirror, repo_path) if mirror else []), *entry.urls]
     archive = None
@@ -477,7 +477,8 @@ def _fetch_fresh(
         if plan.bundled:
             from zoo import bundled
 
-            staged, source_url = bundled.build_bundled(staging / MODEL_FILE), BUNDLED_SOURCE
+            staged = bundled.build_bundled(staging / MODEL_FILE, name=plan.entry.name)
+            source_url = plan.source_id
         else:
             staged, source_url = _download_model(plan, staging, progress=progress)
         actual = sha256_file(staged)

@@ -36,7 +36,7 @@ MAX_RETRY_AFTER = 30.0  # seconds; a server asking for longer is treated as down
 USER_AGENT = "zoo-fetch/0.1 (+https://github.com/onnx/models)"
 WAYS_OUT = (
     "check your network, pass `--mirror DIR` (a folder or URL holding the zoo's files), "
-    "or use the bundled offline model `efficientnet-lite0`"
+    "or use a bundled offline model (`efficientnet-lite0`, `efficientnet-lite1`, `efficientnet-lite2`)"
 )
 
 
