@@ -514,8 +514,6 @@ def _card_entry(
     plan: _Plan, model: onnx.ModelProto, *, sha256: str, size: int, request: PreprocessRequest
 ) -> ModelEntry | None:
     """The entry the card records: the catalog's, or one made from the flags or the file's metadata."""
-    if plan.bundled:
-        return plan.entry
     return fetched_entry(
         plan.entry, model, name=plan.name, sha256=sha256, size=size, request=request
     )

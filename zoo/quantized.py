@@ -54,7 +54,8 @@ def known_quantized() -> dict[str, QuantizedFile]:
 
 def quantized_ops(model: onnx.ModelProto) -> list[str]:
     """The operators that make `model` a quantized graph (empty for a float model)."""
-    ops = {node.op_type for node in model.graph.node}
+    # A damaged name is bytes, not text (protobuf hands invalid UTF-8 over as it is).
+    ops = {node.op_type for node in model.graph.node if isinstance(node.op_type, str)}
     found = {op for op in ops if op.startswith("QLinear")} | (ops & INTEGER_OPS)
     if ops >= QDQ_OPS:
         found |= QDQ_OPS
