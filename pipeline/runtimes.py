@@ -113,12 +113,15 @@ def as_input_type(values: np.ndarray, dtype: str) -> np.ndarray:
 
 def run_session(session: Any, inputs: np.ndarray) -> dict[str, np.ndarray]:
     """All outputs of `session` by name, at batch 1 for the first few inputs and batch N for all."""
-    input_name = session.get_inputs()[0].name
+    graph_input = session.get_inputs()[0]
+    input_name = graph_input.name
     inputs = as_input_type(inputs, session_input_type(session))  # a uint8/float64 input included
     names = [o.name for o in session.get_outputs()]
+    # A file with a fixed batch of 1 (most zoo originals) takes its inputs one at a time.
+    chunk = 1 if graph_input.shape and graph_input.shape[0] == 1 else CHUNK
     chunks: list[list[np.ndarray]] = []
-    for start in range(0, len(inputs), CHUNK):
-        chunks.append(session.run(names, {input_name: inputs[start : start + CHUNK]}))
+    for start in range(0, len(inputs), chunk):
+        chunks.append(session.run(names, {input_name: inputs[start : start + chunk]}))
     batched = {name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(names)}
     singles = [
         session.run(names, {input_name: inputs[i : i + 1]})
@@ -219,7 +222,9 @@ def check_runtime_opencv(onnx_path: str | Path, inputs: VerifyInputs) -> Runtime
     logging.setLogLevel(logging.LOG_LEVEL_SILENT)
     loaded = False
     try:
-        source = runnable_source(onnx_path)  # an opset-1..6 file is read upgraded, as by onnxruntime
+        source = runnable_source(
+            onnx_path
+        )  # an opset-1..6 file is read upgraded, as by onnxruntime
         net = cv2.dnn.readNetFromONNX(
             source if isinstance(source, str) else np.frombuffer(source, dtype=np.uint8)
         )

@@ -340,6 +340,13 @@ def test_old_opset_classifier_goes_fetch_inspect_adapt_export_verify(
     )
     assert code == 0, err
     assert len(json.loads(out)["predictions"][0]["top"]) == CLASSES
+    # verify on the original (fixed batch 1, no zoo metadata): a verdict, opencv reading it upgraded.
+    code, out, err = zoo("verify", str(stored), "--runtimes", "ort,opencv", models_dir=models)
+    assert code == 1 and "internal error" not in err
+    # OpenCV gets the upgraded bytes too; whether it supports each layer (Gemm) is its own affair.
+    assert "opencv: " in out + err and "no class names" in out + err
+    if kind == "squeeze":
+        assert "opencv: pass" in out + err
 
 
 def unupgradable(tmp_path: Path) -> Path:

@@ -41,6 +41,22 @@ class ImportFidelityError(UnsupportedModel):
     """The converted torch module does not match onnxruntime on the same inputs."""
 
 
+class UnupgradableModel(UnsupportedModel):
+    """A file at an old opset that `onnx.version_converter` cannot bring to an opset onnxruntime runs."""
+
+    def __init__(self, opset: int, reason: str, message: str | None = None) -> None:
+        self.opset = opset
+        self.reason = reason
+        super().__init__(
+            message
+            or f"a model at opset {opset} cannot be upgraded to an opset onnxruntime runs "
+            f"({reason}); re-export it at opset 7 or newer"
+        )
+
+    def __reduce__(self):  # noqa: ANN204  (keeps opset and reason across processes)
+        return type(self), (self.opset, self.reason, str(self))
+
+
 class DataError(ZooError, ValueError):
     """A data source that cannot be used for training or evaluation."""
 

@@ -4,12 +4,16 @@ onnxruntime only runs opset 7 and above ("Could not find an implementation for R
 onnx2torch wants opset 9 or later. `onnx.version_converter` upgrades most old files once the idioms
 it refuses are handled first:
 - value_info entries of undefined element type (0), which the converter and onnxruntime reject;
-- BatchNormalization/Dropout in training mode (`is_test=0`): a classifier file is run for inference;
+- BatchNormalization/Dropout in training mode (`is_test=0`), and their unused training outputs
+  (Caffe2's Dropout masks): a classifier file is run for inference;
 - Add/Mul/... with `broadcast=1, axis=k` (a Caffe2/CNTK per-channel bias): B gets trailing 1s so
   numpy broadcasting gives the same result (the converter's own rewrite ignores `axis`);
 - Reshape with a `shape` attribute (opset < 5): shapes downstream are unknown until it becomes a
   Reshape-5, so the converter runs once up to opset 6 and once more from there.
-The converter itself drops `consumed_inputs`, `is_test`, `spatial=1` and Gemm's `broadcast`.
+The converter itself drops `consumed_inputs`, `is_test`, `spatial=1` and Gemm's `broadcast`. After
+it, a Softmax it wrapped in Flatten/Reshape over trailing 1x1 axes (SqueezeNet's [1, K, 1, 1]) is one
+node again, and unnamed nodes are named after their outputs (module names in the importer). The
+rewrites live in `zoo.legacy_rewrites`.
 
 The stored file keeps its original bytes (its sha256 still matches the catalog); every reader
 upgrades its in-memory copy through `upgrade_opset` or `runnable`.
@@ -17,11 +21,11 @@ upgrades its in-memory copy through `upgrade_opset` or `runnable`.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from zoo.errors import UnsupportedModel
+from zoo import legacy_rewrites as rewrites
+from zoo.errors import UnupgradableModel
 
 if TYPE_CHECKING:
     import onnx
@@ -31,33 +35,6 @@ if TYPE_CHECKING:
 ORT_MIN_OPSET = 7  # onnxruntime only guarantees opset 7 and above
 TARGET_OPSET = 13  # what onnx2torch recommends: the importer and onnxruntime both see this
 _LAST_OLD_OPSET = 6  # one converter pass up to here first, so Reshape-5 gives downstream shapes
-_ONNX_DOMAINS = ("", "ai.onnx")
-_BROADCAST_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow"})
-# Attributes that opsets before 7 had and later ones dropped, per op ("*": any op).
-_OLD_ATTRIBUTES = {
-    "*": ("consumed_inputs",),
-    "BatchNormalization": ("is_test", "spatial"),
-    "Dropout": ("is_test",),
-    "Gemm": ("broadcast",),
-    "Add": ("broadcast", "axis"),
-    "Sub": ("broadcast", "axis"),
-    "Mul": ("broadcast", "axis"),
-    "Div": ("broadcast", "axis"),
-    "Pow": ("broadcast", "axis"),
-    "Reshape": ("shape",),
-}
-
-
-class UnupgradableModel(UnsupportedModel):
-    """A file at an old opset that `onnx.version_converter` cannot bring to an opset onnxruntime runs."""
-
-    def __init__(self, opset: int, reason: str) -> None:
-        self.opset = opset
-        self.reason = reason
-        super().__init__(
-            f"a model at opset {opset} cannot be upgraded to an opset onnxruntime runs ({reason}); "
-            f"re-export it at opset {ORT_MIN_OPSET} or newer"
-        )
 
 
 @dataclass(frozen=True)
@@ -82,7 +59,7 @@ class Upgrade:
 def default_opset(model: onnx.ModelProto) -> int:
     """The model's opset of the standard ONNX domain (0 when it declares none)."""
     for entry in model.opset_import:
-        if entry.domain in _ONNX_DOMAINS:
+        if entry.domain in rewrites.ONNX_DOMAINS:
             return entry.version
     return 0
 
@@ -108,22 +85,24 @@ def upgrade_opset(model: onnx.ModelProto, *, target: int = TARGET_OPSET) -> Upgr
     work = onnx.ModelProto()
     work.CopyFrom(model)
     _unknown_ops(work, opset)
-    notes = _old_idioms(work)
-    notes += _drop_untyped_value_info(work)
-    notes += _inference_mode(work, opset)
+    notes = rewrites.old_idioms(work)
+    notes += rewrites.drop_untyped_value_info(work)
+    notes += rewrites.inference_mode(work, opset)
     try:
         if opset < _LAST_OLD_OPSET:
             # Up to opset 6 first: shape inference has nothing to go on past an Add-1 or Reshape-1.
             work = version_converter.convert_version(work, _LAST_OLD_OPSET)
-        notes += _broadcast_axes(work, opset)
+        notes += rewrites.broadcast_axes(work, opset)
         work = version_converter.convert_version(work, target)
     except UnupgradableModel:
         raise
     except Exception as exc:  # the converter raises bare RuntimeErrors from C++ assertions
         raise UnupgradableModel(opset, _converter_reason(exc)) from exc
-    _drop_untyped_value_info(work)  # the converter leaves untyped entries for nodes it inserts
-    notes += _plain_softmax(work)
-    notes += _name_nodes(work)
+    rewrites.drop_untyped_value_info(
+        work
+    )  # the converter leaves untyped entries for nodes it inserts
+    notes += rewrites.plain_softmax(work)
+    notes += rewrites.name_nodes(work)
     work.ir_version = max(
         work.ir_version, helper.find_min_ir_version_for([helper.make_opsetid("", target)])
     )
@@ -148,280 +127,9 @@ def _unknown_ops(model: onnx.ModelProto, opset: int) -> None:
     from onnx import defs
 
     for node in model.graph.node:
-        if node.domain in _ONNX_DOMAINS and not defs.has(node.op_type):
+        if node.domain in rewrites.ONNX_DOMAINS and not defs.has(node.op_type):
             raise UnupgradableModel(
                 opset, f"{node.op_type} is not an ONNX operator any more (an experimental op?)"
-            )
-
-
-def _old_idioms(model: onnx.ModelProto) -> list[str]:
-    """Phrases naming each old attribute the upgrade drops, with how many nodes had it."""
-    found: Counter[tuple[str, str]] = Counter()
-    for node in model.graph.node:
-        if node.domain not in _ONNX_DOMAINS:
-            continue
-        names = {attr.name for attr in node.attribute}
-        for attr in (*_OLD_ATTRIBUTES["*"], *_OLD_ATTRIBUTES.get(node.op_type, ())):
-            if attr in names:
-                found[(node.op_type, attr)] += 1
-    by_op: dict[str, list[str]] = {}
-    counts: dict[str, int] = {}
-    for (op, attr), count in found.items():
-        by_op.setdefault(op, []).append(attr)
-        counts[op] = max(counts.get(op, 0), count)
-    phrases = []
-    for op, attrs in by_op.items():
-        what = (
-            "shape attribute made an input" if attrs == ["shape"] else f"{'/'.join(attrs)} dropped"
-        )
-        plural = "s" if counts[op] > 1 else ""
-        phrases.append(f"{op} {what} ({counts[op]} node{plural})")
-    return phrases
-
-
-def _drop_untyped_value_info(model: onnx.ModelProto) -> list[str]:
-    """Remove value_info entries whose element type is undefined: onnxruntime refuses them."""
-    graph = model.graph
-    kept = [value for value in graph.value_info if _typed(value)]
-    dropped = len(graph.value_info) - len(kept)
-    if not dropped:
-        return []
-    del graph.value_info[:]
-    graph.value_info.extend(kept)
-    return [f"{dropped} value_info entr{'ies' if dropped > 1 else 'y'} of undefined type dropped"]
-
-
-def _typed(value: onnx.ValueInfoProto) -> bool:
-    kind = value.type.WhichOneof("value")
-    return kind != "tensor_type" or value.type.tensor_type.elem_type != 0
-
-
-def _inference_mode(model: onnx.ModelProto, opset: int) -> list[str]:
-    """Run BatchNormalization/Dropout as at inference: is_test=1, training-only outputs unused dropped.
-
-    Caffe2 wrote Dropout with its mask as a second output that nothing reads; onnx2torch converts
-    a Dropout with two outputs into something that no longer matches onnxruntime.
-    """
-    if opset >= ORT_MIN_OPSET:
-        return []
-    used = {name for node in model.graph.node for name in node.input}
-    used |= {value.name for value in model.graph.output}
-    to_inference = outputs_dropped = 0
-    for node in model.graph.node:
-        if (
-            node.op_type not in ("BatchNormalization", "Dropout")
-            or node.domain not in _ONNX_DOMAINS
-        ):
-            continue
-        for attr in node.attribute:
-            if attr.name == "is_test" and attr.i == 0:
-                attr.i = 1
-                to_inference += 1
-        extra = [name for name in node.output[1:] if name in used]
-        if extra:
-            raise UnupgradableModel(
-                opset, f"{node.op_type} feeds its training-only output {extra[0]!r} to the graph"
-            )
-        if len(node.output) > 1:
-            del node.output[1:]
-            outputs_dropped += 1
-    notes = []
-    if to_inference:
-        notes.append(
-            f"{to_inference} training-mode node{'s' if to_inference > 1 else ''} set to inference"
-        )
-    if outputs_dropped:
-        notes.append(
-            f"unused training outputs of {outputs_dropped} node{'s' if outputs_dropped > 1 else ''} dropped"
-        )
-    return notes
-
-
-def _name_nodes(model: onnx.ModelProto) -> list[str]:
-    """Name unnamed nodes after their first output, as the old exporters did not name them.
-
-    Module names in the importer come from node names; "conv1_1" and "fire2_squeeze" show where a
-    layer sits, where the importer's fallbacks ("Conv_7") do not.
-    """
-    taken = {node.name for node in model.graph.node if node.name}
-    named = 0
-    for node in model.graph.node:
-        if node.name or not node.output or not node.output[0] or node.output[0] in taken:
-            continue
-        node.name = node.output[0]
-        taken.add(node.name)
-        named += 1
-    return (
-        [f"{named} unnamed node{'s' if named > 1 else ''} named after their outputs"]
-        if named
-        else []
-    )
-
-
-def _plain_softmax(model: onnx.ModelProto) -> list[str]:
-    """Undo the converter's Flatten -> Softmax -> Reshape(Shape) where a plain Softmax is the same.
-
-    Before opset 13 Softmax(axis=a) flattened the axes from `a` on; the converter keeps that with
-    Shape/Flatten/Reshape around a last-axis Softmax. When every axis after `a` has size 1 (a 4-D
-    [N, K, 1, 1] SqueezeNet output), Softmax over axis `a` alone is the same and heads stay simple.
-    """
-    import onnx
-
-    graph = model.graph
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model).graph
-    except Exception:
-        return []
-    shapes = {
-        value.name: [
-            d.dim_value if d.HasField("dim_value") else None
-            for d in value.type.tensor_type.shape.dim
-        ]
-        for value in [*inferred.input, *inferred.value_info, *inferred.output]
-        if value.type.tensor_type.HasField("shape")
-    }
-    producers = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    removed: list[onnx.NodeProto] = []
-    simplified = 0
-    for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
-        flatten = producers.get(softmax.input[0])
-        users = consumers.get(softmax.output[0], [])
-        if flatten is None or flatten.op_type != "Flatten" or len(users) != 1:
-            continue
-        reshape = users[0]
-        shape_node = producers.get(reshape.input[1]) if len(reshape.input) > 1 else None
-        if reshape.op_type != "Reshape" or shape_node is None or shape_node.op_type != "Shape":
-            continue
-        source = flatten.input[0]
-        axis = next((a.i for a in flatten.attribute if a.name == "axis"), 1)
-        dims = shapes.get(source)
-        if (
-            shape_node.input[0] != source
-            or dims is None
-            or any(d != 1 for d in dims[axis % len(dims) + 1 :])
-        ):
-            continue
-        if (
-            len(consumers.get(flatten.output[0], [])) != 1
-            or len(consumers.get(shape_node.output[0], [])) != 1
-        ):
-            continue
-        softmax.input[0] = source
-        softmax.output[0] = reshape.output[0]
-        for attr in softmax.attribute:
-            if attr.name == "axis":
-                attr.i = axis
-        removed += [flatten, reshape, shape_node]
-        simplified += 1
-    if not simplified:
-        return []
-    kept = [node for node in graph.node if not any(node is r for r in removed)]
-    del graph.node[:]
-    graph.node.extend(kept)
-    return [f"{simplified} Softmax over trailing 1x1 axes kept as one node"]
-
-
-def _broadcast_axes(model: onnx.ModelProto, opset: int) -> list[str]:
-    """Rewrite Add/Mul/...(broadcast=1, axis=k) at opset 6 into numpy broadcasting, in place.
-
-    Before opset 7, B's first axis lined up with A's axis k (a [C] bias over NCHW at axis 1); from
-    opset 7 B lines up with A's last axes, so B needs trailing 1s: an initializer is reshaped (its
-    values stay a weight the importer trains), any other tensor goes through an Unsqueeze. The
-    converter's own rewrite unsqueezes to A's full rank whatever the axis, which is wrong for these.
-    """
-    import onnx
-    from onnx import helper, numpy_helper
-
-    candidates = [
-        (index, node)
-        for index, node in enumerate(model.graph.node)
-        if node.op_type in _BROADCAST_OPS
-        and node.domain in _ONNX_DOMAINS
-        and any(a.name == "axis" for a in node.attribute)
-        and any(a.name == "broadcast" and a.i == 1 for a in node.attribute)
-    ]
-    if not candidates:
-        return []
-    ranks = _ranks(onnx.shape_inference.infer_shapes(model).graph)
-    initializers = {init.name: init for init in model.graph.initializer}
-    uses = Counter(name for node in model.graph.node for name in node.input)
-    reshaped = unsqueezed = 0
-    inserts: list[tuple[int, onnx.NodeProto]] = []
-    for index, node in candidates:
-        axis = next(a.i for a in node.attribute if a.name == "axis")
-        rank_a, rank_b = ranks.get(node.input[0]), ranks.get(node.input[1])
-        if rank_a is None or rank_b is None:
-            raise UnupgradableModel(
-                opset, f"{node.op_type} broadcasts along axis {axis} of a tensor of unknown rank"
-            )
-        trailing = rank_a - (axis % rank_a if rank_a else 0) - rank_b
-        kept = [a for a in node.attribute if a.name != "axis"]
-        del node.attribute[:]
-        node.attribute.extend(kept)
-        if trailing <= 0:
-            continue  # B already lines up with A's last axes
-        bias = initializers.get(node.input[1])
-        if bias is not None and uses[bias.name] == 1:
-            array = numpy_helper.to_array(bias)
-            shaped = array.reshape(*array.shape, *[1] * trailing)
-            bias.CopyFrom(numpy_helper.from_array(shaped, bias.name))
-            _set_input_shape(model, bias.name, list(bias.dims))
-            reshaped += 1
-            continue
-        aligned = f"{node.input[1]}__aligned{unsqueezed}"
-        axes = list(range(rank_b, rank_b + trailing))
-        inserts.append(
-            (index, helper.make_node("Unsqueeze", [node.input[1]], [aligned], axes=axes))
-        )
-        node.input[1] = aligned
-        unsqueezed += 1
-    if inserts:
-        _insert_before(model, inserts)
-    notes = []
-    if reshaped:
-        notes.append(
-            f"{reshaped} broadcast initializer{'s' if reshaped > 1 else ''} given trailing 1s"
-        )
-    if unsqueezed:
-        notes.append(f"{unsqueezed} broadcast input{'s' if unsqueezed > 1 else ''} unsqueezed")
-    return notes
-
-
-def _ranks(graph: onnx.GraphProto) -> dict[str, int]:
-    ranks = {
-        value.name: len(value.type.tensor_type.shape.dim)
-        for value in [*graph.input, *graph.value_info, *graph.output]
-        if value.type.tensor_type.HasField("shape")
-    }
-    ranks.update({init.name: len(init.dims) for init in graph.initializer})
-    return ranks
-
-
-def _insert_before(model: onnx.ModelProto, inserts: list[tuple[int, onnx.NodeProto]]) -> None:
-    """Put each new node just before the node at its index (the list is rebuilt once)."""
-    before: dict[int, list[onnx.NodeProto]] = {}
-    for index, new in inserts:
-        before.setdefault(index, []).append(new)
-    nodes = []
-    for index, node in enumerate(model.graph.node):
-        nodes += before.get(index, [])
-        nodes.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-
-
-def _set_input_shape(model: onnx.ModelProto, name: str, dims: list[int]) -> None:
-    """Old files list initializers as graph inputs too; keep that entry's shape in step."""
-    from onnx import helper
-
-    for value in model.graph.input:
-        if value.name == name:
-            value.CopyFrom(
-                helper.make_tensor_value_info(name, value.type.tensor_type.elem_type, dims)
             )
 
 
@@ -458,9 +166,9 @@ def refusal(
         if sibling is not None
         else f"re-export it at opset {ORT_MIN_OPSET} or newer"
     )
-    error = UnupgradableModel(exc.opset, exc.reason)
-    error.args = (
+    return UnupgradableModel(
+        exc.opset,
+        exc.reason,
         f"{name} (opset {exc.opset}) cannot be upgraded to an opset onnxruntime runs "
         f"({exc.reason}); {advice}",
     )
-    return error
