@@ -55,7 +55,9 @@ def zoo(*args: str, models_dir: Path, catalog: Path | None = None) -> tuple[int,
     return result.exit_code, result.stdout, result.stderr
 
 
-def catalog_entry(name: str, path: Path, preprocess: dict, *, layout: str, output_kind: str) -> dict:
+def catalog_entry(
+    name: str, path: Path, preprocess: dict, *, layout: str, output_kind: str
+) -> dict:
     """A private catalog entry for a local file: a file:// URL, its sha256 and its preprocessing."""
     size = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
     side = (size[1] if layout == "NHWC" else size[2]).dim_value or 8
@@ -111,7 +113,9 @@ def test_probe_finds_the_head_behind_casts_transposes_and_softmax() -> None:
     assert nhwc.layout == "NHWC" and nhwc.output_kind == "probabilities"
     # Even without normalisation the walk goes through the Casts to the same head.
     raw = probe(TINY_GRAPHS["nhwc_cast_chain"][0]())
-    assert raw.head_nodes == ("/fc/MatMul", "/Cast_305", "/fc/Add") and raw.feature_name == "flat_c2"
+    assert (
+        raw.head_nodes == ("/fc/MatMul", "/Cast_305", "/fc/Add") and raw.feature_name == "flat_c2"
+    )
     four_d = probe(TINY_GRAPHS["softmax_4d_transposed"][0]())
     assert four_d.head_nodes == ("cls/Conv",) and four_d.feature_name == "pooled"
     assert four_d.output_kind == "probabilities" and four_d.output_rank == 4
