@@ -124,6 +124,44 @@ def test_probe_finds_the_head_behind_casts_transposes_and_softmax() -> None:
     assert cntk.output_kind == "logits" and cntk.dynamic_batch
 
 
+def test_weight_chains_fold_and_trailing_no_ops_are_skipped(tmp_path: Path) -> None:
+    """A MatMul weight stored as float64 [1, 5, 6] and computed by Squeeze -> Transpose -> Cast, and
+    an output behind Dropout and Identity."""
+    from onnx import helper, numpy_helper
+
+    model = TINY_GRAPHS["matmul_add"][0]()
+    graph = model.graph
+    weight = next(init for init in graph.initializer if init.name == "fc.w")
+    stored = numpy_helper.to_array(weight).T[None].astype(np.float64)
+    weight.CopyFrom(numpy_helper.from_array(stored, "fc.w_stored"))
+    graph.initializer.append(numpy_helper.from_array(np.asarray([0], dtype=np.int64), "axis0"))
+    add = next(node for node in graph.node if node.op_type == "Add")
+    add.output[0] = "added"
+    chain = [
+        helper.make_node("Squeeze", ["fc.w_stored", "axis0"], ["w_sq"], name="w/Squeeze"),
+        helper.make_node("Transpose", ["w_sq"], ["w_t"], name="w/Transpose", perm=[1, 0]),
+        helper.make_node("Cast", ["w_t"], ["fc.w"], name="w/Cast", to=onnx.TensorProto.FLOAT),
+    ]
+    tail = [
+        helper.make_node("Dropout", ["added"], ["dropped"], name="drop/Dropout"),
+        helper.make_node("Identity", ["dropped"], ["scores"], name="out/Identity"),
+    ]
+    nodes = chain + list(graph.node) + tail
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    normalised = normalise(model)[0]
+    assert probe(normalised).head_nodes == ("fc/MatMul", "fc/Add")
+    imported = import_model(save(model, tmp_path / "chain.onnx"))
+    assert not {"Squeeze", "Transpose", "Cast", "Dropout", "Identity"} & {
+        node.op_type for node in imported.onnx_model.graph.node
+    }
+    bn_stats = sum(b.numel() for name, b in imported.module.named_buffers() if "running" in name)
+    trainable = sum(p.numel() for p in imported.module.parameters() if p.requires_grad)
+    assert trainable == source_weight_count(model) - bn_stats
+    assert imported.probe.head_kind == "matmul_add" and imported.fidelity.top1_agreement == 1.0
+
+
 def test_log_softmax_output_counts_as_logits() -> None:
     model = TINY_GRAPHS["gemm_softmax"][0]()
     softmax = next(node for node in model.graph.node if node.op_type == "Softmax")
