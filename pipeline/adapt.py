@@ -351,6 +351,16 @@ def adapt(
         dropout=options.dropout,
         seed=options.seed,
     )
+    # A graph that flattens to a fixed width (MNIST) takes its own size only, not the data's.
+    native = _resolve_preprocess(card, dataclasses.replace(split, recommended_size=None), None)
+    if options.image_size is None and preprocess.crop != native.crop:
+        try:
+            _check_input_size(adapted, preprocess, model_name)
+        except UnsupportedModel:
+            log(
+                f"{model_name} takes only {native.crop} px inputs: using them, not the data's {preprocess.crop}"
+            )
+            preprocess = native
     _check_input_size(adapted, preprocess, model_name)
     from pipeline.surgery import discover_blocks, make_plan
 

@@ -416,8 +416,13 @@ def mixed_precision(input_type: int = TensorProto.DOUBLE) -> onnx.ModelProto:
         helper.make_node("Cast", ["logits16"], ["scores"], name="to_float", to=1),
     ]
     inits += [
-        numpy_helper.from_array(numpy_helper.to_array(_init("fc.w", (6, NUM_CLASSES), seed=11)).astype(np.float16), "fc.w"),  # fmt: skip
-        numpy_helper.from_array(numpy_helper.to_array(_init("fc.b", (NUM_CLASSES,), seed=12)).astype(np.float16), "fc.b"),  # fmt: skip
+        numpy_helper.from_array(
+            numpy_helper.to_array(_init("fc.w", (6, NUM_CLASSES), seed=11)).astype(np.float16),
+            "fc.w",
+        ),  # fmt: skip
+        numpy_helper.from_array(
+            numpy_helper.to_array(_init("fc.b", (NUM_CLASSES,), seed=12)).astype(np.float16), "fc.b"
+        ),  # fmt: skip
     ]
     model = make_model(
         nodes, inits, input_shape=["N", CHANNELS, SIZE, SIZE], output_shape=["N", NUM_CLASSES]

@@ -55,7 +55,9 @@ def zoo(*args: str, models_dir: Path, catalog: Path | None = None) -> tuple[int,
     return result.exit_code, result.stdout, result.stderr
 
 
-def catalog_entry(name: str, path: Path, preprocess: dict, *, layout: str, output_kind: str) -> dict:
+def catalog_entry(
+    name: str, path: Path, preprocess: dict, *, layout: str, output_kind: str
+) -> dict:
     """A private catalog entry for a local file: a file:// URL, its sha256 and its preprocessing."""
     size = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
     side = (size[1] if layout == "NHWC" else size[2]).dim_value or 8
@@ -111,13 +113,53 @@ def test_probe_finds_the_head_behind_casts_transposes_and_softmax() -> None:
     assert nhwc.layout == "NHWC" and nhwc.output_kind == "probabilities"
     # Even without normalisation the walk goes through the Casts to the same head.
     raw = probe(TINY_GRAPHS["nhwc_cast_chain"][0]())
-    assert raw.head_nodes == ("/fc/MatMul", "/Cast_305", "/fc/Add") and raw.feature_name == "flat_c2"
+    assert (
+        raw.head_nodes == ("/fc/MatMul", "/Cast_305", "/fc/Add") and raw.feature_name == "flat_c2"
+    )
     four_d = probe(TINY_GRAPHS["softmax_4d_transposed"][0]())
     assert four_d.head_nodes == ("cls/Conv",) and four_d.feature_name == "pooled"
     assert four_d.output_kind == "probabilities" and four_d.output_rank == 4
     cntk = probe(normalise(TINY_GRAPHS["reshaped_matmul_weight"][0]())[0])
     assert cntk.head_nodes == ("Times", "Plus") and cntk.feature_name == "flat"
     assert cntk.output_kind == "logits" and cntk.dynamic_batch
+
+
+def test_weight_chains_fold_and_trailing_no_ops_are_skipped(tmp_path: Path) -> None:
+    """A MatMul weight stored as float64 [1, 5, 6] and computed by Squeeze -> Transpose -> Cast, and
+    an output behind Dropout and Identity."""
+    from onnx import helper, numpy_helper
+
+    model = TINY_GRAPHS["matmul_add"][0]()
+    graph = model.graph
+    weight = next(init for init in graph.initializer if init.name == "fc.w")
+    stored = numpy_helper.to_array(weight).T[None].astype(np.float64)
+    weight.CopyFrom(numpy_helper.from_array(stored, "fc.w_stored"))
+    graph.initializer.append(numpy_helper.from_array(np.asarray([0], dtype=np.int64), "axis0"))
+    add = next(node for node in graph.node if node.op_type == "Add")
+    add.output[0] = "added"
+    chain = [
+        helper.make_node("Squeeze", ["fc.w_stored", "axis0"], ["w_sq"], name="w/Squeeze"),
+        helper.make_node("Transpose", ["w_sq"], ["w_t"], name="w/Transpose", perm=[1, 0]),
+        helper.make_node("Cast", ["w_t"], ["fc.w"], name="w/Cast", to=onnx.TensorProto.FLOAT),
+    ]
+    tail = [
+        helper.make_node("Dropout", ["added"], ["dropped"], name="drop/Dropout"),
+        helper.make_node("Identity", ["dropped"], ["scores"], name="out/Identity"),
+    ]
+    nodes = chain + list(graph.node) + tail
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    normalised = normalise(model)[0]
+    assert probe(normalised).head_nodes == ("fc/MatMul", "fc/Add")
+    imported = import_model(save(model, tmp_path / "chain.onnx"))
+    assert not {"Squeeze", "Transpose", "Cast", "Dropout", "Identity"} & {
+        node.op_type for node in imported.onnx_model.graph.node
+    }
+    bn_stats = sum(b.numel() for name, b in imported.module.named_buffers() if "running" in name)
+    trainable = sum(p.numel() for p in imported.module.parameters() if p.requires_grad)
+    assert trainable == source_weight_count(model) - bn_stats
+    assert imported.probe.head_kind == "matmul_add" and imported.fidelity.top1_agreement == 1.0
 
 
 def test_log_softmax_output_counts_as_logits() -> None:
