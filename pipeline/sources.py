@@ -316,6 +316,10 @@ def _finish(
     }
     pool = parts.get("all", parts.get("train", []))
     present = {s.label for s in pool}
+    if not pool and parts and "all" not in parts and "train" not in parts:
+        raise DataError(
+            f"no training images in {source}, only {'/'.join(sorted(parts))} rows; mark some rows train"
+        )
     if not pool:
         raise DataError(f"no readable images found in {source}; put images in one folder per class")
     for name, i in index.items():

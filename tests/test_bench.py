@@ -259,3 +259,41 @@ def test_transfer_runs_the_real_photo_sets_present_and_notes_the_absent(tmp_path
         "scratch",
         "defaults",
     )
+
+
+# --- bench.compat: the compatibility sweep ---------------------------------------------------
+
+
+def test_compat_judges_a_refusal_a_crash_and_a_kill() -> None:
+    from bench.compat import judge
+
+    refusal = judge("inspect", [], 1, "", "loading…\nzoo: error: no head found; pass --head\n")
+    assert not refusal.ok and not refusal.crashed
+    assert refusal.message == "no head found; pass --head" and refusal.cell().startswith("no head")
+    for stderr in (
+        "zoo: internal error: ValueError: Found empty input array (re-run with --debug)",
+        "Traceback (most recent call last):\n  File ...\nKeyError: 'x'",
+    ):
+        crash = judge("adapt", [], 1, "", stderr)
+        assert crash.crashed and crash.cell().startswith("CRASH") and crash.output
+    assert judge("export", [], 0, "Traceback (most recent call last): ...", "").crashed
+    assert judge("export", [], -9, "", "").crashed  # killed by a signal
+    assert judge("fetch", [], 0, "/models/x/model.onnx\n", "").cell() == "✓"
+
+
+def test_compat_runs_the_real_cli_and_writes_the_readme_section(tmp_path: Path) -> None:
+    from bench.compat import MARKERS, Row, markdown, run_zoo, skipped, write_readme
+
+    step = run_zoo("info", ["info", "no-such-model-anywhere"], models_dir=tmp_path / "models")
+    assert step.exit_code == 1 and not step.crashed
+    assert "no model named 'no-such-model-anywhere'" in step.message
+    row = Row("x", "built graph", "/somewhere/x.onnx", [step, skipped("inspect", "fetch failed")])
+    table = markdown([row])
+    assert "| `x.onnx` | built graph | " in table and " – |" in table
+    readme = tmp_path / "README.md"
+    readme.write_text("# zoo\n\nintro\n")
+    write_readme(readme, table)
+    write_readme(readme, table.replace("x.onnx", "y.onnx"))  # a second run replaces the first
+    text = readme.read_text()
+    assert text.count(MARKERS[0]) == 1 and "y.onnx" in text and "x.onnx" not in text
+    assert text.startswith("# zoo\n\nintro\n") and "## Which models work" in text

@@ -466,3 +466,14 @@ def test_seeded_augmentation_replays_and_varies_across_epochs_in_workers(tmp_pat
     first, again = two_epochs(), two_epochs()
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     assert not torch.equal(first[0], first[1])
+
+
+def test_csv_without_train_rows_is_a_data_error_naming_the_split_column(tmp_path: Path) -> None:
+    for i in range(4):
+        write_rgb(tmp_path / f"{i}.png", seed=i)
+    (tmp_path / "labels.csv").write_text(
+        "path,label,split\n"
+        + "".join(f"{i}.png,{c},{'val' if i < 2 else 'test'}\n" for i, c in enumerate("abab"))
+    )
+    with pytest.raises(DataError, match="only test/val rows; mark some rows train"):
+        load_source(str(tmp_path / "labels.csv"))
