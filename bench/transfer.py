@@ -98,14 +98,15 @@ class Row:
 
 def probe_row(split: DataSplit, *, models_dir: Path) -> Row:
     """The probe at the size `zoo adapt` uses by default on this data, on the same split."""
-    from pipeline.adapt import _resolve_preprocess
-    from pipeline.rank import open_backbone, probe_split
+    from pipeline.rank import native_preprocess, open_backbone, probe_split
     from zoo.catalog import load_catalog
     from zoo.workspace import open_model
 
     started = time.perf_counter()
     path, card = open_model(MODEL_NAME, models_dir=models_dir, catalog=load_catalog())
-    preprocess = _resolve_preprocess(card, split, None)
+    preprocess = native_preprocess(card)
+    if split.recommended_size:  # builtin:digits trains at 64 px unless told otherwise
+        preprocess = preprocess.at_size(split.recommended_size)
     fit, _ = probe_split(
         open_backbone(path, name=MODEL_NAME),
         split,

@@ -264,11 +264,18 @@ def _open_candidate(
     return path, card, card.get("name") or name
 
 
-def _native_preprocess(card: dict[str, Any], split: DataSplit) -> Preprocess:
-    """The model's own preprocessing, at its own size (not the data set's recommended one)."""
-    from pipeline.adapt import _resolve_preprocess
+def native_preprocess(card: dict[str, Any]) -> Preprocess:
+    """The model's own preprocessing, at its own size (`zoo adapt` may resize from it)."""
+    from zoo.catalog import Preprocess
+    from zoo.errors import UnsupportedModel
 
-    return _resolve_preprocess(card, dataclasses.replace(split, recommended_size=None), None)
+    raw = (card.get("entry") or {}).get("preprocess")
+    if not raw:
+        raise UnsupportedModel(
+            f"the zoo does not document how {card.get('name', 'this model')} preprocesses images; "
+            "add a private catalog entry with its mean, std and size (zoo --catalog FILE)"
+        )
+    return Preprocess.from_dict(raw)
 
 
 def _rank_one(
@@ -279,7 +286,7 @@ def _rank_one(
     images = len(split.train) + len(split.val)
     try:
         path, card, name = _open_candidate(name, models_dir=models_dir, catalog=catalog)
-        preprocess = _native_preprocess(card, split)
+        preprocess = native_preprocess(card)
         backbone = open_backbone(path, name=name)
         log(f"{name}: features of {images} images at {preprocess.crop} px")
         fit, feature_dim = probe_split(

