@@ -352,7 +352,6 @@ def adapt(
         seed=options.seed,
     )
     # A graph that flattens to a fixed width (MNIST) takes its own size only, not the data's.
-    native = _resolve_preprocess(card, dataclasses.replace(split, recommended_size=None), None)
     if options.image_size is None and preprocess.crop != native.crop:
         try:
             _check_input_size(adapted, preprocess, model_name)
