@@ -20,7 +20,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zoo.catalog import BUNDLED_SOURCE, Catalog, ModelEntry
 from zoo.download import WAYS_OUT, download
@@ -35,6 +35,9 @@ from zoo.workspace import (
     default_name,
     read_card,
 )
+
+if TYPE_CHECKING:
+    import onnx
 
 LOCK_TIMEOUT = 3600.0  # seconds to wait for another fetch of the same model: big files are slow
 
@@ -362,7 +365,9 @@ def _fetch_fresh(models_dir: Path, plan: _Plan, *, catalog: Catalog, progress: b
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _check_opens(staged: Path, model: Any, plan: _Plan, *, trusted: bool, catalog: Catalog) -> None:
+def _check_opens(
+    staged: Path, model: onnx.ModelProto, plan: _Plan, *, trusted: bool, catalog: Catalog
+) -> None:
     """Refuse a file onnxruntime cannot open, upgraded first when its opset is older than 7.
 
     A file nobody vouched for opens in a child first: a crash there is a refusal here. The stored
