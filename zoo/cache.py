@@ -519,7 +519,9 @@ def _card_entry(
     )
 
 
-def _check_opens(staged: Path, model: Any, plan: _Plan, *, trusted: bool, catalog: Catalog) -> None:
+def _check_opens(
+    staged: Path, model: onnx.ModelProto, plan: _Plan, *, trusted: bool, catalog: Catalog
+) -> None:
     """Refuse a file onnxruntime cannot open, upgraded first when its opset is older than 7.
 
     A file nobody vouched for opens in a child first: a crash there is a refusal here. The stored

@@ -37,8 +37,9 @@ if "--upgrade" in sys.argv[2:]:
     from zoo.legacy import UnupgradableModel, upgrade_opset
     try:
         source = upgrade_opset(onnx.load(source)).model.SerializeToString()
-    except UnupgradableModel as exc:
-        print(exc.reason, file=sys.stderr, flush=True)
+    except Exception as exc:
+        reason = exc.reason if isinstance(exc, UnupgradableModel) else f"{type(exc).__name__}: {exc}"
+        print(reason.splitlines()[0][:300] if reason else "no reason given", file=sys.stderr, flush=True)
         sys.exit(4)
 print("session", flush=True)
 try:
