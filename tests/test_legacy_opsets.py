@@ -287,7 +287,9 @@ def catalog_entry(name: str, path: Path, *, family: str, opset: int, kind: str =
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "opset"), [("bn", 1), ("caffe", 3), ("squeeze", 6)])
+@pytest.mark.parametrize(
+    ("kind", "opset"), [("bn", 1), ("caffe", 3), ("squeeze", 6), ("cntk", 1), ("cntk", 6)]
+)
 def test_old_opset_classifier_goes_fetch_inspect_adapt_export_verify(
     tmp_path: Path, kind: str, opset: int
 ) -> None:
