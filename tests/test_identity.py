@@ -27,6 +27,7 @@ from zoo.catalog import IMAGENET_PREPROCESS, ArchiveSpec, Catalog, ModelEntry, P
 from zoo.errors import InvalidModelFile, UnsupportedModel, ZooError
 from zoo.preprocess import (
     PRESETS,
+    InputSignature,
     PreprocessRequest,
     input_signature,
     model_preprocess,
@@ -208,9 +209,15 @@ def test_layout_channels_and_size_are_probed_and_overridable() -> None:
     gray = nhwc._replace(layout="NCHW", channels=1, size=28)
     mono = resolve_preprocess(None, PreprocessRequest(preset="imagenet"), gray, name="m")
     assert mono.channels == 1 and len(mono.mean) == 1 and mono.input_shape() == (1, 28, 28)
-    forced = PreprocessRequest(preset="raw", layout="NCHW", channels=3, size=16)
-    over = resolve_preprocess(None, forced, nhwc, name="m")
-    assert (over.layout, over.channels, over.crop) == ("NCHW", 3, 16)
+    forced = PreprocessRequest(preset="raw", layout="NHWC", channels=1, size=16)
+    silent = InputSignature("x", None, None, None)  # dynamic dims: the flags decide
+    over = resolve_preprocess(None, forced, silent, name="m")
+    assert over.input_shape() == (16, 16, 1) and over.mean == (0.0,)
+    for contradiction in ({"size": 16}, {"layout": "NCHW"}, {"channels": 1}):
+        with pytest.raises(ZooError, match=r"\(fixed in its graph\), not --"):
+            resolve_preprocess(
+                None, PreprocessRequest(preset="raw", **contradiction), nhwc, name="m"
+            )
 
 
 @pytest.mark.slow
