@@ -417,3 +417,28 @@ def test_real_third_party_file_takes_a_preset(shared_dir: Path, tmp_path: Path) 
     entry = card_of(result)["entry"]
     assert entry["num_classes"] == 4 and entry["input_name"] == "x"
     assert Preprocess.from_dict(entry["preprocess"]) == IMAGENET_PREPROCESS
+
+
+def test_preprocess_flags_reach_distributed_workers(tmp_path: Path) -> None:
+    import click
+
+    from cli import _argv_of
+
+    seen: list[list[str]] = []
+    adapt = main.commands["adapt"]
+    original = adapt.callback
+
+    @click.pass_context
+    def capture(ctx: click.Context, **_: object) -> None:
+        seen.append(_argv_of(ctx))
+
+    adapt.callback = capture
+    try:
+        flags = ["--preprocess", "caffe", "--mean", "1,2,3", "--rgb", "--layout", "nhwc"]
+        CliRunner().invoke(main, ["adapt", "m.onnx", *flags], catch_exceptions=False)
+    finally:
+        adapt.callback = original
+    argv = seen[0]
+    assert argv[argv.index("--preprocess") + 1] == "caffe" and "--rgb" in argv
+    assert argv[argv.index("--mean") + 1] == "1,2,3" and argv[argv.index("--layout") + 1] == "NHWC"
+    assert "--size" not in argv and "--bgr" not in argv
