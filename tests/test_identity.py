@@ -27,6 +27,7 @@ from zoo.catalog import IMAGENET_PREPROCESS, ArchiveSpec, Catalog, ModelEntry, P
 from zoo.errors import InvalidModelFile, UnsupportedModel, ZooError
 from zoo.preprocess import (
     PRESETS,
+    InputSignature,
     PreprocessRequest,
     input_signature,
     model_preprocess,
@@ -208,9 +209,15 @@ def test_layout_channels_and_size_are_probed_and_overridable() -> None:
     gray = nhwc._replace(layout="NCHW", channels=1, size=28)
     mono = resolve_preprocess(None, PreprocessRequest(preset="imagenet"), gray, name="m")
     assert mono.channels == 1 and len(mono.mean) == 1 and mono.input_shape() == (1, 28, 28)
-    forced = PreprocessRequest(preset="raw", layout="NCHW", channels=3, size=16)
-    over = resolve_preprocess(None, forced, nhwc, name="m")
-    assert (over.layout, over.channels, over.crop) == ("NCHW", 3, 16)
+    forced = PreprocessRequest(preset="raw", layout="NHWC", channels=1, size=16)
+    silent = InputSignature("x", None, None, None)  # dynamic dims: the flags decide
+    over = resolve_preprocess(None, forced, silent, name="m")
+    assert over.input_shape() == (16, 16, 1) and over.mean == (0.0,)
+    for contradiction in ({"size": 16}, {"layout": "NCHW"}, {"channels": 1}):
+        with pytest.raises(ZooError, match=r"\(fixed in its graph\), not --"):
+            resolve_preprocess(
+                None, PreprocessRequest(preset="raw", **contradiction), nhwc, name="m"
+            )
 
 
 @pytest.mark.slow
@@ -410,3 +417,28 @@ def test_real_third_party_file_takes_a_preset(shared_dir: Path, tmp_path: Path) 
     entry = card_of(result)["entry"]
     assert entry["num_classes"] == 4 and entry["input_name"] == "x"
     assert Preprocess.from_dict(entry["preprocess"]) == IMAGENET_PREPROCESS
+
+
+def test_preprocess_flags_reach_distributed_workers(tmp_path: Path) -> None:
+    import click
+
+    from cli import _argv_of
+
+    seen: list[list[str]] = []
+    adapt = main.commands["adapt"]
+    original = adapt.callback
+
+    @click.pass_context
+    def capture(ctx: click.Context, **_: object) -> None:
+        seen.append(_argv_of(ctx))
+
+    adapt.callback = capture
+    try:
+        flags = ["--preprocess", "caffe", "--mean", "1,2,3", "--rgb", "--layout", "nhwc"]
+        CliRunner().invoke(main, ["adapt", "m.onnx", *flags], catch_exceptions=False)
+    finally:
+        adapt.callback = original
+    argv = seen[0]
+    assert argv[argv.index("--preprocess") + 1] == "caffe" and "--rgb" in argv
+    assert argv[argv.index("--mean") + 1] == "1,2,3" and argv[argv.index("--layout") + 1] == "NHWC"
+    assert "--size" not in argv and "--bgr" not in argv

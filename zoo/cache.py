@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from zoo.catalog import Catalog, ModelEntry
 from zoo.download import WAYS_OUT, download
@@ -39,9 +39,6 @@ from zoo.workspace import (
     default_name,
     read_card,
 )
-
-if TYPE_CHECKING:
-    import onnx
 
 LOCK_TIMEOUT = 3600.0  # seconds to wait for another fetch of the same model: big files are slow
 
@@ -390,7 +387,9 @@ def fetch(
     with _locked(models_dir, plan.name or ".unnamed"):
         present = _present(models_dir, plan, force=force) if plan.name else None
         if present is None:
-            return _fetch_fresh(models_dir, plan, catalog=catalog, request=request, force=force, progress=progress)  # fmt: skip
+            return _fetch_fresh(
+                models_dir, plan, catalog=catalog, request=request, force=force, progress=progress
+            )
     return _restated(models_dir, present, plan, request, catalog=catalog)
 
 
@@ -502,7 +501,15 @@ def _fetch_fresh(
         _check_opens(
             staged, model, identified, trusted=_trusted(identified, actual), catalog=catalog
         )
-        entry = _card_entry(identified, model, sha256=actual, size=staged.stat().st_size, request=request)  # fmt: skip
+        # The card's entry: the catalog's, or one made from the flags or the file's zoo metadata.
+        entry = fetched_entry(
+            identified.entry,
+            model,
+            name=identified.name,
+            sha256=actual,
+            size=staged.stat().st_size,
+            request=request,
+        )
         return _install(
             models_dir, identified, staged, sha256=actual, source_url=source_url, entry=entry
         )
@@ -510,18 +517,7 @@ def _fetch_fresh(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _card_entry(
-    plan: _Plan, model: onnx.ModelProto, *, sha256: str, size: int, request: PreprocessRequest
-) -> ModelEntry | None:
-    """The entry the card records: the catalog's, or one made from the flags or the file's metadata."""
-    return fetched_entry(
-        plan.entry, model, name=plan.name, sha256=sha256, size=size, request=request
-    )
-
-
-def _check_opens(
-    staged: Path, model: onnx.ModelProto, plan: _Plan, *, trusted: bool, catalog: Catalog
-) -> None:
+def _check_opens(staged: Path, model: Any, plan: _Plan, *, trusted: bool, catalog: Catalog) -> None:
     """Refuse a file onnxruntime cannot open, upgraded first when its opset is older than 7.
 
     A file nobody vouched for opens in a child first: a crash there is a refusal here. The stored

@@ -205,6 +205,24 @@ def _per_channel(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
     return (sum(values) / len(values),) * channels  # an RGB preset for a grayscale model
 
 
+def _check_against_graph(
+    request: PreprocessRequest, signature: InputSignature | None, *, name: str
+) -> None:
+    """Refuse flags that contradict the graph's fixed input: onnxruntime would only say 'invalid'."""
+    if signature is None:
+        return
+    for flag, asked, fixed in (
+        ("--size", request.size, signature.size),
+        ("--layout", request.layout, signature.layout),
+        ("--channels", request.channels, signature.channels),
+    ):
+        if asked is not None and fixed is not None and asked != fixed:
+            raise ZooError(
+                f"{name} has {flag[2:]} {fixed} (fixed in its graph), not {flag} {asked}; "
+                f"drop {flag} or pass {flag} {fixed}"
+            )
+
+
 def resolve_preprocess(
     base: Preprocess | None,
     request: PreprocessRequest,
@@ -226,6 +244,7 @@ def resolve_preprocess(
         start, known_geometry = _PLAIN, False
     else:
         raise unknown_preprocess(name, commands=commands)
+    _check_against_graph(request, signature, name=name)
     graph = signature if signature is not None and not known_geometry else None
     layout = request.layout or (graph and graph.layout) or start.layout
     channels = request.channels or (graph and graph.channels) or start.channels
