@@ -43,7 +43,8 @@ class Scale:
     deploy_latency_calls: int  # benchmark 4: batch-1 calls per repetition
     deploy_batch: int
     deploy_batch_calls: int  # batch calls per repetition: one call alone is too noisy a figure
-    transfer_photo_per_class: int | None  # benchmark 5: training images per class (None: all)
+    transfer_sets: tuple[str, ...]  # benchmark 5: flowers5, textures10 (if present), digits
+    transfer_photo_per_class: int | None  # training images per class (None: all)
     transfer_digits_per_class: int  # builtin:digits, the set unlike ImageNet
     transfer_size: int  # px of the convolution-training rows on photos (defaults: the model's own)
     transfer_epochs: int  # epochs of those rows
@@ -73,10 +74,11 @@ FULL = Scale(
     deploy_latency_calls=20,
     deploy_batch=32,
     deploy_batch_calls=5,
+    transfer_sets=("flowers5", "textures10", "digits"),
     transfer_photo_per_class=None,
     transfer_digits_per_class=20,
     transfer_size=128,
-    transfer_epochs=8,
+    transfer_epochs=6,
     transfer_default_epochs=None,
     transfer_eval_per_class=None,
     transfer_plot_per_class=(10, 20),
@@ -99,13 +101,14 @@ QUICK = Scale(
     deploy_latency_calls=5,
     deploy_batch=8,
     deploy_batch_calls=2,
+    transfer_sets=("flowers5", "digits"),
     transfer_photo_per_class=4,
     transfer_digits_per_class=4,
     transfer_size=64,
     transfer_epochs=1,
     transfer_default_epochs=1,
     transfer_eval_per_class=4,
-    transfer_plot_per_class=(2,),
+    transfer_plot_per_class=(),
     memory_images=64,
     memory_repetitions=1,
 )

@@ -47,13 +47,14 @@ class DataSet:
 def data_sets(scale: Scale, shared: Path = SHARED_DIR) -> tuple[list[DataSet], list[str]]:
     """The sets to run, and a note for each real photo set that is not there."""
     found, missing = [], []
-    for name in ("flowers5", "textures10"):
+    for name in [n for n in ("flowers5", "textures10") if n in scale.transfer_sets]:
         folder = shared / "datasets" / name
         if folder.is_dir():
             found.append(DataSet(name, str(folder), scale.transfer_photo_per_class, scale.transfer_size))  # fmt: skip
         else:
             missing.append(f"{name} skipped: {folder} is absent (it ships beside the repository, not in it)")  # fmt: skip
-    found.append(DataSet("digits", "builtin:digits", scale.transfer_digits_per_class, None))
+    if "digits" in scale.transfer_sets:
+        found.append(DataSet("digits", "builtin:digits", scale.transfer_digits_per_class, None))
     return found, missing
 
 

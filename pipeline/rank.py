@@ -111,7 +111,8 @@ def open_backbone(onnx_path: Path, *, name: str) -> FrozenBackbone:
     if missing:
         # It would probe fine in onnxruntime, but `zoo adapt` could not train it: not a candidate.
         raise UnsupportedModel(
-            f"uses operators onnx2torch cannot convert ({describe_ops(missing)}), so `zoo adapt` cannot train it"
+            f"uses operators onnx2torch cannot convert ({describe_ops(missing)}), so `zoo adapt` "
+            "cannot train it; pick another model from `zoo list`"
         )
     return FrozenBackbone(normalised, probe(normalised))
 

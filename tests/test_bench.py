@@ -244,12 +244,19 @@ def test_transfer_runs_the_real_photo_sets_present_and_notes_the_absent(tmp_path
     assert [s.name for s in sets] == ["digits"] and len(missing) == 2
     assert missing[0].startswith("flowers5 skipped:")
     (tmp_path / "datasets" / "textures10").mkdir(parents=True)
-    sets, missing = transfer.data_sets(common.QUICK, shared=tmp_path)
+    sets, missing = transfer.data_sets(common.FULL, shared=tmp_path)
     assert [s.name for s in sets] == ["textures10", "digits"] and len(missing) == 1
     textures, digits = sets
     assert textures.source == str(tmp_path / "datasets" / "textures10")
-    assert (textures.train_per_class, textures.train_size) == (4, 64)
-    assert (digits.source, digits.train_size) == ("builtin:digits", None)
+    assert (textures.train_per_class, textures.train_size) == (None, 128)
+    assert (digits.source, digits.train_per_class, digits.train_size) == (
+        "builtin:digits",
+        20,
+        None,
+    )
+    (tmp_path / "datasets" / "flowers5").mkdir(parents=True)
+    sets, _ = transfer.data_sets(common.QUICK, shared=tmp_path)  # quick: one photo set, tiny
+    assert [(s.name, s.train_per_class) for s in sets] == [("flowers5", 4), ("digits", 4)]
     assert transfer.ROWS == (
         "probe",
         "feature",
