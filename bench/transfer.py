@@ -104,8 +104,9 @@ def probe_row(split: DataSplit, *, models_dir: Path) -> Row:
     from zoo.workspace import open_model
 
     started = time.perf_counter()
-    path, card = open_model(MODEL_NAME, models_dir=models_dir, catalog=load_catalog())
-    preprocess = native_preprocess(card)
+    catalog = load_catalog()
+    path, card = open_model(MODEL_NAME, models_dir=models_dir, catalog=catalog)
+    preprocess = native_preprocess(card, path, catalog=catalog)
     if split.recommended_size:  # builtin:digits trains at 64 px unless told otherwise
         preprocess = preprocess.at_size(split.recommended_size)
     fit, _ = probe_split(

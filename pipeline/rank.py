@@ -265,18 +265,11 @@ def _open_candidate(
     return path, card, card.get("name") or name
 
 
-def native_preprocess(card: dict[str, Any]) -> Preprocess:
-    """The model's own preprocessing, at its own size (`zoo adapt` may resize from it)."""
-    from zoo.catalog import Preprocess
-    from zoo.errors import UnsupportedModel
+def native_preprocess(card: dict[str, Any], path: Path, *, catalog: Catalog) -> Preprocess:
+    """The model's own preprocessing, at its own size: the one rule `zoo adapt` uses too."""
+    from zoo.preprocess import model_preprocess
 
-    raw = (card.get("entry") or {}).get("preprocess")
-    if not raw:
-        raise UnsupportedModel(
-            f"the zoo does not document how {card.get('name', 'this model')} preprocesses images; "
-            "add a private catalog entry with its mean, std and size (zoo --catalog FILE)"
-        )
-    return Preprocess.from_dict(raw)
+    return model_preprocess(card, path, catalog=catalog, commands="zoo fetch")
 
 
 def _rank_one(
@@ -287,7 +280,7 @@ def _rank_one(
     images = len(split.train) + len(split.val)
     try:
         path, card, name = _open_candidate(name, models_dir=models_dir, catalog=catalog)
-        preprocess = native_preprocess(card)
+        preprocess = native_preprocess(card, path, catalog=catalog)
         backbone = open_backbone(path, name=name)
         log(f"{name}: features of {images} images at {preprocess.crop} px")
         fit, feature_dim = probe_split(
