@@ -96,7 +96,8 @@ def tiny_zoo(tmp_path: Path) -> tuple[Path, Path, Path]:
     models_dir = tmp_path / "models"
     for name in files:
         fetch(name, models_dir=models_dir, catalog=load_catalog(catalog_file), progress=False)
-    undocumented = save(gemm_head(), tmp_path / "undocumented.onnx")
+    # Another graph than tiny-gemm: the same bytes would be known by their sha256 and documented.
+    undocumented = save(gemm_head(softmax=True), tmp_path / "undocumented.onnx")
     return models_dir, catalog_file, undocumented
 
 
@@ -128,7 +129,10 @@ def test_rank_probes_each_candidate_and_gives_reasons(tiny_zoo, tmp_path, monkey
         assert probed.reason is None and 0 <= probed.val_accuracy <= 1
         assert probed.feature_dim == 6 and probed.image_size == SIZE
         assert probed.images == result.train_images + result.val_images == 24
-    assert "does not document how undocumented preprocesses" in by_name["undocumented"].reason
+    assert (
+        "does not know how undocumented preprocesses images: pass --preprocess"
+        in by_name["undocumented"].reason
+    )
     assert "not fetched yet; run `zoo fetch mobilenetv2-12`" in by_name["mobilenetv2-12"].reason
     assert "nor in the catalog" in by_name["nosuchmodel"].reason
     assert result.best.name == result.models[0].name
@@ -187,7 +191,7 @@ def test_rank_command_json_shape(tiny_zoo, tmp_path) -> None:
     assert first["rank"] == 1 and first["name"] == "tiny-gemm" and first["reason"] is None
     assert set(first) >= {"val_accuracy", "val_loss", "c", "feature_dim", "images", "seconds"}
     assert second["rank"] is None and second["val_accuracy"] is None
-    assert "does not document" in second["reason"]
+    assert "does not know how undocumented preprocesses images" in second["reason"]
 
 
 @pytest.mark.slow
