@@ -30,6 +30,7 @@ TABLE_STEPS = ("fetch", "inspect", "adapt", "export", "verify")
 MARKERS = ("<!-- compat -->", "<!-- /compat -->")
 README_HEADING = "## Which models work"
 COMMAND_TIMEOUT_S = 900
+CELL_CHARS = 200  # longer messages are cut in the table (the JSON keeps them whole)
 CRASH_SIGNS = ("internal error", "Traceback (most recent call last)")
 
 
@@ -55,7 +56,11 @@ class Step:
         if self.exit_code is None and not self.crashed:
             return "–"
         text = ("CRASH " if self.crashed else "") + self.message
-        return text.replace("|", "\\|")[:160]
+        if len(text) > CELL_CHARS:
+            text = (
+                text[:CELL_CHARS].rstrip() + "…" + ("`" if text[:CELL_CHARS].count("`") % 2 else "")
+            )
+        return text.replace("|", "\\|")
 
 
 @dataclass

@@ -286,6 +286,9 @@ def test_compat_judges_a_refusal_a_crash_and_a_kill() -> None:
     assert judge("export", [], 0, "Traceback (most recent call last): ...", "").crashed
     assert judge("export", [], -9, "", "").crashed  # killed by a signal
     assert judge("fetch", [], 0, "/models/x/model.onnx\n", "").cell() == "✓"
+    long = judge("inspect", [], 1, "", "zoo: error: " + "x" * 190 + " see `zoo list` now")
+    assert long.cell().endswith("…`") and long.cell().count("`") == 2  # no open code span
+    assert judge("a", [], 1, "", "zoo: error: a | b").cell() == "a \\| b"
 
 
 def test_compat_runs_the_real_cli_and_writes_the_readme_section(tmp_path: Path) -> None:
