@@ -202,7 +202,13 @@ def _adapt_options(function):  # noqa: ANN001, ANN202
             show_default=True,
             help="gradual: epochs between unfreezing one more block.",
         ),
-        click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True),
+        click.option(
+            "--epochs",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Training epochs [default: 20; feature: until the head converges, "
+            "an epoch being one L-BFGS step over all training features].",
+        ),
         click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
         click.option(
             "--lr",

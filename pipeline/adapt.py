@@ -32,6 +32,7 @@ STRATEGIES = ("auto", "feature", "finetune", "gradual", "full", "scratch")
 # (64 px, 20 images per class, 15 epochs, finetune top 2 blocks): d=0.1 68% test accuracy, d=0.5 77%,
 # d=1 83%. `full` is for data unlike ImageNet, where every layer must move: one rate for all
 # (all digits, 20 epochs: 98% test accuracy).
+DEFAULT_EPOCHS = 20
 DEFAULT_LR_DECAY = {"finetune": 0.5, "gradual": 0.5, "full": 1.0, "scratch": 1.0, "feature": 1.0}
 
 
@@ -45,7 +46,7 @@ class AdaptOptions:
     strategy: str = "auto"
     unfreeze: int | None = None
     unfreeze_every: int = 1
-    epochs: int = 20
+    epochs: int | None = None  # None: DEFAULT_EPOCHS, or until the head converges for `feature`
     batch_size: int = 32
     lr: float = 3e-4
     lr_decay: float | None = None  # None: by strategy (DEFAULT_LR_DECAY)
@@ -321,7 +322,7 @@ def adapt(
         log(f"scratch: random weights, {scaled} layers scaled to unit variance on training images")
 
     config = TrainConfig(
-        epochs=options.epochs,
+        epochs=options.epochs or DEFAULT_EPOCHS,
         batch_size=options.batch_size,
         lr=options.lr,
         lr_decay=options.lr_decay if options.lr_decay is not None else DEFAULT_LR_DECAY[strategy],
@@ -377,19 +378,36 @@ def adapt(
         return None  # the features are shared out; rank 0 trains the head on its own
     from zoo.console import epoch_bar_factory
 
-    state: TrainState = fit(
-        setup.model,
-        setup.plan,
-        make_train_loader=setup.make_train_loader,
-        val_loader=setup.val_loader,
-        config=config,
-        run_dir=run_dir,
-        resume=options.resume,
-        saved_model=adapted,
-        log=log,
-        progress_factory=epoch_bar_factory() if progress else None,
-        dist=setup.dist,
-    )
+    if setup.head_features is not None:
+        # Only the head trains, on features that never change: solve it (seconds) instead.
+        from pipeline.solve import fit_head
+
+        solved = fit_head(
+            setup.model.head,
+            train=setup.head_features[0],
+            val=setup.head_features[1],
+            config=config,
+            max_epochs=options.epochs,
+            run_dir=run_dir,
+            saved_model=adapted,
+            log=log,
+        )
+        state: TrainState = solved.state
+        record["head_fit"] = solved.to_dict()
+    else:
+        state = fit(
+            setup.model,
+            setup.plan,
+            make_train_loader=setup.make_train_loader,
+            val_loader=setup.val_loader,
+            config=config,
+            run_dir=run_dir,
+            resume=options.resume,
+            saved_model=adapted,
+            log=log,
+            progress_factory=epoch_bar_factory() if progress else None,
+            dist=setup.dist,
+        )
 
     from pipeline.report import write_run_report
     from pipeline.train import count_trainable, evaluate
