@@ -243,8 +243,9 @@ def _adapt_options(function):  # noqa: ANN001, ANN202
         click.option(
             "--augment",
             type=click.Choice(["none", "light", "strong"]),
-            default="none",
-            show_default=True,
+            default=None,
+            help="Training augmentation [default: light for photos when convolution layers "
+            "train (finetune, gradual, full, scratch), else none].",
         ),
         click.option(
             "--flip/--no-flip",

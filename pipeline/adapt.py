@@ -53,7 +53,7 @@ class AdaptOptions:
     optimizer: str = "adam"
     patience: int = 10
     label_smoothing: float = 0.0
-    augment: str = "none"
+    augment: str | None = None  # None: by strategy and data (default_augment)
     flip: bool | None = None  # horizontal flips in augmentation; None: unless the data forbids them
     image_size: int | None = None
     device: str = "auto"
@@ -213,23 +213,84 @@ def _claim_run(
 
 
 def _auto_strategy(
-    imported: Any, split: DataSplit, card: dict[str, Any], *, num_blocks: int
-) -> tuple[str, int | None, str]:
-    """`--strategy auto`: the rule of thumb applied to this data's size and measured similarity."""
+    imported: Any,
+    adapted: nn.Module,
+    split: DataSplit,
+    card: dict[str, Any],
+    *,
+    preprocess: Preprocess,
+    config: TrainConfig,
+    num_blocks: int,
+    cache_dir: Path,
+    log: Callable[[str], None],
+) -> tuple[str, int | None, str, dict[str, Any]]:
+    """`--strategy auto`: measured on the validation split (pipeline.surgery.auto), never on test."""
     from pipeline.fastpath import preprocessed_batch
-    from pipeline.surgery.auto import choose_strategy, imagenet_confidence
-
-    # Judge similarity at the model's own input size: at other sizes the ImageNet head is
-    # confidently wrong about almost anything (digits: 0.46 at 64 px, 0.09 at 224 px).
-    native = _resolve_preprocess(card, dataclasses.replace(split, recommended_size=None), None)
-    confidence = imagenet_confidence(
-        imported.onnx_model,
-        input_name=imported.probe.input_name,
-        batch=preprocessed_batch(split.train[:64], native),
-        output_kind=imported.probe.output_kind,
+    from pipeline.surgery.auto import (
+        IMAGENET_CLASSES,
+        choose_strategy,
+        imagenet_confidence,
+        measure,
     )
-    per_class = len(split.train) / len(split.class_names)
-    return choose_strategy(per_class=per_class, confidence=confidence, num_blocks=num_blocks)
+
+    confidence = None
+    if imported.probe.num_classes == IMAGENET_CLASSES:
+        # Judge similarity at the model's own input size: at other sizes the ImageNet head is
+        # confidently wrong about almost anything (digits: 0.46 at 64 px, 0.09 at 224 px).
+        native = _resolve_preprocess(card, dataclasses.replace(split, recommended_size=None), None)
+        confidence = imagenet_confidence(
+            imported.onnx_model,
+            input_name=imported.probe.input_name,
+            batch=preprocessed_batch(split.train[:64], native),
+            output_kind=imported.probe.output_kind,
+        )
+    evidence = measure(
+        imported=imported,
+        adapted=adapted,
+        split=split,
+        preprocess=preprocess,
+        config=config,
+        cache_dir=cache_dir,
+        model_sha256=card.get("sha256") or "",
+        num_blocks=num_blocks,
+        confidence=confidence,
+        log=log,
+    )
+    strategy, unfreeze, reason = choose_strategy(evidence, num_blocks=num_blocks)
+    return strategy, unfreeze, reason, evidence.to_dict()
+
+
+def _train_config(options: AdaptOptions, strategy: str, device: str) -> TrainConfig:
+    """The hyperparameters of a run with `strategy`: the options, defaults filled in by strategy."""
+    return TrainConfig(
+        epochs=options.epochs or DEFAULT_EPOCHS,
+        batch_size=options.batch_size,
+        lr=options.lr,
+        lr_decay=options.lr_decay if options.lr_decay is not None else DEFAULT_LR_DECAY[strategy],
+        optimizer=options.optimizer,
+        patience=options.patience,
+        label_smoothing=options.label_smoothing,
+        seed=options.seed,
+        device=device,
+        amp=device == "cuda",
+        channels_last=device == "cuda",
+    )
+
+
+# Strategies whose convolution layers train: light augmentation by default on photo data.
+AUGMENTED_STRATEGIES = frozenset({"finetune", "gradual", "full", "scratch"})
+
+
+def default_augment(strategy: str, split: DataSplit) -> str:
+    """--augment when not given: light for photo data where convolution layers train, else none.
+
+    `feature` trains on cached features of the unaugmented images (augmented views measured no
+    better for the solved head); built-in sets like digits are not photos and stay unaugmented.
+    """
+    from pipeline.images import BUILTIN_PREFIX
+
+    photos = not split.source.startswith(BUILTIN_PREFIX)
+    return "light" if photos and strategy in AUGMENTED_STRATEGIES else "none"
 
 
 def _flip(options: AdaptOptions, split: DataSplit, log: Callable[[str], None]) -> bool:
@@ -239,7 +300,7 @@ def _flip(options: AdaptOptions, split: DataSplit, log: Callable[[str], None]) -
     if options.flip is not None:
         return options.flip
     safe = mirror_safe(split)
-    if not safe and options.augment != "none":
+    if not safe and options.augment not in (None, "none"):
         log(
             f"no horizontal flips: mirrored {split.source_name} images change class (--flip forces them)"
         )
@@ -311,29 +372,30 @@ def adapt(
 
     blocks = discover_blocks(adapted)
     strategy, unfreeze, reason = options.strategy, options.unfreeze, "chosen with --strategy"
+    evidence = None
     if strategy == "auto":
-        strategy, unfreeze, reason = _auto_strategy(imported, split, card, num_blocks=len(blocks))
+        strategy, unfreeze, reason, evidence = _auto_strategy(
+            imported,
+            adapted,
+            split,
+            card,
+            preprocess=preprocess,
+            config=_train_config(options, "finetune", device),
+            num_blocks=len(blocks),
+            cache_dir=models_dir / ".cache" / "features",
+            log=log,
+        )
         log(f"strategy auto -> {strategy}: {reason}")
     # Workers must agree even if their onnxruntime scores differ in the last bit.
-    strategy, unfreeze, reason = dist.broadcast_object((strategy, unfreeze, reason))
+    strategy, unfreeze, reason, evidence = dist.broadcast_object(
+        (strategy, unfreeze, reason, evidence)
+    )
     plan = make_plan(adapted, strategy, unfreeze=unfreeze, every=options.unfreeze_every)
     if plan.strategy.reinit:
         scaled = _calibrate_scratch(adapted, split, preprocess)
         log(f"scratch: random weights, {scaled} layers scaled to unit variance on training images")
 
-    config = TrainConfig(
-        epochs=options.epochs or DEFAULT_EPOCHS,
-        batch_size=options.batch_size,
-        lr=options.lr,
-        lr_decay=options.lr_decay if options.lr_decay is not None else DEFAULT_LR_DECAY[strategy],
-        optimizer=options.optimizer,
-        patience=options.patience,
-        label_smoothing=options.label_smoothing,
-        seed=options.seed,
-        device=device,
-        amp=device == "cuda",
-        channels_last=device == "cuda",
-    )
+    config = _train_config(options, strategy, device)
     record = runs.start_record(
         options,
         previous=previous,
@@ -343,7 +405,12 @@ def adapt(
             "sha256": card.get("sha256"),
             "url": card.get("source_url"),
         },
-        choice={"strategy": strategy, "strategy_reason": reason, "unfreeze": unfreeze},
+        choice={
+            "strategy": strategy,
+            "strategy_reason": reason,
+            "unfreeze": unfreeze,
+            "auto": evidence,
+        },
         blocks=[b.name for b in blocks],
         config=config,
         preprocess=preprocess,
@@ -359,9 +426,13 @@ def adapt(
         f"{len(split.test)} test images, {preprocess.crop} px) with {strategy} on {device}; run: {run_dir}"
     )
 
+    augment = options.augment or default_augment(strategy, split)
+    if options.augment is None and augment != "none":
+        log(f"{augment} augmentation of the training images (--augment none turns it off)")
+    record["augment"] = augment
     setup = fastpath.prepare(
         strategy=strategy,
-        augment=options.augment,
+        augment=augment,
         flip=_flip(options, split, log),
         imported=imported,
         adapted=adapted,

@@ -7,7 +7,6 @@ import csv
 import json
 import os
 import queue
-import re
 import shutil
 import signal
 import subprocess
@@ -25,7 +24,7 @@ from cli import main
 from pipeline.adapt import AdaptOptions, AdaptResult, adapt, build_model
 from pipeline.data import DataSplit
 from pipeline.deploy import load_run
-from pipeline.surgery.auto import choose_strategy
+from pipeline.surgery.auto import AutoEvidence, choose_strategy
 from pipeline.train import RESUME_POINT
 from zoo.catalog import Catalog, load_catalog
 
@@ -255,20 +254,22 @@ def test_auto_says_which_strategy_and_why(auto_run: tuple[dict, dict, str]) -> N
     strategy, reason = record["strategy"], record["strategy_reason"]
     assert summary["strategy"] == strategy and summary["strategy_reason"] == reason
     assert f"strategy auto -> {strategy}: {reason}" in log
-    assert reason.startswith("small data (3 training images per class), ")
-    # The choice is the documented rule applied to the figures the reason gives.
-    confidence = float(re.search(r"mean confidence is ([0-9.]+)", reason).group(1))
-    assert 0 < confidence < 1
-    chosen = choose_strategy(per_class=3, confidence=confidence, num_blocks=len(record["blocks"]))
+    assert "3 training images per class" in reason and "validation accuracy: probe" in reason
+    # The choice is the documented rule applied to the measurements run.json records.
+    evidence = AutoEvidence(**record["auto"])
+    assert 0 < evidence.probe_val_acc <= 1 and evidence.finetune_val_acc is not None
+    chosen = choose_strategy(evidence, num_blocks=len(record["blocks"]))
     assert chosen == (strategy, record["unfreeze"], reason)
     assert record["epochs_run"] == 1 and record["status"] == "done"
 
 
 @pytest.mark.slow
-def test_auto_judges_handwritten_digits_unlike_imagenet(auto_run: tuple[dict, dict, str]) -> None:
+def test_auto_reports_imagenet_confidence_for_an_imagenet_head(
+    auto_run: tuple[dict, dict, str],
+) -> None:
     _, record, _ = auto_run
-    assert "unlike ImageNet" in record["strategy_reason"]
-    assert record["strategy"] == "finetune"
+    assert 0 < record["auto"]["confidence"] < 1 and record["auto"]["head_classes"] == 1000
+    assert "ImageNet head's mean confidence" in record["strategy_reason"]
 
 
 # --- kill and resume --------------------------------------------------------------------------
