@@ -164,12 +164,14 @@ def _solve_linear(
         loss = loss + 0.5 * weight_decay * weight.pow(2).sum()
         loss.backward()
         evaluations += 1
-        if each is not None:
+        # The line search may overshoot the cap by a few evaluations; the history stops at it.
+        if each is not None and evaluations <= max_evaluations:
             each(evaluations, weight.detach(), bias.detach())
         return loss
 
     optimizer.step(closure)
-    return weight.detach(), bias.detach(), evaluations, evaluations < max_evaluations
+    converged = evaluations < max_evaluations
+    return weight.detach(), bias.detach(), min(evaluations, max_evaluations), converged
 
 
 def fit_linear(
