@@ -16,6 +16,7 @@ stopping on the validation loss. The test split takes no part in any choice made
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.train import BEST_CHECKPOINT, RESUME_POINT, EpochRecord, TrainConfig, TrainState
+from zoo.errors import TrainingError
 
 if TYPE_CHECKING:
     import torch
@@ -70,7 +72,7 @@ class HeadFit:
         return {
             "method": self.method,
             "weight_decay": self.weight_decay,
-            "candidates": [c.__dict__ for c in self.candidates],
+            "candidates": [dataclasses.asdict(c) for c in self.candidates],
             "summary": self.summary,
         }
 
@@ -109,12 +111,13 @@ def _first_linear(head: nn.Module) -> nn.Linear:
     return next(m for m in head.modules() if isinstance(m, nn.Linear))
 
 
-def _scores(
-    logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0
-) -> tuple[float, float]:
+def _scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(cross-entropy, accuracy); NaN for an empty split."""
     import torch.nn.functional as F
 
-    loss = float(F.cross_entropy(logits.float(), labels, label_smoothing=smoothing))
+    if not len(labels):
+        return math.nan, math.nan
+    loss = float(F.cross_entropy(logits.float(), labels))
     return loss, float((logits.argmax(1) == labels).float().mean())
 
 
@@ -192,7 +195,6 @@ def fit_linear(
     num_classes = linear.out_features
     candidates: list[Candidate] = []
     start = None
-    solutions = {}
     # From strong to weak regularisation, each solve warm-starts from the previous one.
     for inverse in INVERSE_REGULARISATION:
         weight_decay = 1.0 / (inverse * len(scaled_train.labels))
@@ -205,12 +207,8 @@ def fit_linear(
             start=start,
         )
         start = (weight, bias)
-        if len(val.labels):
-            val_loss, val_acc = _scores(scaled_val.features @ weight.T + bias, val.labels)
-        else:
-            val_loss, val_acc = math.nan, math.nan
+        val_loss, val_acc = _scores(scaled_val.features @ weight.T + bias, val.labels)
         candidates.append(Candidate(weight_decay, val_loss, val_acc, iterations))
-        solutions[weight_decay] = (weight, bias)
     scored = [c for c in candidates if not math.isnan(c.val_acc)]
     # The best validation accuracy; among equals the strongest weight decay, the simplest model
     # the evidence allows (a finer tie-break overfits a validation split of 80 images: measured).
@@ -226,10 +224,7 @@ def fit_linear(
 
     def record(iteration: int, weight: torch.Tensor, bias: torch.Tensor) -> None:
         train_loss, train_acc = _scores(scaled_train.features @ weight.T + bias, train.labels)
-        if len(val.labels):
-            val_loss, val_acc = _scores(scaled_val.features @ weight.T + bias, val.labels)
-        else:
-            val_loss, val_acc = math.nan, math.nan
+        val_loss, val_acc = _scores(scaled_val.features @ weight.T + bias, val.labels)
         history.append(
             EpochRecord(
                 epoch=iteration,
@@ -318,9 +313,7 @@ def fit_adam(
             correct += int((logits.argmax(1) == train.labels[batch]).sum())
         head.eval()
         with torch.no_grad():
-            val_loss, val_acc = (
-                _scores(head(scaled_val), val.labels) if len(val.labels) else (math.nan, math.nan)
-            )
+            val_loss, val_acc = _scores(head(scaled_val), val.labels)
         state.history.append(
             EpochRecord(
                 epoch=epoch,
@@ -378,6 +371,10 @@ def fit_head(
 
     from pipeline.checkpoint import save_resume_point, save_weights
 
+    if not len(train.labels):
+        raise TrainingError(
+            "the training split is empty; add images or lower the validation/test share"
+        )
     threads = torch.get_num_threads()
     # The problems are tiny: more threads only spin against each other (10x slower, measured).
     torch.set_num_threads(1)

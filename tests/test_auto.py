@@ -105,3 +105,11 @@ def test_poisoned_test_split_does_not_change_the_choice(
     assert results[0] == results[1]
     evidence = results[0][0]
     assert 0 < evidence.probe_val_acc <= 1 and evidence.finetune_val_acc is not None
+
+
+def test_without_validation_images_the_rule_of_thumb_decides() -> None:
+    blind = AutoEvidence(per_class=24, probe_val_acc=float("nan"), confidence=0.4)
+    strategy, _, reason = choose_strategy(blind, num_blocks=BLOCKS)
+    assert strategy == "feature" and reason.startswith("no validation images to measure on")
+    other_head = dataclasses.replace(blind, confidence=None, head_classes=4)
+    assert choose_strategy(other_head, num_blocks=BLOCKS)[:2] == ("finetune", 2)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,6 +70,10 @@ def choose_strategy(evidence: AutoEvidence, *, num_blocks: int) -> tuple[str, in
             f"the pretrained head has {evidence.head_classes} classes, not ImageNet's "
             f"{IMAGENET_CLASSES}: its confidence is not used"
         )
+    if math.isnan(evidence.probe_val_acc):
+        return _rule_of_thumb(
+            evidence, small=small, size=size, similarity=similarity, num_blocks=num_blocks
+        )
     if evidence.finetune_val_acc is not None:
         k = evidence.finetune_blocks
         measured = (
@@ -97,6 +102,20 @@ def choose_strategy(evidence: AutoEvidence, *, num_blocks: int) -> tuple[str, in
         k,
         f"validation accuracy: {probe} on {size} ({similarity}): fine-tune the top {k} blocks",
     )
+
+
+def _rule_of_thumb(
+    evidence: AutoEvidence, *, small: bool, size: str, similarity: str, num_blocks: int
+) -> tuple[str, int | None, str]:
+    """No validation split to measure on: size x ImageNet similarity (the confidence, if usable)."""
+    similar = evidence.confidence is not None and evidence.confidence >= SIMILAR_CONFIDENCE
+    why = f"no validation images to measure on; {size}; {similarity}"
+    if small and similar:
+        return "feature", None, f"{why}: train only a new head on frozen features"
+    k = max(1, num_blocks // 4) if small else max(2, num_blocks // 2)
+    if small or similar:
+        return "finetune", k, f"{why}: fine-tune the top {k} blocks"
+    return "full", None, f"{why}: fine-tune every layer from the pretrained start"
 
 
 def imagenet_confidence(onnx_model: Any, *, input_name: str, batch: Any, output_kind: str) -> float:
