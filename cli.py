@@ -206,8 +206,8 @@ def _adapt_options(function):  # noqa: ANN001, ANN202
             "--epochs",
             type=click.IntRange(min=1),
             default=None,
-            help="Training epochs [default: 20; feature: until the head converges, "
-            "an epoch being one L-BFGS step over all training features].",
+            help="Training epochs [default: 20]. The feature head is solved to convergence "
+            "instead (each L-BFGS pass is one history row).",
         ),
         click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
         click.option(

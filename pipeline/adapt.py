@@ -46,7 +46,9 @@ class AdaptOptions:
     strategy: str = "auto"
     unfreeze: int | None = None
     unfreeze_every: int = 1
-    epochs: int | None = None  # None: DEFAULT_EPOCHS, or until the head converges for `feature`
+    epochs: int | None = (
+        None  # None: DEFAULT_EPOCHS (the `feature` head is solved, not trained by epochs)
+    )
     batch_size: int = 32
     lr: float = 3e-4
     lr_decay: float | None = None  # None: by strategy (DEFAULT_LR_DECAY)
@@ -458,7 +460,7 @@ def adapt(
             train=setup.head_features[0],
             val=setup.head_features[1],
             config=config,
-            max_epochs=options.epochs,
+            max_epochs=None,  # a convex solve runs to convergence, whatever --epochs says
             run_dir=run_dir,
             saved_model=adapted,
             log=log,

@@ -105,7 +105,7 @@ def test_awkward_image_folder_trains_and_reports_bad_files(workspace: Path, tmp_
     run = Path(summary["run_dir"])
     assert run.parent == workspace and run.name.isascii()
     record = json.loads((run / "run.json").read_text(encoding="utf-8"))
-    assert record["status"] == "done" and record["epochs_run"] == 1
+    assert record["status"] == "done" and record["epochs_run"] >= 1
     assert record["class_names"] == ["café au lait", "plain", "猫"]
     # The three unreadable files are counted, named in the log, and listed in the split.
     assert record["data"]["skipped"] == len(expected["bad"]) == 3
@@ -178,11 +178,15 @@ def test_every_strategy_completes_and_writes_its_run(
 ) -> None:
     result = strategy_runs[strategy]
     assert result.strategy == strategy and result.strategy_reason == "chosen with --strategy"
-    assert result.epochs_run == 2 and result.stopped == "epochs done"
+    if strategy == "feature":  # solved to convergence, one history row per L-BFGS pass
+        assert result.stopped.startswith("converged after") and result.epochs_run > 2
+        assert "lbfgs" in history(result.run_dir)[0]["lr"]
+    else:
+        assert result.epochs_run == 2 and result.stopped == "epochs done"
     for name in RUN_FILES:
         assert (result.run_dir / name).is_file(), name
     rows = history(result.run_dir)
-    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert [int(r["epoch"]) for r in rows] == list(range(1, result.epochs_run + 1))
     record = json.loads((result.run_dir / "run.json").read_text())
     assert record["status"] == "done" and record["strategy"] == strategy
     assert record["data"]["train"] == 30 and record["preprocess"]["crop"] == 64
@@ -203,7 +207,7 @@ def test_trainable_parameters_follow_the_strategy(
     )
     total = sum(p.numel() for p in model.parameters())
     head = sum(p.numel() for p in model.head.parameters())
-    assert trainable["feature"] == [head, head]
+    assert set(trainable["feature"]) == {head}
     assert head < trainable["finetune"][0] == trainable["finetune"][1] < total
     assert trainable["gradual"][0] == head < trainable["gradual"][1] < total  # grows
     assert trainable["full"] == trainable["scratch"] == [total, total]
