@@ -46,9 +46,8 @@ class AdaptOptions:
     strategy: str = "auto"
     unfreeze: int | None = None
     unfreeze_every: int = 1
-    epochs: int | None = (
-        None  # None: DEFAULT_EPOCHS (the `feature` head is solved, not trained by epochs)
-    )
+    # None: DEFAULT_EPOCHS. The `feature` head on cached features is solved, not trained by epochs.
+    epochs: int | None = None
     batch_size: int = 32
     lr: float = 3e-4
     lr_decay: float | None = None  # None: by strategy (DEFAULT_LR_DECAY)
@@ -286,8 +285,8 @@ AUGMENTED_STRATEGIES = frozenset({"finetune", "gradual", "full", "scratch"})
 def default_augment(strategy: str, split: DataSplit) -> str:
     """--augment when not given: light for photo data where convolution layers train, else none.
 
-    `feature` trains on cached features of the unaugmented images (augmented views measured no
-    better for the solved head); built-in sets like digits are not photos and stay unaugmented.
+    `feature` solves its head on cached features of the unaugmented images (augmentation would
+    defeat the cache); built-in sets like digits are not photos and stay unaugmented.
     """
     from pipeline.images import BUILTIN_PREFIX
 
