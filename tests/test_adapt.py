@@ -264,7 +264,9 @@ def test_auto_says_which_strategy_and_why(auto_run: tuple[dict, dict, str]) -> N
     assert 0 < evidence.probe_val_acc <= 1 and evidence.finetune_val_acc is not None
     chosen = choose_strategy(evidence, num_blocks=len(record["blocks"]))
     assert chosen == (strategy, record["unfreeze"], reason)
-    assert record["epochs_run"] == 1 and record["status"] == "done"
+    assert record["status"] == "done"
+    # --epochs 1 bounds epoch-trained strategies; a `feature` head is solved to convergence.
+    assert record["epochs_run"] == 1 or strategy == "feature"
 
 
 @pytest.mark.slow
