@@ -309,7 +309,13 @@ def _adapt_options(function):  # noqa: ANN001, ANN202
             show_default=True,
             help="gradual: epochs between unfreezing one more block.",
         ),
-        click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True),
+        click.option(
+            "--epochs",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Training epochs [default: 20]. The feature head is solved to convergence "
+            "instead (each L-BFGS pass is one history row).",
+        ),
         click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
         click.option(
             "--lr",
@@ -344,8 +350,9 @@ def _adapt_options(function):  # noqa: ANN001, ANN202
         click.option(
             "--augment",
             type=click.Choice(["none", "light", "strong"]),
-            default="none",
-            show_default=True,
+            default=None,
+            help="Training augmentation [default: light for photos when convolution layers "
+            "train (finetune, gradual, full, scratch), else none].",
         ),
         click.option(
             "--flip/--no-flip",

@@ -34,6 +34,7 @@ STRATEGIES = ("auto", "feature", "finetune", "gradual", "full", "scratch")
 # (64 px, 20 images per class, 15 epochs, finetune top 2 blocks): d=0.1 68% test accuracy, d=0.5 77%,
 # d=1 83%. `full` is for data unlike ImageNet, where every layer must move: one rate for all
 # (all digits, 20 epochs: 98% test accuracy).
+DEFAULT_EPOCHS = 20
 DEFAULT_LR_DECAY = {"finetune": 0.5, "gradual": 0.5, "full": 1.0, "scratch": 1.0, "feature": 1.0}
 
 
@@ -47,14 +48,15 @@ class AdaptOptions:
     strategy: str = "auto"
     unfreeze: int | None = None
     unfreeze_every: int = 1
-    epochs: int = 20
+    # None: DEFAULT_EPOCHS. The `feature` head on cached features is solved, not trained by epochs.
+    epochs: int | None = None
     batch_size: int = 32
     lr: float = 3e-4
     lr_decay: float | None = None  # None: by strategy (DEFAULT_LR_DECAY)
     optimizer: str = "adam"
     patience: int = 10
     label_smoothing: float = 0.0
-    augment: str = "none"
+    augment: str | None = None  # None: by strategy and data (default_augment)
     flip: bool | None = None  # horizontal flips in augmentation; None: unless the data forbids them
     image_size: int | None = None
     device: str = "auto"
@@ -246,22 +248,84 @@ def _claim_run(
 
 
 def _auto_strategy(
-    imported: Any, split: DataSplit, native: Preprocess, *, num_blocks: int
-) -> tuple[str, int | None, str]:
-    """`--strategy auto`: the rule of thumb applied to this data's size and measured similarity."""
+    imported: Any,
+    adapted: nn.Module,
+    split: DataSplit,
+    card: dict[str, Any],
+    *,
+    native: Preprocess,
+    preprocess: Preprocess,
+    config: TrainConfig,
+    num_blocks: int,
+    cache_dir: Path,
+    log: Callable[[str], None],
+) -> tuple[str, int | None, str, dict[str, Any]]:
+    """`--strategy auto`: measured on the validation split (pipeline.surgery.auto), never on test."""
     from pipeline.fastpath import preprocessed_batch
-    from pipeline.surgery.auto import choose_strategy, imagenet_confidence
-
-    # Judge similarity at the model's own input size: at other sizes the ImageNet head is
-    # confidently wrong about almost anything (digits: 0.46 at 64 px, 0.09 at 224 px).
-    confidence = imagenet_confidence(
-        imported.onnx_model,
-        input_name=imported.probe.input_name,
-        batch=preprocessed_batch(split.train[:64], native),
-        output_kind=imported.probe.output_kind,
+    from pipeline.surgery.auto import (
+        IMAGENET_CLASSES,
+        choose_strategy,
+        imagenet_confidence,
+        measure,
     )
-    per_class = len(split.train) / len(split.class_names)
-    return choose_strategy(per_class=per_class, confidence=confidence, num_blocks=num_blocks)
+
+    confidence = None
+    if imported.probe.num_classes == IMAGENET_CLASSES:
+        # Judge similarity at the model's own input size: at other sizes the ImageNet head is
+        # confidently wrong about almost anything (digits: 0.46 at 64 px, 0.09 at 224 px).
+        confidence = imagenet_confidence(
+            imported.onnx_model,
+            input_name=imported.probe.input_name,
+            batch=preprocessed_batch(split.train[:64], native),
+            output_kind=imported.probe.output_kind,
+        )
+    evidence = measure(
+        imported=imported,
+        adapted=adapted,
+        split=split,
+        preprocess=preprocess,
+        config=config,
+        cache_dir=cache_dir,
+        model_sha256=card.get("sha256") or "",
+        num_blocks=num_blocks,
+        confidence=confidence,
+        log=log,
+    )
+    strategy, unfreeze, reason = choose_strategy(evidence, num_blocks=num_blocks)
+    return strategy, unfreeze, reason, evidence.to_dict()
+
+
+def _train_config(options: AdaptOptions, strategy: str, device: str) -> TrainConfig:
+    """The hyperparameters of a run with `strategy`: the options, defaults filled in by strategy."""
+    return TrainConfig(
+        epochs=options.epochs or DEFAULT_EPOCHS,
+        batch_size=options.batch_size,
+        lr=options.lr,
+        lr_decay=options.lr_decay if options.lr_decay is not None else DEFAULT_LR_DECAY[strategy],
+        optimizer=options.optimizer,
+        patience=options.patience,
+        label_smoothing=options.label_smoothing,
+        seed=options.seed,
+        device=device,
+        amp=device == "cuda",
+        channels_last=device == "cuda",
+    )
+
+
+# Strategies whose convolution layers train: light augmentation by default on photo data.
+AUGMENTED_STRATEGIES = frozenset({"finetune", "gradual", "full", "scratch"})
+
+
+def default_augment(strategy: str, split: DataSplit) -> str:
+    """--augment when not given: light for photo data where convolution layers train, else none.
+
+    `feature` solves its head on cached features of the unaugmented images (augmentation would
+    defeat the cache); built-in sets like digits are not photos and stay unaugmented.
+    """
+    from pipeline.images import BUILTIN_PREFIX
+
+    photos = not split.source.startswith(BUILTIN_PREFIX)
+    return "light" if photos and strategy in AUGMENTED_STRATEGIES else "none"
 
 
 def _flip(options: AdaptOptions, split: DataSplit, log: Callable[[str], None]) -> bool:
@@ -271,7 +335,7 @@ def _flip(options: AdaptOptions, split: DataSplit, log: Callable[[str], None]) -
     if options.flip is not None:
         return options.flip
     safe = mirror_safe(split)
-    if not safe and options.augment != "none":
+    if not safe and options.augment not in (None, "none"):
         log(
             f"no horizontal flips: mirrored {split.source_name} images change class (--flip forces them)"
         )
@@ -365,37 +429,45 @@ def adapt(
 
     blocks = discover_blocks(adapted)
     strategy, unfreeze, reason = options.strategy, options.unfreeze, "chosen with --strategy"
+    evidence = None
     if previous.get("strategy"):  # a resumed run keeps its choice, even one `auto` made
         strategy, unfreeze = previous["strategy"], previous.get("unfreeze")
         reason = previous.get("strategy_reason") or reason
+        evidence = previous.get("auto")
     elif strategy == "auto":
-        strategy, unfreeze, reason = _auto_strategy(imported, split, native, num_blocks=len(blocks))
+        strategy, unfreeze, reason, evidence = _auto_strategy(
+            imported,
+            adapted,
+            split,
+            card,
+            native=native,
+            preprocess=preprocess,
+            config=_train_config(options, "finetune", device),
+            num_blocks=len(blocks),
+            cache_dir=models_dir / ".cache" / "features",
+            log=log,
+        )
         log(f"strategy auto -> {strategy}: {reason}")
     # Workers must agree even if their onnxruntime scores differ in the last bit.
-    strategy, unfreeze, reason = dist.broadcast_object((strategy, unfreeze, reason))
+    strategy, unfreeze, reason, evidence = dist.broadcast_object(
+        (strategy, unfreeze, reason, evidence)
+    )
     plan = make_plan(adapted, strategy, unfreeze=unfreeze, every=options.unfreeze_every)
     if plan.strategy.reinit:
         scaled = _calibrate_scratch(adapted, split, preprocess)
         log(f"scratch: random weights, {scaled} layers scaled to unit variance on training images")
 
-    config = TrainConfig(
-        epochs=options.epochs,
-        batch_size=options.batch_size,
-        lr=options.lr,
-        lr_decay=options.lr_decay if options.lr_decay is not None else DEFAULT_LR_DECAY[strategy],
-        optimizer=options.optimizer,
-        patience=options.patience,
-        label_smoothing=options.label_smoothing,
-        seed=options.seed,
-        device=device,
-        amp=device == "cuda",
-        channels_last=device == "cuda",
-    )
+    config = _train_config(options, strategy, device)
     record = runs.start_record(
         options,
         previous=previous,
         source=source,
-        choice={"strategy": strategy, "strategy_reason": reason, "unfreeze": unfreeze},
+        choice={
+            "strategy": strategy,
+            "strategy_reason": reason,
+            "unfreeze": unfreeze,
+            "auto": evidence,
+        },
         blocks=[b.name for b in blocks],
         config=config,
         preprocess=preprocess,
@@ -411,9 +483,13 @@ def adapt(
         f"{len(split.test)} test images, {preprocess.crop} px) with {strategy} on {device}; run: {run_dir}"
     )
 
+    augment = options.augment or default_augment(strategy, split)
+    if options.augment is None and augment != "none":
+        log(f"{augment} augmentation of the training images (--augment none turns it off)")
+    record["augment"] = augment
     setup = fastpath.prepare(
         strategy=strategy,
-        augment=options.augment,
+        augment=augment,
         flip=_flip(options, split, log),
         imported=imported,
         adapted=adapted,
@@ -430,19 +506,36 @@ def adapt(
         return None  # the features are shared out; rank 0 trains the head on its own
     from zoo.console import epoch_bar_factory
 
-    state: TrainState = fit(
-        setup.model,
-        setup.plan,
-        make_train_loader=setup.make_train_loader,
-        val_loader=setup.val_loader,
-        config=config,
-        run_dir=run_dir,
-        resume=options.resume,
-        saved_model=adapted,
-        log=log,
-        progress_factory=epoch_bar_factory() if progress else None,
-        dist=setup.dist,
-    )
+    if setup.head_features is not None:
+        # Only the head trains, on features that never change: solve it (seconds) instead.
+        from pipeline.solve import fit_head
+
+        solved = fit_head(
+            setup.model.head,
+            train=setup.head_features[0],
+            val=setup.head_features[1],
+            config=config,
+            max_epochs=None,  # a convex solve runs to convergence, whatever --epochs says
+            run_dir=run_dir,
+            saved_model=adapted,
+            log=log,
+        )
+        state: TrainState = solved.state
+        record["head_fit"] = solved.to_dict()
+    else:
+        state = fit(
+            setup.model,
+            setup.plan,
+            make_train_loader=setup.make_train_loader,
+            val_loader=setup.val_loader,
+            config=config,
+            run_dir=run_dir,
+            resume=options.resume,
+            saved_model=adapted,
+            log=log,
+            progress_factory=epoch_bar_factory() if progress else None,
+            dist=setup.dist,
+        )
 
     from pipeline.report import write_run_report
     from pipeline.train import count_trainable, evaluate

@@ -37,6 +37,9 @@ class TrainingSetup:
     test_loader: Iterable
     description: str
     dist: DistContext = SINGLE  # the context training runs under (SINGLE: rank 0 trains alone)
+    # Pooled train and validation features when only the head trains on cached features: the
+    # head is then solved on them (pipeline.solve) instead of trained batch by batch.
+    head_features: tuple[Any, Any] | None = None
 
 
 def preprocessed_batch(samples: Sequence[Sample], preprocess: Preprocess) -> np.ndarray:
@@ -244,6 +247,18 @@ class _PlanOn:
         return self.plan.param_groups(self.adapted, **kwargs)
 
 
+def _pooled(model: _SuffixModel, loader: Any) -> Any:
+    """The [N, D] inputs of the head over a loader of cached features, in split order."""
+    import torch
+
+    from pipeline.solve import FeatureSet
+
+    cached, labels = loader.dataset.tensors
+    with torch.no_grad():
+        features = model.pool(model.suffix(cached.to(next(model.head.parameters()).device)))
+    return FeatureSet(features.float().cpu(), labels)
+
+
 def suffix_from(adapted: nn.Module, boundary: str) -> Any | None:
     """The backbone from ONNX value `boundary` to the feature tensor, as a GraphModule sharing weights.
 
@@ -327,8 +342,9 @@ def prepare(
                 if head_only
                 else "frozen prefix cached by onnxruntime"
             )
+            pooled = (_pooled(model, make_train(1)), _pooled(model, val)) if head_only else None
             return TrainingSetup(
-                model, _PlanOn(plan, adapted), make_train, val, test, what, train_dist
+                model, _PlanOn(plan, adapted), make_train, val, test, what, train_dist, pooled
             )
     make_train, val, test = _image_loaders(
         split, preprocess, augment=augment, flip=flip, config=config, dist=dist
