@@ -8,7 +8,8 @@ Each model goes through `zoo fetch`, `info`, `inspect`, then per data set `adapt
 them. A step passes with exit code 0; a clean refusal is its one-line `zoo: error:`; an
 "internal error" or a traceback anywhere is a bug (`Step.crashed`), whatever the exit code.
 Rows: every file in ../shared/models (when present) and every graph of
-tests/onnx_builders.TINY_GRAPHS, so a quirk added there gets its row here.
+tests/onnx_builders.TINY_GRAPHS (so a quirk added there gets its row here) and one old-opset
+graph per kind of tests/legacy_builders.py.
 """
 
 from __future__ import annotations
@@ -228,18 +229,32 @@ def real_files(shared: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
+# Old-opset kinds of tests/legacy_builders.py and the opset each is built at (its zoo family's).
+LEGACY_KINDS = {"caffe": 3, "bn": 1, "squeeze": 6, "shuffle": 6, "cntk": 1}
+
+
 def built_graphs(folder: Path) -> list[tuple[str, Path]]:
     """One file per quirk kind of tests/onnx_builders.TINY_GRAPHS, written into `folder`."""
     tests = str(ROOT / "tests")
     if tests not in sys.path:
         sys.path.insert(0, tests)
+    from legacy_builders import legacy_classifier
     from onnx_builders import TINY_GRAPHS, save
 
     folder.mkdir(parents=True, exist_ok=True)
-    return [
+    built = [
         (f"built-{kind}", save(build(), folder / f"built-{kind}.onnx"))
         for kind, (build, *_) in TINY_GRAPHS.items()
     ]
+    # The old idioms of the zoo's opset 1-6 files, one family each (tests/legacy_builders.py).
+    built += [
+        (
+            f"opset{opset}-{kind}",
+            save(legacy_classifier(kind, opset), folder / f"opset{opset}-{kind}.onnx"),
+        )
+        for kind, opset in LEGACY_KINDS.items()
+    ]
+    return built
 
 
 def tiny_photos(folder: Path, *, classes: int = 3, per_class: int = 6) -> Path:
