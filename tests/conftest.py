@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -63,3 +63,14 @@ def shared_dir() -> Path:
     if not (SHARED_DIR / "models").is_dir():
         pytest.skip(f"no real material at {SHARED_DIR} (a user's clone has none)")
     return SHARED_DIR
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread: on a shared 2-core machine, oversubscribed threads make this 100x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

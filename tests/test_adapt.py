@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,8 @@ from pipeline.surgery.auto import AutoEvidence, choose_strategy
 from pipeline.train import RESUME_POINT
 from zoo.catalog import Catalog, load_catalog
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 MODEL = "efficientnet-lite0"
 ROOT = Path(__file__).resolve().parents[1]
 RUN_FILES = (
@@ -40,15 +41,6 @@ RUN_FILES = (
     "curves.png",
     "confusion.png",
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread: on a shared 2-core machine, oversubscribed threads make this 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipeline.adapt import build_model
 from pipeline.data import DataSplit, Sample, subsample_per_class
@@ -18,15 +16,9 @@ from pipeline.train import TrainConfig
 from zoo.catalog import Preprocess, load_catalog
 from zoo.workspace import open_model
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 BLOCKS = 9
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_finetune_must_beat_the_probe_on_validation() -> None:

@@ -12,11 +12,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 from onnx_builders import TORCHVISION_ARCHS, input_size
 
 from pipeline.adapt import AdaptOptions, AdaptResult, adapt
@@ -28,7 +27,7 @@ from zoo.cache import fetch
 from zoo.catalog import BUNDLED_NAME, IMAGENET_PREPROCESS, Catalog, load_catalog
 from zoo.files import sha256_file
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 SOURCE_OPSET = 13  # the opset the torchvision files are written at before zoo imports them
 EXPORT_OPSETS = (13, 17)
@@ -36,15 +35,6 @@ ARCHS = [*TORCHVISION_ARCHS, BUNDLED_NAME]
 BUNDLED_SIZE = 64  # digits are trained at 64 px by default
 TEST_PER_CLASS = 8
 N_TEST = 10 * TEST_PER_CLASS
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread: on a shared 2-core machine, oversubscribed threads make this 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _catalog_entry(name: str, onnx_path: Path, size: int) -> dict:

@@ -8,7 +8,6 @@ end to end on images ends; only float rounding between onnxruntime and torch may
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,21 +23,14 @@ from pipeline.train import TrainConfig, TrainState, fit
 from zoo.catalog import Preprocess, load_catalog
 from zoo.workspace import open_model
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 EPOCHS = 2
 SIZE = 64
 # The fast paths see onnxruntime's features, the plain path torch's: they differ by ~1e-6,
 # and two epochs of Adam carry that into the weights without amplifying it much.
 WEIGHT_TOLERANCE = 1e-4
 LOSS_TOLERANCE = 1e-4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread: on a shared 2-core machine, oversubscribed threads make this 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,10 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 from image_builders import make_image_folder, write_rgb
 from onnx_builders import SIZE, gemm_head, matmul_head, save
@@ -28,16 +27,9 @@ from pipeline.train import RESUME_POINT
 from zoo.catalog import IMAGENET_PREPROCESS
 from zoo.files import sha256_file
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread: on a shared 2-core machine, oversubscribed threads make this 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _entry(name: str, onnx_path: Path) -> dict:

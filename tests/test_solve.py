@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +19,9 @@ from pipeline.train import BEST_CHECKPOINT, RESUME_POINT, TrainConfig
 from zoo.catalog import Preprocess, load_catalog
 from zoo.workspace import open_model
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SIZE = 64
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
