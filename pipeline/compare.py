@@ -33,6 +33,7 @@ class ComparisonResult:
                 "metrics_split": r.metrics.split,  # "val" when the data has no test split
                 "best_epoch": r.best_epoch,
                 "epochs_run": r.epochs_run,
+                "stopped": r.stopped,  # "converged after N passes of L-BFGS" for the solved head
                 "seconds": round(r.seconds, 1),
                 "trainable_params": r.trainable_params,
                 "run_dir": str(r.run_dir),

@@ -247,13 +247,18 @@ class _PlanOn:
         return self.plan.param_groups(self.adapted, **kwargs)
 
 
-def _pooled(model: _SuffixModel, loader: Any) -> Any:
-    """The [N, D] inputs of the head over a loader of cached features, in split order."""
+def _pooled(model: _SuffixModel, loader: Any, *, dim: int = 0) -> Any:
+    """The [N, D] inputs of the head over a loader of cached features, in split order.
+
+    `dim` is D for a split without images (a run without validation images), whose cache is empty.
+    """
     import torch
 
     from pipeline.solve import FeatureSet
 
     cached, labels = loader.dataset.tensors
+    if len(cached) == 0:
+        return FeatureSet(torch.zeros(0, dim), labels)
     with torch.no_grad():
         features = model.pool(model.suffix(cached.to(next(model.head.parameters()).device)))
     return FeatureSet(features.float().cpu(), labels)
@@ -342,7 +347,11 @@ def prepare(
                 if head_only
                 else "frozen prefix cached by onnxruntime"
             )
-            pooled = (_pooled(model, make_train(1)), _pooled(model, val)) if head_only else None
+            pooled = None
+            if head_only:
+                train_features = _pooled(model, make_train(1))
+                dim = train_features.features.shape[1]
+                pooled = (train_features, _pooled(model, val, dim=dim))
             return TrainingSetup(
                 model, _PlanOn(plan, adapted), make_train, val, test, what, train_dist, pooled
             )
