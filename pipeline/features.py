@@ -63,11 +63,14 @@ def ort_session(model: onnx.ModelProto, *, threads: int | None = None) -> Any:
 
 
 def run_batches(session: Any, *, input_name: str, batches: Iterable[np.ndarray]) -> np.ndarray:
-    """Concatenate the first output of `session` over the batches."""
+    """Concatenate the first output of `session` over the batches, fed in its input's element type."""
     import numpy as np
 
+    from pipeline.runtimes import as_input_type, session_input_type
+
+    dtype = session_input_type(session)  # a uint8 or float64 input, as some exports declare
     outputs = [
-        session.run(None, {input_name: np.ascontiguousarray(b, dtype=np.float32)})[0]
+        session.run(None, {input_name: np.ascontiguousarray(as_input_type(b, dtype))})[0]
         for b in batches
     ]
     return np.concatenate(outputs) if outputs else np.empty((0,), dtype=np.float32)

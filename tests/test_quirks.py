@@ -221,6 +221,13 @@ def test_quirky_graph_goes_through_the_cli_chain(quirk: str, tmp_path: Path) -> 
     )
     assert code == 0, err
     assert json.loads(out)["passed"]
+    # The deployed file alone, fed in its own input type (uint8, float64) by predict and evaluate.
+    code, out, err = zoo(
+        "evaluate", exported["path"], "--data", "builtin:digits", "--json",
+        models_dir=models, catalog=catalog,
+    )  # fmt: skip
+    assert code == 0, err
+    assert 0 <= json.loads(out)["accuracy"] <= 1
 
 
 MNIST_SHA = "2f06e72de813a8635c9bc0397ac447a601bdbfa7df4bebc278723b958831c9bf"
