@@ -20,7 +20,7 @@ from pipeline.images import (
     MAX_PIXELS,
     augmented_tensor,
     build_augmentation,
-    open_image,
+    open_for,
     preprocess_image,
 )
 from zoo.catalog import Preprocess
@@ -215,7 +215,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         ref, label = self.samples[index]
-        img = open_image(ref, channels=self.preprocess.channels, max_pixels=self.max_pixels)
+        img = open_for(ref, self.preprocess, max_pixels=self.max_pixels)
         if self.transform is None:
             return torch.from_numpy(preprocess_image(img, self.preprocess)), label
         if self.seed is None:

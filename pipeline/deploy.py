@@ -326,7 +326,7 @@ def predict(
     """Top-K labels per image using only the ONNX file (and onnxruntime); `preprocess`: the user's flags."""
     import numpy as np
 
-    from pipeline.images import open_image, preprocess_image
+    from pipeline.images import open_for, preprocess_image
     from pipeline.runtimes import as_input_type, create_session, session_input_type
 
     onnx_path = Path(onnx_path)
@@ -343,9 +343,7 @@ def predict(
     output_names = [o.name for o in session.get_outputs()]
     for path in paths:
         try:
-            batch = preprocess_image(
-                open_image(str(path), channels=preprocess.channels), preprocess
-            )[None]
+            batch = preprocess_image(open_for(str(path), preprocess), preprocess)[None]
         except (ZooError, OSError) as exc:
             predictions.append(Prediction(str(path), [], error=str(exc)))
             continue

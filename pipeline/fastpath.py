@@ -46,12 +46,9 @@ def preprocessed_batch(samples: Sequence[Sample], preprocess: Preprocess) -> np.
     """Eval-preprocessed images stacked into one float32 array in the model's layout."""
     import numpy as np
 
-    from pipeline.images import open_image, preprocess_image
+    from pipeline.images import open_for, preprocess_image
 
-    arrays = [
-        preprocess_image(open_image(s.ref, channels=preprocess.channels), preprocess)
-        for s in samples
-    ]
+    arrays = [preprocess_image(open_for(s.ref, preprocess), preprocess) for s in samples]
     return np.stack(arrays).astype(np.float32)
 
 
