@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     import onnx
 
 
+DECODE = "draft-2"  # how cached images were decoded: JPEG DCT scaling to the resize size
+
+
 def any_input_size(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy whose inputs and outputs take any batch and image size (fine-tuning may change the size).
 
@@ -79,12 +82,31 @@ def run_batches(session: Any, *, input_name: str, batches: Iterable[np.ndarray])
 def cache_key(
     *, model_sha256: str, feature_name: str, preprocess: dict[str, Any], refs: Sequence[str]
 ) -> str:
-    """What the cached features depend on: the model, the cut, the preprocessing and the images."""
+    """What the cached features depend on: the model, the cut, the preprocessing and the images.
+
+    An image counts by its path, size and modification time, so a photo replaced under the same
+    name is computed again; `DECODE` names how images are decoded (JPEG draft since version 2).
+    """
     payload = json.dumps(
-        {"model": model_sha256, "cut": feature_name, "pre": preprocess, "refs": list(refs)},
+        {
+            "model": model_sha256,
+            "cut": feature_name,
+            "pre": preprocess,
+            "refs": [[ref, *_file_stamp(ref)] for ref in refs],
+            "decode": DECODE,
+        },
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def _file_stamp(ref: str) -> tuple[int, int]:
+    """(size, mtime in ns) of an image file; (0, 0) for a built-in image or a missing file."""
+    try:
+        stat = os.stat(ref)
+    except (OSError, ValueError):
+        return (0, 0)
+    return (stat.st_size, stat.st_mtime_ns)
 
 
 def load_cached(cache_dir: Path, key: str) -> np.ndarray | None:

@@ -177,3 +177,19 @@ def test_fast_path_trains_what_the_plain_path_trains(
         assert f.train_loss == pytest.approx(p.train_loss, rel=LOSS_TOLERANCE), (f, p)
         assert f.val_acc == p.val_acc and f.train_acc == p.train_acc
     assert fast.state.best_epoch == plain.state.best_epoch
+
+
+def test_feature_cache_key_follows_the_image_files(tmp_path: Path) -> None:
+    """A photo replaced under the same name gets new features; an untouched one keeps its key."""
+    import os
+
+    from pipeline.features import cache_key
+
+    photo = tmp_path / "a.jpg"
+    photo.write_bytes(b"one")
+    common = {"model_sha256": "0" * 64, "feature_name": "pooled", "preprocess": {"crop": 224}}
+    first = cache_key(refs=[str(photo), "builtin:digits#0"], **common)
+    assert cache_key(refs=[str(photo), "builtin:digits#0"], **common) == first
+    photo.write_bytes(b"other photo")
+    os.utime(photo, ns=(1, 1))
+    assert cache_key(refs=[str(photo), "builtin:digits#0"], **common) != first
