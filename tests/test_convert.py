@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
@@ -166,12 +167,41 @@ def test_fixed_batch_reshape_is_freed(tmp_path: Path) -> None:
     reshapes = {
         node.name: shapes[node.input[1]] for node in graph.node if node.op_type == "Reshape"
     }
-    assert reshapes == {"flatten/Reshape": [0, -1], "gate/Reshape": [1, 6, 1, 1]}
+    assert reshapes == {"flatten/Reshape": [0, -1], "gate/Reshape": [0, 6, 1, 1]}
     batch = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
     fidelity = convert.check_fidelity(
         imported.module, imported.onnx_model, batch, input_name="image"
     )
     assert fidelity.n_inputs == 3 and fidelity.max_abs <= FIDELITY_TOLERANCE
+    # The gate's ReduceMean over axes [0, 2, 3] no longer averages the images of a batch together.
+    reduce = next(node for node in graph.node if node.op_type == "ReduceMean")
+    assert list(onnx.helper.get_attribute_value(reduce.attribute[0])) == [2, 3]
+    session = ort.InferenceSession(
+        imported.onnx_model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    together = session.run(None, {"image": batch})[0]
+    alone = np.concatenate([session.run(None, {"image": batch[i : i + 1]})[0] for i in range(3)])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_a_graph_that_mixes_the_images_of_a_batch_is_refused_at_import(tmp_path: Path) -> None:
+    """A batch-of-1 gate whose reduction over axis 0 cannot be rewritten: one clear refusal."""
+    from onnx import helper
+    from onnx_builders import _init, _ints, backbone_nodes, make_model
+
+    nodes, inits, features = backbone_nodes()
+    nodes += [
+        helper.make_node("ReduceMean", [features], ["v"], axes=[0, 2, 3], keepdims=0),
+        helper.make_node("Unsqueeze", ["v", "ax"], ["gate"]),  # [C] -> [C, 1, 1], no Reshape
+        helper.make_node("Mul", [features, "gate"], ["gated"]),
+        helper.make_node("GlobalAveragePool", ["gated"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+        helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["scores"], transB=1),
+    ]
+    inits += [_ints("ax", [1, 2]), _init("fc.w", (5, 6), seed=1), _init("fc.b", (5,), seed=2)]
+    model = make_model(nodes, inits, input_shape=[1, 3, 8, 8], output_shape=[1, 5])
+    with pytest.raises(UnsupportedModel, match="changes with the other images of its batch"):
+        import_model(save(model, tmp_path / "mixing.onnx"))
 
 
 def test_matmul_weight_becomes_trainable_parameter_and_bn_stats_stay_buffers(

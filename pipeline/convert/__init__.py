@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.convert.normalisation import (
     BATCH_DIM_PARAM,
@@ -156,6 +156,7 @@ def check_fidelity(
         onnx_model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
     reference = session.run(None, {input_name: inputs})[0]
+    _refuse_batch_mixing(session, inputs, reference, input_name=input_name)
     was_training = module.training
     module.eval()
     with torch.no_grad():
@@ -177,6 +178,31 @@ def check_fidelity(
         n_inputs=len(inputs),
         scale=float(np.max(np.abs(flat_ref))) if flat_ref.size else 0.0,
     )
+
+
+def _refuse_batch_mixing(
+    session: Any, inputs: np.ndarray, batched: np.ndarray, *, input_name: str
+) -> None:
+    """Fail when an image's output depends on the other images of its batch.
+
+    A graph written for a batch of exactly 1 may reduce or reshape over axis 0 (a ReduceMean over
+    axes [0, 2, 3], say); once its batch is freed, training batches would mix their images and
+    the export gate would fail only after training. Two images alone against the batch say so
+    at import.
+    """
+    import numpy as np
+
+    for index in range(min(2, len(inputs)) if len(inputs) > 1 else 0):
+        alone = session.run(None, {input_name: inputs[index : index + 1]})[0]
+        difference = float(np.max(np.abs(alone - batched[index : index + 1]), initial=0.0))
+        scale = float(np.max(np.abs(alone), initial=0.0))
+        if difference > FIDELITY_TOLERANCE * max(1.0, scale):
+            raise UnsupportedModel(
+                f"the model's output for one image changes with the other images of its batch "
+                f"(by up to {difference:.3g}): its graph assumes a batch of 1 (e.g. a reduction "
+                "over axis 0), so it cannot be trained in batches; export it from its framework "
+                "with a dynamic batch, or pick another model"
+            )
 
 
 def import_model(

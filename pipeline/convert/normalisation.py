@@ -241,6 +241,7 @@ def _make_batch_dynamic(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelP
             dims[0].dim_param = BATCH_DIM_PARAM
             changed.append(value.name)
     by_name = {init.name: init for init in model.graph.initializer}
+    reductions = _keep_batch_in_reductions(model, inferred, leading, by_name)
     reshapes = 0
     for node in model.graph.node:
         if node.op_type != "Reshape" or node.input[1] not in by_name or node.input[0] in by_name:
@@ -255,10 +256,12 @@ def _make_batch_dynamic(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelP
         fixed.CopyFrom(numpy_helper.from_array(shape, f"{node.input[1]}__batch{reshapes}"))
         node.input[1] = fixed.name
         reshapes += 1
-    if changed or reshapes:
+    if changed or reshapes or reductions:
         del model.graph.value_info[:]
+        kept = f", {reductions} reduction(s) kept off the batch axis" if reductions else ""
         notes.append(
-            f"made the batch dimension dynamic ({', '.join(changed) or 'no I/O'}; {reshapes} Reshape(s))"
+            f"made the batch dimension dynamic ({', '.join(changed) or 'no I/O'}; "
+            f"{reshapes} Reshape(s){kept})"
         )
     # data_prop resolves shapes computed by Shape->Gather->Concat chains (channel shuffles).
     return onnx.shape_inference.infer_shapes(model, data_prop=True)
@@ -315,6 +318,101 @@ def _complete_shapes(model: onnx.ModelProto, notes: list[str]) -> None:
         else:
             model.graph.value_info.append(info)
     notes.append(f"recorded {len(missing)} tensor shapes that static inference left open")
+
+
+REDUCTIONS = {
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceMax",
+    "ReduceMean",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceSum",
+    "ReduceSumSquare",
+}
+
+
+def _keep_batch_in_reductions(
+    model: onnx.ModelProto,
+    inferred: onnx.GraphProto,
+    leading: dict[str, int | str | None],
+    by_name: dict[str, onnx.TensorProto],
+) -> int:
+    """Take axis 0 out of reductions over a fixed batch of 1, where that changes nothing at 1.
+
+    At a batch of 1 a ReduceMean over axes [0, 2, 3] averages each image alone; with the batch
+    freed it would average the images of a batch together. Without axis 0 it gives the same
+    values at 1, and one row per image at N. Where keepdims=0 dropped the batch axis, the result
+    keeps it instead, which only Reshapes that re-add a leading 1 may consume (they are then freed
+    like the others). Other cases are left alone; the import refuses a model that still mixes
+    the images of a batch (pipeline.convert).
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    ranks = {
+        value.name: len(value.type.tensor_type.shape.dim)
+        for value in list(inferred.value_info) + list(inferred.input)
+        if value.type.tensor_type.HasField("shape")
+    }
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    kept = 0
+    for node in model.graph.node:
+        data = node.input[0] if node.input else ""
+        if node.op_type not in REDUCTIONS or leading.get(data) is None or data not in ranks:
+            continue
+        rank = ranks[data]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        from_input = len(node.input) > 1 and node.input[1] != ""
+        if from_input and node.input[1] not in by_name:
+            continue  # axes computed at run time: nothing to rewrite safely
+        axes = (
+            numpy_helper.to_array(by_name[node.input[1]]).tolist()
+            if from_input
+            else list(attrs.get("axes", []))
+        )
+        if not axes and attrs.get("noop_with_empty_axes", 0):
+            continue
+        axes = [a % rank for a in axes] if axes else list(range(rank))
+        if 0 not in axes:
+            continue
+        keepdims = attrs.get("keepdims", 1)
+        users = consumers.get(node.output[0], [])
+        if not keepdims and not all(_reshape_to_leading_one(user, by_name) for user in users):
+            continue
+        rest = [a for a in axes if a != 0]
+        if not rest:  # it reduced only the batch of 1: the values pass through unchanged
+            node.op_type = "Identity"
+            del node.input[1:]
+            del node.attribute[:]
+        elif from_input:
+            fixed = model.graph.initializer.add()
+            fixed.CopyFrom(
+                numpy_helper.from_array(np.asarray(rest, dtype=np.int64), f"{node.input[1]}__batch")
+            )
+            node.input[1] = fixed.name
+        else:
+            for attribute in node.attribute:
+                if attribute.name == "axes":
+                    attribute.CopyFrom(helper.make_attribute("axes", rest))
+        leading[node.output[0]] = 1
+        kept += 1
+    return kept
+
+
+def _reshape_to_leading_one(node: onnx.NodeProto, by_name: dict[str, onnx.TensorProto]) -> bool:
+    """A Reshape of its data input to a constant shape [1, ...]."""
+    from onnx import numpy_helper
+
+    if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in by_name:
+        return False
+    shape = numpy_helper.to_array(by_name[node.input[1]])
+    return shape.ndim == 1 and len(shape) >= 2 and shape[0] == 1
 
 
 def normalise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
