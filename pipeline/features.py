@@ -112,19 +112,24 @@ def _file_stamp(ref: str) -> tuple[int, int]:
 def load_cached(cache_dir: Path, key: str) -> np.ndarray | None:
     import numpy as np
 
+    from pipeline.diskcache import touch
+
     path = Path(cache_dir) / f"{key}.npy"
     if not path.exists():
         return None
     try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError):
+        found = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
         path.unlink(missing_ok=True)  # a damaged cache entry is recomputed, never trusted
         return None
+    touch(path)
+    return found
 
 
 def store_cached(cache_dir: Path, key: str, features: np.ndarray) -> None:
     import numpy as np
 
+    from pipeline.diskcache import CACHE_DIR, evict
     from zoo.files import atomic_write
 
     def write(tmp: str) -> None:
@@ -132,6 +137,9 @@ def store_cached(cache_dir: Path, key: str, features: np.ndarray) -> None:
             np.save(handle, features, allow_pickle=False)
 
     atomic_write(Path(cache_dir) / f"{key}.npy", write)
+    root = Path(cache_dir).parent
+    if root.name == CACHE_DIR:  # a workspace's MODELS_DIR/.cache: kept within its budget
+        evict(root.parent)
 
 
 def default_threads() -> int:
