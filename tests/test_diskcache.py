@@ -76,3 +76,55 @@ def test_clear_removes_every_entry(tmp_path: Path) -> None:
     count, size = diskcache.clear(tmp_path)
     assert count == 3 and not any(p.exists() for p in paths)
     assert size > 0 and diskcache.entries(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_two_concurrent_adapts_on_the_same_data_both_finish(
+    tmp_path: Path, bundled_workspace: Path
+) -> None:
+    """Two `zoo adapt` processes share one workspace cache: both finish, the entry is sound."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from image_builders import write_rgb
+
+    models_dir = tmp_path / "models"
+    shutil.copytree(bundled_workspace, models_dir)
+    data = tmp_path / "photos"
+    for label in range(2):
+        for index in range(6):
+            write_rgb(data / f"c{label}" / f"{index}.png", size=(40, 32), seed=10 * label + index)
+    command = [sys.executable, "-c", "import cli; cli.run()", "--models-dir", str(models_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    processes = [
+        subprocess.Popen(
+            [
+                *command,
+                "adapt",
+                "efficientnet-lite0",
+                "--data",
+                str(data),
+                "--strategy",
+                "feature",
+                "--out",
+                str(tmp_path / f"run{i}"),
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
+    results = [process.communicate(timeout=600) for process in processes]
+    for process, (out, err) in zip(processes, results, strict=True):
+        assert process.returncode == 0, err
+        assert json.loads(out)["strategy"] == "feature"
+    cached = diskcache.entries(models_dir)
+    assert cached and all(
+        features.load_cached(entry.path.parent, entry.path.stem) is not None for entry in cached
+    )
+    assert not list((models_dir / ".cache").glob("*/.*.tmp"))  # no temporary left behind
