@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.registry import Registry
 from zoo.errors import InvalidModelFile, NotFound
 
 if TYPE_CHECKING:
@@ -166,27 +167,18 @@ class RuntimeReport:
 
 
 RuntimeCheck = Callable[[Path, "VerifyInputs"], RuntimeReport]
-RUNTIME_CHECKS: dict[str, RuntimeCheck] = {}
+# onnxruntime itself is the reference every check compares with, not an entry of the registry.
+RUNTIME_CHECKS: Registry[RuntimeCheck] = Registry("runtime check", also=("ort",))
 
 
 def register_runtime(name: str) -> Callable[[RuntimeCheck], RuntimeCheck]:
     """Register a second-runtime check under `name`; duplicates are refused."""
-
-    def decorate(check: RuntimeCheck) -> RuntimeCheck:
-        if name in RUNTIME_CHECKS:
-            raise ValueError(f"runtime check {name!r} is already registered")
-        RUNTIME_CHECKS[name] = check
-        return check
-
-    return decorate
+    return RUNTIME_CHECKS.decorator(name)
 
 
 def runtime_check(name: str) -> RuntimeCheck:
     """The check registered under `name`; NotFound lists the known ones."""
-    if name not in RUNTIME_CHECKS:
-        known = ", ".join(["ort", *RUNTIME_CHECKS])
-        raise NotFound(f"no runtime check named {name!r}; choose from {known}")
-    return RUNTIME_CHECKS[name]
+    return RUNTIME_CHECKS.lookup(name)
 
 
 _CV2_PATTERNS = (
