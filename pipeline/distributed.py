@@ -172,7 +172,7 @@ def init_from_env(*, device: str, sync_bn: bool = False) -> DistContext:
     import torch
     import torch.distributed as dist
 
-    from pipeline.train import resolve_device
+    from pipeline.device import resolve_device
 
     resolved = resolve_device(device)
     if sync_bn and resolved != "cuda":

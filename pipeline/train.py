@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.device import resolve_device  # noqa: F401 - its old home; adapt imports it here
 from zoo.errors import Interrupted, TrainingError
 
 if TYPE_CHECKING:
@@ -90,21 +91,6 @@ class EvalResult:
     accuracy: float
     logits: Any  # torch.Tensor [N, C] on CPU
     labels: Any  # torch.Tensor [N]
-
-
-def resolve_device(requested: str = "auto") -> str:
-    """'auto' picks CUDA when torch can use it, else the CPU."""
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(
-            "--device cuda was asked for, but torch sees no CUDA device; use --device cpu"
-        )
-    if requested not in ("cpu", "cuda"):
-        raise TrainingError(f"unknown device {requested!r}; use auto, cpu or cuda")
-    return requested
 
 
 def seed_everything(seed: int) -> None:
