@@ -11,10 +11,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pipeline import runs
-from pipeline.train import TrainConfig, TrainState
+from pipeline.train import TrainConfig, TrainState, count_trainable
 from zoo.catalog import Preprocess
 from zoo.errors import DataError, NotFound, UnsupportedModel, ZooError
 from zoo.files import write_json
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from pipeline.data import DataSplit
     from pipeline.distributed import DistContext
     from pipeline.report import Metrics
+    from pipeline.train import EvalResult
     from zoo.catalog import Catalog
     from zoo.preprocess import PreprocessRequest
 
@@ -259,7 +260,7 @@ def _auto_strategy(
     num_blocks: int,
     cache_dir: Path,
     log: Callable[[str], None],
-) -> tuple[str, int | None, str, dict[str, Any]]:
+) -> StrategyChoice:
     """`--strategy auto`: measured on the validation split (pipeline.surgery.auto), never on test."""
     from pipeline.fastpath import preprocessed_batch
     from pipeline.surgery.auto import (
@@ -292,7 +293,7 @@ def _auto_strategy(
         log=log,
     )
     strategy, unfreeze, reason = choose_strategy(evidence, num_blocks=num_blocks)
-    return strategy, unfreeze, reason, evidence.to_dict()
+    return StrategyChoice(strategy, unfreeze, reason, evidence.to_dict())
 
 
 def _train_config(options: AdaptOptions, strategy: str, device: str) -> TrainConfig:
@@ -353,6 +354,52 @@ def _calibrate_scratch(adapted: nn.Module, split: DataSplit, preprocess: Preproc
     return calibrate_scales(adapted, torch.from_numpy(preprocessed_batch(samples, preprocess)))
 
 
+@dataclass
+class OpenedSource:
+    """The model a run adapts, and what is known of it before the run directory is claimed."""
+
+    onnx_path: Path
+    card: dict[str, Any]
+    name: str
+    record: dict[str, Any]  # run.json's "source": name, path, sha256, url
+    native: Preprocess  # the model's own preprocessing (with --preprocess and friends applied)
+
+
+class StrategyChoice(NamedTuple):
+    """What trains, and why: given with --strategy, measured by `auto`, or kept by --resume."""
+
+    strategy: str
+    unfreeze: int | None
+    reason: str
+    evidence: dict[str, Any] | None  # what `auto` measured; None otherwise
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "strategy_reason": self.reason,
+            "unfreeze": self.unfreeze,
+            "auto": self.evidence,
+        }
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every stage of one run shares once the run directory and the split are settled."""
+
+    options: AdaptOptions
+    previous: dict[str, Any]  # run.json of the run being resumed; {} for a new run
+    source: OpenedSource
+    run_dir: Path
+    split: DataSplit
+    models_dir: Path
+    log: Callable[[str], None]
+    dist: DistContext
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.models_dir / ".cache" / "features"
+
+
 def adapt(
     options: AdaptOptions,
     *,
@@ -363,54 +410,132 @@ def adapt(
     split: DataSplit | None = None,
     dist: DistContext | None = None,
 ) -> AdaptResult | None:
-    """Run `zoo adapt` end to end and return its summary (None on ranks other than 0).
+    """Run `zoo adapt` end to end and return its summary (None on workers other than the main one).
 
-    Under `dist` (a worker of a distributed run) rank 0 alone touches the run directory and
-    hands the others what they need from it.
+    Under `dist` (a worker of a distributed run) the main worker alone touches the run directory
+    and hands the others what they need from it.
     """
-    from pipeline import fastpath
     from pipeline.distributed import SINGLE
-    from pipeline.train import fit, resolve_device
-    from zoo.preprocess import model_preprocess
+    from pipeline.surgery import discover_blocks
+    from pipeline.train import resolve_device
 
     dist = dist or SINGLE
     started = time.perf_counter()
     models_dir = Path(models_dir)
-    previous: dict[str, Any] = {}
+    options, previous = _previous_run(options, dist)
+    source = _open_source(options, previous, models_dir=models_dir, catalog=catalog, log=log)
+    run_dir, split = _shared_run_dir(options, source, split, models_dir, dist=dist, log=log)
+    run = _Run(options, previous, source, run_dir, split, models_dir, log, dist)
+
+    device = resolve_device(options.device)
+    imported, adapted, preprocess = _build_checked_model(run)
+    blocks = discover_blocks(adapted)
+    # Workers must agree even if their onnxruntime scores differ in the last bit.
+    choice = dist.broadcast_object(
+        _choose_strategy(run, imported, adapted, preprocess, device, num_blocks=len(blocks))
+    )
+    plan = _freeze_plan(run, adapted, choice, preprocess)
+    config = _train_config(options, choice.strategy, device)
+    record = _start_record(run, choice, [b.name for b in blocks], config, preprocess, imported)
+
+    setup = _training_setup(
+        run, record, choice.strategy, imported, adapted, plan, preprocess, config
+    )
+    if not dist.is_main and not setup.dist.enabled:
+        return None  # the features are shared out; the main worker trains the head on its own
+    state = _train(run, setup, adapted, config, record, progress=progress)
+    metrics_split, scored = final_evaluation(setup, split, config=config, log=log)
+    if not dist.is_main:
+        return None  # the metrics are the main worker's to write and report
+    seconds = time.perf_counter() - started
+    metrics = _write_results(run, record, state, scored, metrics_split, setup, choice, seconds)
+    return AdaptResult(
+        run_dir=run_dir,
+        model_name=source.name,
+        strategy=choice.strategy,
+        strategy_reason=choice.reason,
+        device=device,
+        fast_path=setup.description,
+        epochs_run=state.epoch,
+        best_epoch=state.best_epoch,
+        stopped=state.stopped,
+        seconds=seconds,
+        trainable_params=max(
+            (r.trainable_params for r in state.history), default=count_trainable(adapted)
+        ),
+        metrics=metrics,
+        history=state.history,
+    )
+
+
+# --- the stages of adapt(), in the order they run ------------------------------------------------
+
+
+def _previous_run(options: AdaptOptions, dist: DistContext) -> tuple[AdaptOptions, dict[str, Any]]:
+    """With --resume: the run's options and its run.json (read by the main worker); else ({})."""
+    if not options.resume:
+        return options, {}
+    if options.out is None:
+        raise ZooError("--resume needs --out RUN_DIR, the run to continue")
+    previous = dist.broadcast_object(runs.read_run(options.out) if dist.is_main else None)
+    return _resumed_options(options, previous), previous
+
+
+def _open_source(
+    options: AdaptOptions,
+    previous: dict[str, Any],
+    *,
+    models_dir: Path,
+    catalog: Catalog,
+    log: Callable[[str], None],
+) -> OpenedSource:
+    """The model to adapt and its preprocessing: known before a run directory is claimed, so that
+    a model nobody said how to feed leaves nothing behind."""
+    from zoo.preprocess import model_preprocess
+
     if options.resume:
-        if options.out is None:
-            raise ZooError("--resume needs --out RUN_DIR, the run to continue")
-        previous = dist.broadcast_object(runs.read_run(options.out) if dist.is_main else None)
-        options = _resumed_options(options, previous)
-        onnx_path, card, model_name = _open_resumed_model(
+        onnx_path, card, name = _open_resumed_model(
             previous, run_dir=options.out, models_dir=models_dir, catalog=catalog, log=log
         )
     else:
-        onnx_path, card, model_name = _open_source_model(
+        onnx_path, card, name = _open_source_model(
             options.model, models_dir=models_dir, catalog=catalog, log=log
         )
-    source = runs.source_record(onnx_path, card, model_name)
-    # Known before a run directory is claimed: a model nobody said how to feed leaves nothing behind.
     native = model_preprocess(card, onnx_path, catalog=catalog, request=options.preprocess)
+    return OpenedSource(onnx_path, card, name, runs.source_record(onnx_path, card, name), native)
 
+
+def _shared_run_dir(
+    options: AdaptOptions,
+    source: OpenedSource,
+    split: DataSplit | None,
+    models_dir: Path,
+    *,
+    dist: DistContext,
+    log: Callable[[str], None],
+) -> tuple[Path, DataSplit]:
+    """The run directory and split, claimed by the main worker and the same for all workers,
+    whatever each machine's disk holds."""
     run_dir = None
     if dist.is_main:
         run_dir, split = _claim_run(
-            options, split=split, models_dir=models_dir, model_name=model_name, log=log
+            options, split=split, models_dir=models_dir, model_name=source.name, log=log
         )
         if not options.resume:  # the model is on record before anything can interrupt the run
-            write_json(run_dir / runs.RUN_FILE, runs.first_record(options, source=source))
-    # One run directory and one split for all workers, whatever each machine's disk holds.
-    run_dir, split = dist.broadcast_object((run_dir, split))
-    if previous.get("preprocess"):  # a resumed run keeps the preprocessing it trained with
-        preprocess = Preprocess.from_dict(previous["preprocess"])
-    else:
-        preprocess = _resolve_preprocess(native, split, options.image_size)
+            write_json(run_dir / runs.RUN_FILE, runs.first_record(options, source=source.record))
+    return dist.broadcast_object((run_dir, split))
 
-    device = resolve_device(options.device)
+
+def _build_checked_model(run: _Run) -> tuple[Any, nn.Module, Preprocess]:
+    """The imported model, the adapted one (new head), and the preprocessing it trains with."""
+    options, native = run.options, run.source.native
+    if run.previous.get("preprocess"):  # a resumed run keeps the preprocessing it trained with
+        preprocess = Preprocess.from_dict(run.previous["preprocess"])
+    else:
+        preprocess = _resolve_preprocess(native, run.split, options.image_size)
     imported, adapted = build_model(
-        onnx_path,
-        num_classes=len(split.class_names),
+        run.source.onnx_path,
+        num_classes=len(run.split.class_names),
         hidden=options.hidden,
         dropout=options.dropout,
         seed=options.seed,
@@ -418,94 +543,146 @@ def adapt(
     # A graph that flattens to a fixed width (MNIST) takes its own size only, not the data's.
     if options.image_size is None and preprocess.crop != native.crop:
         try:
-            _check_input_size(adapted, preprocess, model_name)
+            _check_input_size(adapted, preprocess, run.source.name)
         except UnsupportedModel:
-            log(
-                f"{model_name} takes only {native.crop} px inputs: using them, not the data's {preprocess.crop}"
+            run.log(
+                f"{run.source.name} takes only {native.crop} px inputs: using them, not the data's {preprocess.crop}"
             )
             preprocess = native
-    _check_input_size(adapted, preprocess, model_name)
-    from pipeline.surgery import discover_blocks, make_plan
+    _check_input_size(adapted, preprocess, run.source.name)
+    return imported, adapted, preprocess
 
-    blocks = discover_blocks(adapted)
-    strategy, unfreeze, reason = options.strategy, options.unfreeze, "chosen with --strategy"
-    evidence = None
+
+def _choose_strategy(
+    run: _Run,
+    imported: Any,
+    adapted: nn.Module,
+    preprocess: Preprocess,
+    device: str,
+    *,
+    num_blocks: int,
+) -> StrategyChoice:
+    """--strategy as given; `auto` measured on the validation split; a resumed run's own choice."""
+    options, previous = run.options, run.previous
     if previous.get("strategy"):  # a resumed run keeps its choice, even one `auto` made
-        strategy, unfreeze = previous["strategy"], previous.get("unfreeze")
-        reason = previous.get("strategy_reason") or reason
-        evidence = previous.get("auto")
-    elif strategy == "auto":
-        strategy, unfreeze, reason, evidence = _auto_strategy(
-            imported,
-            adapted,
-            split,
-            card,
-            native=native,
-            preprocess=preprocess,
-            config=_train_config(options, "finetune", device),
-            num_blocks=len(blocks),
-            cache_dir=models_dir / ".cache" / "features",
-            log=log,
+        return StrategyChoice(
+            previous["strategy"],
+            previous.get("unfreeze"),
+            previous.get("strategy_reason") or "chosen with --strategy",
+            previous.get("auto"),
         )
-        log(f"strategy auto -> {strategy}: {reason}")
-    # Workers must agree even if their onnxruntime scores differ in the last bit.
-    strategy, unfreeze, reason, evidence = dist.broadcast_object(
-        (strategy, unfreeze, reason, evidence)
+    if options.strategy != "auto":
+        return StrategyChoice(options.strategy, options.unfreeze, "chosen with --strategy", None)
+    choice = _auto_strategy(
+        imported,
+        adapted,
+        run.split,
+        run.source.card,
+        native=run.source.native,
+        preprocess=preprocess,
+        config=_train_config(options, "finetune", device),
+        num_blocks=num_blocks,
+        cache_dir=run.cache_dir,
+        log=run.log,
     )
-    plan = make_plan(adapted, strategy, unfreeze=unfreeze, every=options.unfreeze_every)
-    if plan.strategy.reinit:
-        scaled = _calibrate_scratch(adapted, split, preprocess)
-        log(f"scratch: random weights, {scaled} layers scaled to unit variance on training images")
+    run.log(f"strategy auto -> {choice.strategy}: {choice.reason}")
+    return choice
 
-    config = _train_config(options, strategy, device)
+
+def _freeze_plan(
+    run: _Run, adapted: nn.Module, choice: StrategyChoice, preprocess: Preprocess
+) -> Any:
+    """What trains at each epoch; `scratch` also re-initialises the weights here."""
+    from pipeline.surgery import make_plan
+
+    plan = make_plan(
+        adapted, choice.strategy, unfreeze=choice.unfreeze, every=run.options.unfreeze_every
+    )
+    if plan.strategy.reinit:
+        scaled = _calibrate_scratch(adapted, run.split, preprocess)
+        run.log(
+            f"scratch: random weights, {scaled} layers scaled to unit variance on training images"
+        )
+    return plan
+
+
+def _start_record(
+    run: _Run,
+    choice: StrategyChoice,
+    blocks: list[str],
+    config: TrainConfig,
+    preprocess: Preprocess,
+    imported: Any,
+) -> dict[str, Any]:
+    """run.json as training starts (written by the main worker), and the line that announces it."""
+    split = run.split
     record = runs.start_record(
-        options,
-        previous=previous,
-        source=source,
-        choice={
-            "strategy": strategy,
-            "strategy_reason": reason,
-            "unfreeze": unfreeze,
-            "auto": evidence,
-        },
-        blocks=[b.name for b in blocks],
+        run.options,
+        previous=run.previous,
+        source=run.source.record,
+        choice=choice.to_dict(),
+        blocks=blocks,
         config=config,
         preprocess=preprocess,
         imported=imported,
         split=split,
     )
-    if dist.enabled:
-        record["distributed"] = dist.to_dict()
-    if dist.is_main:
-        write_json(run_dir / runs.RUN_FILE, record)
-    log(
-        f"adapting {model_name} to {len(split.class_names)} classes ({len(split.train)} train / {len(split.val)} val / "
-        f"{len(split.test)} test images, {preprocess.crop} px) with {strategy} on {device}; run: {run_dir}"
+    if run.dist.enabled:
+        record["distributed"] = run.dist.to_dict()
+    if run.dist.is_main:
+        write_json(run.run_dir / runs.RUN_FILE, record)
+    run.log(
+        f"adapting {run.source.name} to {len(split.class_names)} classes ({len(split.train)} train / {len(split.val)} val / "
+        f"{len(split.test)} test images, {preprocess.crop} px) with {choice.strategy} on {config.device}; run: {run.run_dir}"
     )
+    return record
 
-    augment = options.augment or default_augment(strategy, split)
+
+def _training_setup(
+    run: _Run,
+    record: dict[str, Any],
+    strategy: str,
+    imported: Any,
+    adapted: nn.Module,
+    plan: Any,
+    preprocess: Preprocess,
+    config: TrainConfig,
+) -> Any:
+    """Augmentation, then the fastest path for the batches (pipeline.fastpath)."""
+    from pipeline import fastpath
+
+    options = run.options
+    augment = options.augment or default_augment(strategy, run.split)
     if options.augment is None and augment != "none":
-        log(f"{augment} augmentation of the training images (--augment none turns it off)")
+        run.log(f"{augment} augmentation of the training images (--augment none turns it off)")
     record["augment"] = augment
-    setup = fastpath.prepare(
+    return fastpath.prepare(
         strategy=strategy,
         augment=augment,
-        flip=_flip(options, split, log),
+        flip=_flip(options, run.split, run.log),
         imported=imported,
         adapted=adapted,
         plan=plan,
-        split=split,
+        split=run.split,
         preprocess=preprocess,
         config=config,
-        cache_dir=models_dir / ".cache" / "features",
-        model_sha256=card.get("sha256") or "",
-        log=log,
-        dist=dist,
+        cache_dir=run.cache_dir,
+        model_sha256=run.source.card.get("sha256") or "",
+        log=run.log,
+        dist=run.dist,
     )
-    if not dist.is_main and not setup.dist.enabled:
-        return None  # the features are shared out; rank 0 trains the head on its own
-    from zoo.console import epoch_bar_factory
 
+
+def _train(
+    run: _Run,
+    setup: Any,
+    adapted: nn.Module,
+    config: TrainConfig,
+    record: dict[str, Any],
+    *,
+    progress: bool,
+) -> TrainState:
+    """Train by epochs (pipeline.train), or solve a head on cached features (pipeline.solve)."""
     if setup.head_features is not None:
         # Only the head trains, on features that never change: solve it (seconds) instead.
         from pipeline.solve import fit_head
@@ -516,29 +693,35 @@ def adapt(
             val=setup.head_features[1],
             config=config,
             max_epochs=None,  # a convex solve runs to convergence, whatever --epochs says
-            run_dir=run_dir,
+            run_dir=run.run_dir,
             saved_model=adapted,
-            log=log,
+            log=run.log,
         )
-        state: TrainState = solved.state
         record["head_fit"] = solved.to_dict()
-    else:
-        state = fit(
-            setup.model,
-            setup.plan,
-            make_train_loader=setup.make_train_loader,
-            val_loader=setup.val_loader,
-            config=config,
-            run_dir=run_dir,
-            resume=options.resume,
-            saved_model=adapted,
-            log=log,
-            progress_factory=epoch_bar_factory() if progress else None,
-            dist=setup.dist,
-        )
+        return solved.state
+    from pipeline.train import fit
+    from zoo.console import epoch_bar_factory
 
-    from pipeline.report import write_run_report
-    from pipeline.train import count_trainable, evaluate
+    return fit(
+        setup.model,
+        setup.plan,
+        make_train_loader=setup.make_train_loader,
+        val_loader=setup.val_loader,
+        config=config,
+        run_dir=run.run_dir,
+        resume=run.options.resume,
+        saved_model=adapted,
+        log=run.log,
+        progress_factory=epoch_bar_factory() if progress else None,
+        dist=setup.dist,
+    )
+
+
+def final_evaluation(
+    setup: Any, split: DataSplit, *, config: TrainConfig, log: Callable[[str], None]
+) -> tuple[str, EvalResult]:
+    """The best weights on the test split ("test"), or on validation when there is none ("val")."""
+    from pipeline.train import evaluate
 
     # Without a test split (train/ + val/ folders) the validation images are all there is to report.
     metrics_split = "test" if split.test else "val"
@@ -553,20 +736,32 @@ def adapt(
         config=config,
         dist=setup.dist,
     )
-    title = f"{model_name} → {split.source_name}, {strategy}"
-    if not dist.is_main:
-        return None  # the metrics are rank 0's to write and report
+    return metrics_split, scored
+
+
+def _write_results(
+    run: _Run,
+    record: dict[str, Any],
+    state: TrainState,
+    scored: EvalResult,
+    metrics_split: str,
+    setup: Any,
+    choice: StrategyChoice,
+    seconds: float,
+) -> Metrics:
+    """The plots and metrics (pipeline.report), and run.json marked done."""
+    from pipeline.report import write_run_report
+
     metrics = write_run_report(
-        run_dir,
+        run.run_dir,
         history=state.history,
         labels=scored.labels.numpy(),
         scores=scored.logits.numpy(),
-        class_names=split.class_names,
-        title=title,
+        class_names=run.split.class_names,
+        title=f"{run.source.name} → {run.split.source_name}, {choice.strategy}",
         split=metrics_split,
-        extra={"best_epoch": state.best_epoch, "strategy": strategy},
+        extra={"best_epoch": state.best_epoch, "strategy": choice.strategy},
     )
-    seconds = time.perf_counter() - started
     record.update(
         status="done",
         best_epoch=state.best_epoch,
@@ -577,21 +772,5 @@ def adapt(
         metrics_split=metrics.split,
         seconds=round(seconds, 2),
     )
-    write_json(run_dir / runs.RUN_FILE, record)
-    return AdaptResult(
-        run_dir=run_dir,
-        model_name=model_name,
-        strategy=strategy,
-        strategy_reason=reason,
-        device=device,
-        fast_path=setup.description,
-        epochs_run=state.epoch,
-        best_epoch=state.best_epoch,
-        stopped=state.stopped,
-        seconds=seconds,
-        trainable_params=max(
-            (r.trainable_params for r in state.history), default=count_trainable(adapted)
-        ),
-        metrics=metrics,
-        history=state.history,
-    )
+    write_json(run.run_dir / runs.RUN_FILE, record)
+    return metrics

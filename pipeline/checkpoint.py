@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from pipeline.distributed import Workers
+
 
 RESUME_NEXT_STEP = "write elsewhere, then resume"  # what a full disk during training asks for
 
@@ -100,3 +102,53 @@ def load_resume_point(path: Path, *, model: nn.Module) -> tuple[dict[str, Any], 
         optim_state.setdefault(int(index), {})[name] = value
     optimizer_state = {"state": optim_state, "param_groups": json.loads(metadata["param_groups"])}
     return optimizer_state, json.loads(metadata["state"])
+
+
+BEST_CHECKPOINT = "checkpoint.safetensors"  # the best epoch's weights: what export uses
+RESUME_POINT = "last.safetensors"  # the last complete epoch: weights, optimizer, loop state
+
+
+class RunCheckpoints:
+    """The two checkpoints of a run directory, written and read by the main process alone.
+
+    The other workers get what the main one read (no shared disk is needed), so training code
+    calls these methods on every process and never asks which one it is.
+    """
+
+    def __init__(self, run_dir: Path, model: nn.Module, workers: Workers) -> None:
+        self.model = model  # what the checkpoints hold: the whole adapted model
+        self.workers = workers
+        self.best_path = run_dir / BEST_CHECKPOINT
+        self.resume_path = run_dir / RESUME_POINT
+
+    def read_resume_point(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """(optimizer state, loop state) of the last complete epoch, its weights loaded; None if none."""
+        found = None
+        if self.workers.is_main and self.resume_path.exists():
+            found = load_resume_point(self.resume_path, model=self.model)
+        found = self.workers.broadcast_object(found)
+        if found is not None:
+            self.workers.sync_module(self.model)
+        return found
+
+    def roll_back(self) -> dict[str, Any] | None:
+        """The last complete epoch's weights back in the model (one process only, after running
+        out of memory mid-epoch); returns its optimizer state, None before the first epoch."""
+        if not self.resume_path.exists():
+            return None
+        optimizer_state, _ = load_resume_point(self.resume_path, model=self.model)
+        return optimizer_state
+
+    def save_best(self) -> None:
+        if self.workers.is_main:
+            save_weights(self.model, self.best_path)
+
+    def save_resume_point(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        if self.workers.is_main:
+            save_resume_point(self.resume_path, model=self.model, optimizer=optimizer, state=state)
+
+    def load_best(self) -> None:
+        """The best epoch's weights into the model, on every process."""
+        if self.workers.is_main and self.best_path.exists():
+            load_weights(self.model, self.best_path)
+        self.workers.sync_module(self.model)

@@ -16,11 +16,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from zoo.errors import TrainingError, ZooError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
     import torch
     from torch import nn
 
@@ -41,6 +43,41 @@ class Launch:
     @property
     def requested(self) -> bool:
         return self.nproc > 1 or self.nnodes > 1
+
+
+class Workers(Protocol):
+    """What training, evaluation and the loaders see of the processes of a run: no ranks.
+
+    `DistContext` is the one implementation; `SINGLE` is a run of one process, where every
+    method is the identity. Only the edge (cli.py and `pipeline.adapt`) knows how many there are.
+    """
+
+    @property
+    def is_main(self) -> bool:
+        """This process writes the run directory (checkpoints, caches) and talks."""
+        ...
+
+    def broadcast_object(self, value: Any) -> Any: ...
+
+    def mean(self, values: Sequence[float]) -> list[float]: ...
+
+    def sync_module(self, module: nn.Module) -> None: ...
+
+    def wrap(self, model: nn.Module) -> nn.Module: ...
+
+    def shard(self, count: int) -> range: ...
+
+    def gather_split(self, logits: Any, labels: Any) -> tuple[Any, Any]: ...
+
+    def shard_features(
+        self, compute: Callable[[Sequence[Any]], Any], samples: Sequence[Any]
+    ) -> Any: ...
+
+    def train_loader(
+        self, dataset: Any, batch_size: int, *, seed: int, **kwargs: Any
+    ) -> Iterable: ...
+
+    def check_batch_can_shrink(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -132,6 +169,43 @@ class DistContext:
         device_ids = [self.local_rank] if self.backend == "nccl" else None
         return DistributedDataParallel(model, device_ids=device_ids)
 
+    def gather_split(self, logits: Any, labels: Any) -> tuple[Any, Any]:
+        """Each rank's evaluation of its shard -> the whole split's (logits, labels), in split order."""
+        if not self.enabled:
+            return logits, labels
+        return gather_split(self, logits, labels)
+
+    def shard_features(
+        self, compute: Callable[[Sequence[Any]], Any], samples: Sequence[Any]
+    ) -> Any:
+        """compute(samples) split across ranks and put back together, in order, on every rank."""
+        return shard_features(self, compute, samples)
+
+    def train_loader(self, dataset: Any, batch_size: int, *, seed: int, **kwargs: Any) -> Iterable:
+        """Shuffled batches by `seed`; under several workers each gets its shard and its share of
+        the global `batch_size` (DistributedSampler, reshuffled per epoch with `set_epoch`)."""
+        import torch
+        from torch.utils.data import DataLoader, DistributedSampler
+
+        if not self.enabled:
+            generator = torch.Generator().manual_seed(seed)
+            return DataLoader(
+                dataset, batch_size=batch_size, shuffle=True, generator=generator, **kwargs
+            )
+        sampler = DistributedSampler(
+            dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=seed
+        )
+        return DataLoader(
+            dataset, batch_size=self.per_rank_batch(batch_size), sampler=sampler, **kwargs
+        )
+
+    def check_batch_can_shrink(self) -> None:
+        """Out of memory: one process may halve its batch, several workers cannot do so in step."""
+        if self.enabled:
+            raise TrainingError(
+                f"worker rank {self.rank} ran out of memory; lower --batch-size and resume"
+            )
+
     def _device(self) -> str:
         return f"cuda:{self.local_rank}" if self.backend == "nccl" else "cpu"
 
@@ -172,7 +246,7 @@ def init_from_env(*, device: str, sync_bn: bool = False) -> DistContext:
     import torch
     import torch.distributed as dist
 
-    from pipeline.train import resolve_device
+    from pipeline.device import resolve_device
 
     resolved = resolve_device(device)
     if sync_bn and resolved != "cuda":

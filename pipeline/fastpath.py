@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from pipeline.distributed import SINGLE, DistContext
+from pipeline.distributed import SINGLE, Workers
 
 if TYPE_CHECKING:
     import numpy as np
@@ -36,7 +36,7 @@ class TrainingSetup:
     val_loader: Iterable
     test_loader: Iterable
     description: str
-    dist: DistContext = SINGLE  # the context training runs under (SINGLE: rank 0 trains alone)
+    dist: Workers = SINGLE  # the context training runs under (SINGLE: rank 0 trains alone)
     # Pooled train and validation features when only the head trains on cached features: the
     # head is then solved on them (pipeline.solve) instead of trained batch by batch.
     head_features: tuple[Any, Any] | None = None
@@ -52,26 +52,6 @@ def preprocessed_batch(samples: Sequence[Sample], preprocess: Preprocess) -> np.
     return np.stack(arrays).astype(np.float32)
 
 
-def _train_loader(
-    dataset: Any, batch_size: int, *, config: TrainConfig, dist: DistContext, **kwargs: Any
-) -> Iterable:
-    """Shuffled batches; under `dist` each rank gets its shard and its share of the global batch."""
-    import torch
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    generator = torch.Generator().manual_seed(config.seed)
-    if not dist.enabled:
-        return DataLoader(
-            dataset, batch_size=batch_size, shuffle=True, generator=generator, **kwargs
-        )
-    sampler = DistributedSampler(
-        dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=config.seed
-    )
-    return DataLoader(
-        dataset, batch_size=dist.per_rank_batch(batch_size), sampler=sampler, **kwargs
-    )
-
-
 def _image_loaders(
     split: DataSplit,
     preprocess: Preprocess,
@@ -79,7 +59,7 @@ def _image_loaders(
     augment: str,
     flip: bool = True,
     config: TrainConfig,
-    dist: DistContext = SINGLE,
+    dist: Workers = SINGLE,
 ) -> tuple[Callable[[int], Iterable], Iterable, Iterable]:
     from torch.utils.data import DataLoader
 
@@ -90,13 +70,8 @@ def _image_loaders(
     train_set = ImageDataset(split.train, preprocess, augment=augment, flip=flip, seed=config.seed)
 
     def make_train_loader(batch_size: int) -> Iterable:
-        return _train_loader(
-            train_set,
-            batch_size,
-            config=config,
-            dist=dist,
-            num_workers=workers,
-            pin_memory=pin,
+        return dist.train_loader(
+            train_set, batch_size, seed=config.seed, num_workers=workers, pin_memory=pin
         )
 
     def eval_loader(samples: Sequence[Sample]) -> DataLoader:
@@ -120,7 +95,7 @@ def cached_features(
     model_sha256: str,
     log: Callable[[str], None],
     value: str | None = None,
-    dist: DistContext = SINGLE,
+    dist: Workers = SINGLE,
     sessions: dict[str, Any] | None = None,
 ) -> np.ndarray:
     """The ONNX value `value` (default: the feature tensor) for `samples`, via onnxruntime, cached.
@@ -131,7 +106,6 @@ def cached_features(
     import numpy as np
 
     from pipeline import features
-    from pipeline.distributed import shard_features
 
     probe = imported.probe
     value = value or probe.feature_name
@@ -160,7 +134,7 @@ def cached_features(
         )
         return features.run_batches(session, input_name=probe.input_name, batches=batches)
 
-    result = shard_features(dist, compute, samples)
+    result = dist.shard_features(compute, samples)
     if model_sha256 and dist.is_main:
         features.store_cached(cache_dir, key, result)
     return result
@@ -176,8 +150,8 @@ def _feature_loaders(
     model_sha256: str,
     log: Callable[[str], None],
     value: str | None = None,
-    dist: DistContext = SINGLE,
-    train_dist: DistContext = SINGLE,
+    dist: Workers = SINGLE,
+    train_dist: Workers = SINGLE,
 ) -> tuple[Callable[[int], Iterable], Iterable, Iterable]:
     """Loaders over cached features: `dist` shares the extraction, `train_dist` the training."""
     import torch
@@ -206,7 +180,7 @@ def _feature_loaders(
     train_set, val_set, test_set = tensors(split.train), tensors(split.val), tensors(split.test)
 
     def make_train_loader(batch_size: int) -> Iterable:
-        return _train_loader(train_set, batch_size, config=config, dist=train_dist)
+        return train_dist.train_loader(train_set, batch_size, seed=config.seed)
 
     def eval_loader(dataset: TensorDataset) -> DataLoader:
         shard = torch.tensor(list(train_dist.shard(len(dataset))), dtype=torch.long)
@@ -308,7 +282,7 @@ def prepare(
     model_sha256: str,
     log: Callable[[str], None],
     fast: bool = True,
-    dist: DistContext = SINGLE,
+    dist: Workers = SINGLE,
 ) -> TrainingSetup:
     """Pick the fastest path that gives the same result as training the whole model on images.
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipeline.registry import Registry
 from zoo.catalog import Preprocess
 from zoo.errors import DataError
 
@@ -59,15 +60,14 @@ class BuiltinSet(NamedTuple):
     mirror_safe: bool = True  # False where a mirrored image is another class or none (digits)
 
 
-BUILTIN_SETS: dict[str, BuiltinSet] = {}
+BUILTIN_SETS: Registry[BuiltinSet] = Registry(
+    "built-in data set", error=DataError, shown=lambda name: BUILTIN_PREFIX + name
+)
 
 
 def register_builtin(entry: BuiltinSet) -> BuiltinSet:
     """Add a built-in set; refuses a name already taken."""
-    if entry.name in BUILTIN_SETS:
-        raise KeyError(f"built-in data set {entry.name!r} is already registered")
-    BUILTIN_SETS[entry.name] = entry
-    return entry
+    return BUILTIN_SETS.add(entry.name, entry)
 
 
 @lru_cache(maxsize=1)
@@ -360,19 +360,12 @@ class Augmentation:
 
 # Augmentation levels form a registry: name -> builder(crop size, flip) -> random steps (or None).
 AugmentationBuilder = Callable[[int, bool], Callable[[Image.Image], Image.Image] | None]
-AUGMENTATIONS: dict[str, AugmentationBuilder] = {}
+AUGMENTATIONS: Registry[AugmentationBuilder] = Registry("augmentation", error=DataError)
 
 
-def register_augmentation(name: str) -> Callable:
+def register_augmentation(name: str) -> Callable[[AugmentationBuilder], AugmentationBuilder]:
     """Decorator adding an augmentation level; refuses a name already taken."""
-
-    def add(builder: AugmentationBuilder) -> Callable:
-        if name in AUGMENTATIONS:
-            raise KeyError(f"augmentation {name!r} is already registered")
-        AUGMENTATIONS[name] = builder
-        return builder
-
-    return add
+    return AUGMENTATIONS.decorator(name)
 
 
 def build_augmentation(level: str, preprocess: Preprocess, *, flip: bool = True) -> Augmentation:
@@ -380,9 +373,7 @@ def build_augmentation(level: str, preprocess: Preprocess, *, flip: bool = True)
 
     `flip=False` leaves out horizontal mirroring, for data whose classes a mirror changes.
     """
-    if level not in AUGMENTATIONS:
-        raise DataError(f"unknown augmentation {level!r}; use one of {', '.join(AUGMENTATIONS)}")
-    return Augmentation(preprocess, AUGMENTATIONS[level](preprocess.crop, flip))
+    return Augmentation(preprocess, AUGMENTATIONS.lookup(level)(preprocess.crop, flip))
 
 
 @register_augmentation("none")

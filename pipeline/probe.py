@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pipeline.convert.cleanup import source_input_type
+from pipeline.registry import Registry
 from zoo.errors import UnsupportedModel
 
 if TYPE_CHECKING:
@@ -39,31 +40,19 @@ class HeadKind(NamedTuple):
     match: Callable[[GraphIndex, onnx.NodeProto], HeadMatch | None]
 
 
-HEAD_KINDS: dict[str, HeadKind] = {}
+HEAD_KINDS: Registry[HeadKind] = Registry("head kind", error=UnsupportedModel)
 
 
 def register_head_kind(
     name: str, *, layer: str
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a head matcher under `name`; a second registration of the same name is refused."""
-
-    def deco(match: Callable[..., Any]) -> Callable[..., Any]:
-        if name in HEAD_KINDS:
-            raise ValueError(f"head kind {name!r} is already registered")
-        HEAD_KINDS[name] = HeadKind(name, layer, match)
-        return match
-
-    return deco
+    return HEAD_KINDS.decorator(name, lambda match: HeadKind(name, layer, match))
 
 
 def head_kind(name: str) -> HeadKind:
     """Look up a head kind by name."""
-    try:
-        return HEAD_KINDS[name]
-    except KeyError:
-        raise UnsupportedModel(
-            f"unknown head kind {name!r}; known kinds are {', '.join(HEAD_KINDS)}"
-        ) from None
+    return HEAD_KINDS.lookup(name)
 
 
 @dataclass(frozen=True)

@@ -9,20 +9,67 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from pipeline.registry import Registry
 from zoo.errors import InvalidModelFile, NotFound
-
-if TYPE_CHECKING:
-    from pipeline.verify import VerifyInputs
 
 BATCH1_COUNT = 4  # the first few inputs also run one by one, to catch batch-dependent graphs
 CHUNK = 64  # the largest batch handed to either engine at once, to bound memory
+
+
+@dataclass
+class VerifyInputs:
+    """What both engines see: preprocessed test images (with labels if known) plus random tensors."""
+
+    images: np.ndarray | None = None  # float32 [N, ...] in the model's layout, already preprocessed
+    labels: np.ndarray | None = None  # int [N] class indices of `images`, or None
+    random: np.ndarray | None = None  # float32 [R, ...] random tensors of the same shape
+
+    @classmethod
+    def from_arrays(
+        cls, images: Any, labels: Any = None, *, n_random: int = 2, seed: int = 0
+    ) -> VerifyInputs:
+        """Wrap preprocessed images (numpy or torch), adding `n_random` standard-normal tensors."""
+        image_array = _as_float32(images)
+        label_array = None if labels is None else np.asarray(_to_numpy(labels)).astype(np.int64)
+        if label_array is not None and len(label_array) != len(image_array):
+            raise ValueError(f"{len(label_array)} labels for {len(image_array)} images")
+        rng = np.random.default_rng(seed)
+        noise = rng.standard_normal((n_random, *image_array.shape[1:])).astype(np.float32)
+        return cls(images=image_array, labels=label_array, random=noise if n_random else None)
+
+    @classmethod
+    def random_only(cls, shape: Sequence[int], *, count: int = 4, seed: int = 0) -> VerifyInputs:
+        """Only random tensors of one input `shape` (without batch): for when no images are at hand."""
+        rng = np.random.default_rng(seed)
+        return cls(random=rng.standard_normal((count, *shape)).astype(np.float32))
+
+    @property
+    def all_inputs(self) -> np.ndarray:
+        parts = [a for a in (self.images, self.random) if a is not None and len(a)]
+        if not parts:
+            raise ValueError("VerifyInputs holds no inputs")
+        return np.concatenate(parts).astype(np.float32, copy=False)
+
+    @property
+    def n_images(self) -> int:
+        return 0 if self.images is None else len(self.images)
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _as_float32(value: Any) -> np.ndarray:
+    return np.ascontiguousarray(_to_numpy(value), dtype=np.float32)
 
 
 def create_session(onnx_path: str | Path, provider: str) -> Any:
@@ -165,28 +212,19 @@ class RuntimeReport:
         return {**dataclasses.asdict(self), "passed": self.passed}
 
 
-RuntimeCheck = Callable[[Path, "VerifyInputs"], RuntimeReport]
-RUNTIME_CHECKS: dict[str, RuntimeCheck] = {}
+RuntimeCheck = Callable[[Path, VerifyInputs], RuntimeReport]
+# onnxruntime itself is the reference every check compares with, not an entry of the registry.
+RUNTIME_CHECKS: Registry[RuntimeCheck] = Registry("runtime check", also=("ort",))
 
 
 def register_runtime(name: str) -> Callable[[RuntimeCheck], RuntimeCheck]:
     """Register a second-runtime check under `name`; duplicates are refused."""
-
-    def decorate(check: RuntimeCheck) -> RuntimeCheck:
-        if name in RUNTIME_CHECKS:
-            raise ValueError(f"runtime check {name!r} is already registered")
-        RUNTIME_CHECKS[name] = check
-        return check
-
-    return decorate
+    return RUNTIME_CHECKS.decorator(name)
 
 
 def runtime_check(name: str) -> RuntimeCheck:
     """The check registered under `name`; NotFound lists the known ones."""
-    if name not in RUNTIME_CHECKS:
-        known = ", ".join(["ort", *RUNTIME_CHECKS])
-        raise NotFound(f"no runtime check named {name!r}; choose from {known}")
-    return RUNTIME_CHECKS[name]
+    return RUNTIME_CHECKS.lookup(name)
 
 
 _CV2_PATTERNS = (

@@ -144,10 +144,7 @@ def load_source(
 
 def _load_builtin(src: str, *, seed: int, val_fraction: float, test_fraction: float) -> DataSplit:
     name = src[len(BUILTIN_PREFIX) :]
-    if name not in BUILTIN_SETS:
-        known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_SETS)
-        raise DataError(f"unknown built-in data set {src!r}; use one of {known}")
-    entry = BUILTIN_SETS[name]
+    entry = BUILTIN_SETS.lookup(name)
     class_names, labels = entry.labels()
     samples = [Sample(f"{src}#{i}", label) for i, label in enumerate(labels)]
     train, val, test = split_samples(

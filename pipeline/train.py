@@ -13,13 +13,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.checkpoint import BEST_CHECKPOINT, RESUME_POINT, RunCheckpoints
+from pipeline.device import resolve_device  # re-exported: its old home
+from pipeline.distributed import SINGLE
 from zoo.errors import Interrupted, TrainingError
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from pipeline.distributed import DistContext
+    from pipeline.distributed import Workers
 
 OPTIMIZERS = ("adam", "adamax", "adamw", "sgd")
 
@@ -90,21 +93,6 @@ class EvalResult:
     accuracy: float
     logits: Any  # torch.Tensor [N, C] on CPU
     labels: Any  # torch.Tensor [N]
-
-
-def resolve_device(requested: str = "auto") -> str:
-    """'auto' picks CUDA when torch can use it, else the CPU."""
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(
-            "--device cuda was asked for, but torch sees no CUDA device; use --device cpu"
-        )
-    if requested not in ("cpu", "cuda"):
-        raise TrainingError(f"unknown device {requested!r}; use auto, cpu or cuda")
-    return requested
 
 
 def seed_everything(seed: int) -> None:
@@ -219,12 +207,12 @@ def evaluate(
     loader: Iterable,
     *,
     config: TrainConfig,
-    dist: DistContext | None = None,
+    dist: Workers | None = None,
 ) -> EvalResult:
     """Loss, accuracy and all logits over a split, in eval mode without gradients.
 
-    Under a distributed context each rank's loader holds its shard (`DistContext.shard`); the
-    shards are gathered, so every rank gets the metrics of the whole split, in split order.
+    Under several workers each one's loader holds its shard (`Workers.shard`); the shards are
+    gathered, so every worker gets the metrics of the whole split.
     """
     import torch
     import torch.nn.functional as F
@@ -242,17 +230,13 @@ def evaluate(
                 logits = model(inputs)
             all_logits.append(logits.float().cpu())
             all_labels.append(labels.cpu())
-    if dist is not None and dist.enabled:
-        from pipeline.distributed import gather_split
-
-        shard_logits = torch.cat(all_logits) if all_logits else None
-        shard_labels = torch.cat(all_labels) if all_labels else None
-        logits, labels = gather_split(dist, shard_logits, shard_labels)
-        all_logits, all_labels = ([logits], [labels]) if logits is not None else ([], [])
-    if not all_logits:
+    # Each worker holds its shard of the split: all of them get the whole split, in split order.
+    logits, labels = (dist or SINGLE).gather_split(
+        torch.cat(all_logits) if all_logits else None,
+        torch.cat(all_labels) if all_labels else None,
+    )
+    if logits is None:
         return EvalResult(math.nan, math.nan, torch.empty(0), torch.empty(0, dtype=torch.long))
-    logits = torch.cat(all_logits)
-    labels = torch.cat(all_labels)
     loss = float(F.cross_entropy(logits, labels))
     accuracy = float((logits.argmax(1) == labels).float().mean())
     return EvalResult(loss, accuracy, logits, labels)
@@ -262,10 +246,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
     import torch
 
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-BEST_CHECKPOINT = "checkpoint.safetensors"  # the best epoch's weights: what export uses
-RESUME_POINT = "last.safetensors"  # the last complete epoch: weights, optimizer, loop state
 
 
 def fit(
@@ -280,146 +260,43 @@ def fit(
     saved_model: nn.Module | None = None,
     log: Callable[[str], None] = print,
     progress_factory: Callable[..., Any] | None = None,
-    dist: DistContext | None = None,
+    dist: Workers | None = None,
 ) -> TrainState:
     """Train with early stopping on validation loss; returns the loop state, best weights loaded.
 
     `model` is what runs on the batches (the whole adapted model, or only its head when the
     batches are cached features); `saved_model` is what checkpoints hold (default: `model`).
     `plan` is a FreezePlan: apply(model, epoch), train_mode(model), param_groups(model, lr=, decay=).
-    Under `dist`, batches go through DistributedDataParallel and only rank 0 writes checkpoints.
+    Under several workers (`dist`), batches go through DistributedDataParallel.
     """
-    import torch
-
-    from pipeline.checkpoint import load_resume_point, load_weights, save_resume_point, save_weights
-    from pipeline.distributed import SINGLE
-
-    dist = dist or SINGLE
-
-    saved_model = saved_model if saved_model is not None else model
-    run_dir = Path(run_dir)
-    best_path, resume_path = run_dir / BEST_CHECKPOINT, run_dir / RESUME_POINT
-    state = TrainState(batch_size=config.batch_size)
-    optimizer_state = None
-    resumed = None
-    if resume and dist.is_main and resume_path.exists():
-        resumed = load_resume_point(resume_path, model=saved_model)
-    # Rank 0 reads the run directory; the others get its contents, so no shared disk is needed.
-    resumed = dist.broadcast_object(resumed)
-    if resumed is not None:
-        dist.sync_module(saved_model)
-        optimizer_state, raw_state = resumed
-        state = TrainState.from_dict(raw_state)
-        log(
-            f"resuming after epoch {state.epoch} of {config.epochs} (best so far: epoch {state.best_epoch})"
-        )
-    loader = make_train_loader(state.batch_size)
-    steps_per_epoch = max(1, len(loader)) if hasattr(loader, "__len__") else 1
-    optimizer = None
-    train_model = model  # what the batches go through: `model`, or DDP around it
+    workers = dist or SINGLE
+    saved = saved_model if saved_model is not None else model
+    checkpoints = RunCheckpoints(Path(run_dir), saved, workers)
+    state, optimizer_state = _starting_state(checkpoints, config, resume=resume, log=log)
+    loop = _EpochLoop(model, plan, config, workers, make_train_loader, optimizer_state)
+    loop.use_batch_size(state.batch_size)
     epoch = state.epoch
-
-    def set_train_mode(_: nn.Module) -> None:
-        train_model.train()
-        plan.train_mode(model)  # the plan knows the module names of `model`, not of the wrapper
-
     try:
         for epoch in range(state.epoch + 1, config.epochs + 1):
-            if plan.apply(model, epoch - 1) or optimizer is None:
-                groups = plan.param_groups(model, lr=config.lr, decay=config.lr_decay)
-                optimizer = make_optimizer(groups, config)
-                if optimizer_state is not None:
-                    optimizer.load_state_dict(optimizer_state)
-                    optimizer_state = None
-                # DDP registers the parameters that train now, so it is rebuilt when they change.
-                train_model = dist.wrap(model)
+            loop.update_trainable(epoch)
             started = time.perf_counter()
-            # Each epoch's randomness depends on (seed, epoch) alone, so a resumed run replays
-            # exactly what the uninterrupted one would have done.
-            while True:
-                seed_everything(config.seed * 1000 + epoch)
-                if getattr(loader, "generator", None) is not None:
-                    loader.generator.manual_seed(config.seed * 1000 + epoch)
-                if hasattr(getattr(loader, "sampler", None), "set_epoch"):
-                    loader.sampler.set_epoch(epoch)  # DistributedSampler: shuffle by (seed, epoch)
-                total_steps = steps_per_epoch * config.epochs
-                bar = progress_factory(epoch, len(loader)) if progress_factory else None
-                try:
-                    train_loss, train_acc, _ = train_one_epoch(
-                        train_model,
-                        loader,
-                        optimizer,
-                        config=config,
-                        set_train_mode=set_train_mode,
-                        step_offset=(epoch - 1) * steps_per_epoch,
-                        total_steps=total_steps,
-                        progress=bar.update if bar else None,
-                    )
-                    break
-                except NonFiniteLoss as exc:
-                    kept = (
-                        f"the best checkpoint (epoch {state.best_epoch}) is kept"
-                        if state.best_epoch
-                        else "no checkpoint was written"
-                    )
-                    raise TrainingError(
-                        f"the training loss became {exc} in epoch {epoch}; training stopped and {kept}. "
-                        "Lower --lr and start a new run"
-                    ) from None
-                except RuntimeError as exc:
-                    if not is_out_of_memory(exc):
-                        raise
-                    if dist.enabled:  # the other workers cannot shrink their batch in step
-                        raise TrainingError(
-                            f"worker rank {dist.rank} ran out of memory; lower --batch-size and resume"
-                        ) from exc
-                    if state.batch_size <= 1:
-                        raise TrainingError(
-                            "out of memory even at batch size 1; use a smaller --image-size or --device cpu"
-                        ) from exc
-                    state.batch_size //= 2
-                    log(f"out of memory: retrying epoch {epoch} with batch size {state.batch_size}")
-                    if config.device == "cuda":
-                        torch.cuda.empty_cache()
-                    if resume_path.exists():
-                        optimizer_state, _ = load_resume_point(resume_path, model=saved_model)
-                        optimizer.load_state_dict(optimizer_state)
-                        optimizer_state = None
-                    loader = make_train_loader(state.batch_size)
-                    steps_per_epoch = max(1, len(loader))
-                finally:
-                    if bar:
-                        bar.close()
-            train_loss, train_acc = dist.mean([train_loss, train_acc])
-            val = evaluate(model, val_loader, config=config, dist=dist)
+            train_loss, train_acc = _train_epoch(
+                loop, state, checkpoints, epoch=epoch, progress_factory=progress_factory, log=log
+            )
+            val = evaluate(model, val_loader, config=config, dist=workers)
             record = EpochRecord(
                 epoch=epoch,
                 train_loss=train_loss,
                 train_acc=train_acc,
                 val_loss=val.loss,
                 val_acc=val.accuracy,
-                lr=";".join(f"{g['lr']:.3g}" for g in optimizer.param_groups),
+                lr=";".join(f"{g['lr']:.3g}" for g in loop.optimizer.param_groups),
                 trainable_params=count_trainable(model),
                 batch_size=state.batch_size,
                 seconds=round(time.perf_counter() - started, 3),
             )
-            state.history.append(record)
-            state.epoch = epoch
-            if val.loss < state.best_val_loss:
-                state.best_val_loss, state.best_epoch, state.stale_epochs = val.loss, epoch, 0
-                if dist.is_main:
-                    save_weights(saved_model, best_path)
-            else:
-                state.stale_epochs += 1
-            if dist.is_main:
-                save_resume_point(
-                    resume_path, model=saved_model, optimizer=optimizer, state=state.to_dict()
-                )
-            log(
-                f"epoch {epoch:>3}/{config.epochs}  train loss {train_loss:.4f} acc {train_acc:.3f}  "
-                f"val loss {val.loss:.4f} acc {val.accuracy:.3f}  {record.seconds:.1f}s"
-                + ("  *" if state.best_epoch == epoch else "")
-            )
+            _keep_epoch(record, state, checkpoints, loop.optimizer)
+            log(_epoch_line(record, config, best=state.best_epoch == epoch))
             if state.stale_epochs >= config.patience:
                 state.stopped = (
                     f"early stop: no better validation loss for {config.patience} epochs"
@@ -433,13 +310,177 @@ def fit(
             f"interrupted during epoch {epoch}; epochs up to {state.epoch} are saved in {run_dir}. "
             f"Continue with: zoo adapt --out {run_dir} --resume"
         ) from None
-    if dist.is_main and best_path.exists():
-        load_weights(saved_model, best_path)
-    dist.sync_module(saved_model)  # every rank tests the best weights
+    checkpoints.load_best()  # every worker tests the best weights
     return state
 
 
+def _starting_state(
+    checkpoints: RunCheckpoints, config: TrainConfig, *, resume: bool, log: Callable[[str], None]
+) -> tuple[TrainState, dict[str, Any] | None]:
+    """A fresh loop state, or with `resume` the last complete epoch's (and its optimizer state)."""
+    resumed = checkpoints.read_resume_point() if resume else None
+    if resumed is None:
+        return TrainState(batch_size=config.batch_size), None
+    optimizer_state, raw_state = resumed
+    state = TrainState.from_dict(raw_state)
+    log(
+        f"resuming after epoch {state.epoch} of {config.epochs} (best so far: epoch {state.best_epoch})"
+    )
+    return state, optimizer_state
+
+
+class _EpochLoop:
+    """What the loop rebuilds as it goes: the loader when the batch size changes, the optimizer
+    and the DDP wrapper when the plan unfreezes more blocks."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        plan: Any,
+        config: TrainConfig,
+        workers: Workers,
+        make_train_loader: Callable[[int], Iterable],
+        optimizer_state: dict[str, Any] | None,
+    ) -> None:
+        self.model, self.plan, self.config, self.workers = model, plan, config, workers
+        self.make_train_loader = make_train_loader
+        self.optimizer_state = optimizer_state  # a resumed run's, loaded into the first optimizer
+        self.optimizer: Any = None
+        self.train_model = model  # what the batches go through: `model`, or DDP around it
+        self.loader: Any = None
+        self.steps_per_epoch = 1
+
+    def use_batch_size(self, batch_size: int) -> None:
+        self.loader = self.make_train_loader(batch_size)
+        self.steps_per_epoch = max(1, len(self.loader)) if hasattr(self.loader, "__len__") else 1
+
+    def update_trainable(self, epoch: int) -> None:
+        """Apply the plan for `epoch`; a new optimizer (and DDP) when what trains has changed."""
+        if self.plan.apply(self.model, epoch - 1) or self.optimizer is None:
+            groups = self.plan.param_groups(
+                self.model, lr=self.config.lr, decay=self.config.lr_decay
+            )
+            self.optimizer = make_optimizer(groups, self.config)
+            self.restore_optimizer(self.optimizer_state)
+            self.optimizer_state = None
+            # DDP registers the parameters that train now, so it is rebuilt when they change.
+            self.train_model = self.workers.wrap(self.model)
+
+    def restore_optimizer(self, optimizer_state: dict[str, Any] | None) -> None:
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)
+
+    def set_train_mode(self, _: nn.Module) -> None:
+        self.train_model.train()
+        self.plan.train_mode(self.model)  # the plan knows the module names of `model`, not of DDP
+
+    def seed_epoch(self, epoch: int) -> None:
+        """Each epoch's randomness depends on (seed, epoch) alone, so a resumed run replays
+        exactly what the uninterrupted one would have done."""
+        seed_everything(self.config.seed * 1000 + epoch)
+        if getattr(self.loader, "generator", None) is not None:
+            self.loader.generator.manual_seed(self.config.seed * 1000 + epoch)
+        if hasattr(getattr(self.loader, "sampler", None), "set_epoch"):
+            self.loader.sampler.set_epoch(epoch)  # DistributedSampler: shuffle by (seed, epoch)
+
+
+def _train_epoch(
+    loop: _EpochLoop,
+    state: TrainState,
+    checkpoints: RunCheckpoints,
+    *,
+    epoch: int,
+    progress_factory: Callable[..., Any] | None,
+    log: Callable[[str], None],
+) -> tuple[float, float]:
+    """One epoch, retried at half the batch size when it runs out of memory; (loss, accuracy)
+    averaged over the workers."""
+    while True:
+        loop.seed_epoch(epoch)
+        bar = progress_factory(epoch, len(loop.loader)) if progress_factory else None
+        try:
+            loss, accuracy, _ = train_one_epoch(
+                loop.train_model,
+                loop.loader,
+                loop.optimizer,
+                config=loop.config,
+                set_train_mode=loop.set_train_mode,
+                step_offset=(epoch - 1) * loop.steps_per_epoch,
+                total_steps=loop.steps_per_epoch * loop.config.epochs,
+                progress=bar.update if bar else None,
+            )
+        except NonFiniteLoss as exc:
+            kept = (
+                f"the best checkpoint (epoch {state.best_epoch}) is kept"
+                if state.best_epoch
+                else "no checkpoint was written"
+            )
+            raise TrainingError(
+                f"the training loss became {exc} in epoch {epoch}; training stopped and {kept}. "
+                "Lower --lr and start a new run"
+            ) from None
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            _halve_batch(loop, state, checkpoints, epoch=epoch, log=log, error=exc)
+            continue
+        finally:
+            if bar:
+                bar.close()
+        loss, accuracy = loop.workers.mean([loss, accuracy])
+        return loss, accuracy
+
+
+def _halve_batch(
+    loop: _EpochLoop,
+    state: TrainState,
+    checkpoints: RunCheckpoints,
+    *,
+    epoch: int,
+    log: Callable[[str], None],
+    error: RuntimeError,
+) -> None:
+    """Out of memory: the epoch starts again from the last complete one at half the batch size."""
+    import torch
+
+    loop.workers.check_batch_can_shrink()  # several workers cannot shrink their batch in step
+    if state.batch_size <= 1:
+        raise TrainingError(
+            "out of memory even at batch size 1; use a smaller --image-size or --device cpu"
+        ) from error
+    state.batch_size //= 2
+    log(f"out of memory: retrying epoch {epoch} with batch size {state.batch_size}")
+    if loop.config.device == "cuda":
+        torch.cuda.empty_cache()
+    loop.restore_optimizer(checkpoints.roll_back())
+    loop.use_batch_size(state.batch_size)
+
+
+def _keep_epoch(
+    record: EpochRecord, state: TrainState, checkpoints: RunCheckpoints, optimizer: Any
+) -> None:
+    """Record the epoch; checkpoint it as the best when its validation loss is, and as the last."""
+    state.history.append(record)
+    state.epoch = record.epoch
+    if record.val_loss < state.best_val_loss:
+        state.best_val_loss, state.best_epoch, state.stale_epochs = record.val_loss, record.epoch, 0
+        checkpoints.save_best()
+    else:
+        state.stale_epochs += 1
+    checkpoints.save_resume_point(optimizer, state.to_dict())
+
+
+def _epoch_line(record: EpochRecord, config: TrainConfig, *, best: bool) -> str:
+    return (
+        f"epoch {record.epoch:>3}/{config.epochs}  train loss {record.train_loss:.4f} acc {record.train_acc:.3f}  "
+        f"val loss {record.val_loss:.4f} acc {record.val_acc:.3f}  {record.seconds:.1f}s"
+        + ("  *" if best else "")
+    )
+
+
 __all__ = [
+    "BEST_CHECKPOINT",
+    "RESUME_POINT",
     "fit",
     "EpochRecord",
     "EvalResult",

@@ -19,6 +19,7 @@ import numpy as np
 from pipeline.runtimes import (
     CHUNK,
     RuntimeReport,
+    VerifyInputs,
     as_input_type,
     create_session,
     default_providers,
@@ -31,48 +32,9 @@ from zoo.errors import InvalidModelFile, NotFound
 if TYPE_CHECKING:
     import torch
 
-    from pipeline.export import ModelMetadata
+    from pipeline.metadata import ModelMetadata
 
 PROBS_TOLERANCE = 1e-4  # how far the probs output may sum away from 1
-
-
-@dataclass
-class VerifyInputs:
-    """What both engines see: preprocessed test images (with labels if known) plus random tensors."""
-
-    images: np.ndarray | None = None  # float32 [N, ...] in the model's layout, already preprocessed
-    labels: np.ndarray | None = None  # int [N] class indices of `images`, or None
-    random: np.ndarray | None = None  # float32 [R, ...] random tensors of the same shape
-
-    @classmethod
-    def from_arrays(
-        cls, images: Any, labels: Any = None, *, n_random: int = 2, seed: int = 0
-    ) -> VerifyInputs:
-        """Wrap preprocessed images (numpy or torch), adding `n_random` standard-normal tensors."""
-        image_array = _as_float32(images)
-        label_array = None if labels is None else np.asarray(_to_numpy(labels)).astype(np.int64)
-        if label_array is not None and len(label_array) != len(image_array):
-            raise ValueError(f"{len(label_array)} labels for {len(image_array)} images")
-        rng = np.random.default_rng(seed)
-        noise = rng.standard_normal((n_random, *image_array.shape[1:])).astype(np.float32)
-        return cls(images=image_array, labels=label_array, random=noise if n_random else None)
-
-    @classmethod
-    def random_only(cls, shape: Sequence[int], *, count: int = 4, seed: int = 0) -> VerifyInputs:
-        """Only random tensors of one input `shape` (without batch): for when no images are at hand."""
-        rng = np.random.default_rng(seed)
-        return cls(random=rng.standard_normal((count, *shape)).astype(np.float32))
-
-    @property
-    def all_inputs(self) -> np.ndarray:
-        parts = [a for a in (self.images, self.random) if a is not None and len(a)]
-        if not parts:
-            raise ValueError("VerifyInputs holds no inputs")
-        return np.concatenate(parts).astype(np.float32, copy=False)
-
-    @property
-    def n_images(self) -> int:
-        return 0 if self.images is None else len(self.images)
 
 
 @dataclass
@@ -175,16 +137,6 @@ class VerifyReport:
             console.print(f"{provider} skipped: {why}")
         console.print(self.summary())
         return buffer.getvalue()
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):
-        return value.detach().cpu().numpy()
-    return np.asarray(value)
-
-
-def _as_float32(value: Any) -> np.ndarray:
-    return np.ascontiguousarray(_to_numpy(value), dtype=np.float32)
 
 
 @contextlib.contextmanager
@@ -434,7 +386,7 @@ def verify_file(
     rtol: float = 1e-3,
 ) -> FileReport:
     """Check a finished file: its metadata, torch agreement (if a model is given), other runtimes."""
-    from pipeline.export import metadata_of, metadata_problems
+    from pipeline.metadata import metadata_of, metadata_problems
     from zoo.onnxfile import load_onnx
 
     path = Path(onnx_path)

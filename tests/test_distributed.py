@@ -106,6 +106,33 @@ def test_global_batch_is_split_evenly() -> None:
         DistContext(world_size=3).per_rank_batch(32)
 
 
+def test_a_single_process_is_the_identity_of_every_workers_method() -> None:
+    single = distributed.SINGLE
+    logits, labels = torch.randn(3, 2), torch.tensor([0, 1, 1])
+    assert single.gather_split(logits, labels) == (logits, labels)
+    assert single.gather_split(None, None) == (None, None)
+    assert single.mean([0.5, 2.0]) == [0.5, 2.0] and single.broadcast_object(7) == 7
+    assert single.shard_features(lambda s: [x * 2 for x in s], [1, 2]) == [2, 4]
+    single.check_batch_can_shrink()  # one process may halve its batch
+    loader = single.train_loader(list(range(10)), 4, seed=0)
+    assert loader.batch_size == 4 and sum(len(b) for b in loader) == 10
+    with pytest.raises(TrainingError, match="worker rank 1 ran out of memory"):
+        DistContext(rank=1, world_size=2).check_batch_can_shrink()
+
+
+def test_the_training_loop_sees_no_ranks() -> None:
+    """train, fastpath and the checkpoints call Workers methods; only the edge counts processes."""
+    import ast
+
+    counted = {"rank", "world_size", "local_rank", "enabled", "backend"}
+    names = {m for m in vars(distributed.Workers) if not m.startswith("_")}
+    assert names <= set(dir(DistContext)), "DistContext lacks a method of the Workers interface"
+    for module in ("train", "fastpath", "checkpoint"):
+        tree = ast.parse((REPO / "pipeline" / f"{module}.py").read_text())
+        read = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} & counted
+        assert not read, f"pipeline/{module}.py reads {sorted(read)} of the distributed context"
+
+
 def test_single_process_needs_no_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert distributed.init_from_env(device="cpu") is distributed.SINGLE

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from pipeline.registry import Registry
 from pipeline.surgery.head import AdaptedModel
-from zoo.errors import NotFound
 
 TARGET_BLOCKS = 6  # split name groups until at least this many blocks...
 MAX_BLOCKS = 20  # ...without exceeding this many
@@ -221,36 +221,26 @@ class Strategy(NamedTuple):
     reinit: bool
 
 
-STRATEGIES: dict[str, Strategy] = {}
+STRATEGIES: Registry[Strategy] = Registry("strategy")
 
 
 def register_strategy(
     name: str, *, description: str, reinit: bool = False
 ) -> Callable[[Schedule], Schedule]:
     """Register a strategy schedule under `name`; a second registration of the same name is refused."""
-
-    def deco(schedule: Schedule) -> Schedule:
-        if name in STRATEGIES:
-            raise ValueError(f"strategy {name!r} is already registered")
-        STRATEGIES[name] = Strategy(name, description, schedule, reinit)
-        return schedule
-
-    return deco
+    return STRATEGIES.decorator(
+        name, lambda schedule: Strategy(name, description, schedule, reinit)
+    )
 
 
 def get_strategy(name: str) -> Strategy:
     """Look up a strategy by name."""
-    try:
-        return STRATEGIES[name]
-    except KeyError:
-        raise NotFound(
-            f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}"
-        ) from None
+    return STRATEGIES.lookup(name)
 
 
 def strategy_names() -> list[str]:
     """Registered strategy names, in registration order."""
-    return list(STRATEGIES)
+    return STRATEGIES.names()
 
 
 def _limit(unfreeze: int | None, n_blocks: int, default: int) -> int:
