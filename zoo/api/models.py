@@ -37,6 +37,13 @@ class Model(FetchResult):
         return self.card_path.parent.parent
 
 
+def workspace_of(models_dir: PathLike | None, model: object) -> Path:
+    """models_dir as given, else a fetched Model's own workspace, else $ZOO_MODELS_DIR or ./models."""
+    if models_dir is None and isinstance(model, Model):
+        return model.models_dir
+    return models_dir_of(models_dir)
+
+
 def fetch(
     source: str | os.PathLike,
     *,
@@ -88,7 +95,7 @@ def inspect(
 
     reference = name.name if isinstance(name, Model) else name
     path, card = open_model(
-        reference, models_dir=models_dir_of(models_dir), catalog=catalog_of(catalog)
+        reference, models_dir=workspace_of(models_dir, name), catalog=catalog_of(catalog)
     )
     return inspect_model(path, name=card.get("name", os.fspath(reference)))
 
@@ -113,7 +120,7 @@ def rank(
     return rank_models(
         [m.name if isinstance(m, Model) else m for m in models],
         data=os.fspath(data),
-        models_dir=models_dir_of(models_dir),
+        models_dir=workspace_of(models_dir, next(iter(models), None)),
         catalog=catalog_of(catalog),
         seed=seed,
         strict=strict,

@@ -16,12 +16,11 @@ from zoo.api._common import (
     catalog_file,
     catalog_of,
     logger,
-    models_dir_of,
     preprocess_flags,
     preprocess_request,
     silent,
 )
-from zoo.api.models import Model
+from zoo.api.models import Model, workspace_of
 from zoo.api.runs import Run
 from zoo.errors import InvalidOption
 from zoo.options import ADAPT, COMPARE, LAUNCH, PREPROCESS, checked, command_line
@@ -37,13 +36,6 @@ def _model_ref(model: Model | PathLike | None) -> str | None:
     if isinstance(model, Model):
         return model.name
     return os.fspath(model) if model is not None else None
-
-
-def _workspace(models_dir: PathLike | None, model: Model | PathLike | None) -> Path:
-    """models_dir as given, else a fetched Model's own workspace, else $ZOO_MODELS_DIR or ./models."""
-    if models_dir is None and isinstance(model, Model):
-        return model.models_dir
-    return models_dir_of(models_dir)
 
 
 def adapt(
@@ -81,7 +73,7 @@ def adapt(
     values = checked(given, ADAPT, command="zoo.adapt")
     launch = Launch(**{name: values.pop(name) for name in LAUNCH})
     sync_bn = values.pop("sync_bn")
-    where = _workspace(models_dir, model)
+    where = workspace_of(models_dir, model)
     request = AdaptOptions(
         model=_model_ref(model), preprocess=preprocess_request(preprocess), **values
     )
@@ -198,7 +190,7 @@ def compare(
     return compare_strategies(
         request,
         names,
-        models_dir=_workspace(models_dir, model),
+        models_dir=workspace_of(models_dir, model),
         catalog=catalog_of(catalog),
         log=logger(log),
         progress=bool(progress),
