@@ -133,6 +133,7 @@ def test_failures_raise_the_zoo_hierarchy(workspace: Path, tmp_path: Path) -> No
 # --- the whole chain -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_adapt_open_export_predict_verify_evaluate(
     workspace: Path, tinted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -184,6 +185,7 @@ def test_adapt_open_export_predict_verify_evaluate(
     nothing_printed(capsys)
 
 
+@pytest.mark.slow
 def test_log_is_opt_in_and_compare_returns_each_run(
     workspace: Path, tinted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -205,6 +207,7 @@ def test_log_is_opt_in_and_compare_returns_each_run(
     assert zoo.open_run(tmp_path / "cmp" / "feature").strategy == "feature"
 
 
+@pytest.mark.slow
 def test_fetch_inspect_rank_and_list(
     workspace: Path, tinted: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
