@@ -85,6 +85,20 @@ def test_every_public_name_is_typed_and_has_an_example(name: str) -> None:
     assert untyped == []
 
 
+def test_options_have_the_pipelines_defaults_and_names() -> None:
+    import dataclasses
+
+    from pipeline import adapt as pipeline_adapt
+    from zoo.options import ADAPT, COMPARE, LAUNCH, STRATEGIES
+
+    fields = {f.name: f.default for f in dataclasses.fields(AdaptOptions)}
+    declared = {o.name: o.default for o in ADAPT if o.name not in (*LAUNCH, "sync_bn")}
+    assert set(declared) == set(fields) - {"model", "preprocess"}
+    assert declared == {name: fields[name] for name in declared}
+    assert {o.name for o in COMPARE} == set(declared) - {"strategy", "resume"}
+    assert STRATEGIES == pipeline_adapt.STRATEGIES
+
+
 def test_cli_is_a_thin_layer_over_the_api() -> None:
     source = (ROOT / "cli.py").read_text()
     assert len(source.splitlines()) < 450

@@ -217,6 +217,9 @@ def verify(
 
     if isinstance(runtimes, str):
         runtimes = runtimes.split(",")
+    if isinstance(run, Run):  # the workspace the run was opened with, unless told otherwise
+        models_dir = models_dir if models_dir is not None else run.models_dir
+        catalog = catalog if catalog is not None else run.catalog
     return verify_file(
         Path(path),
         run_dir=_run_dir(run),
