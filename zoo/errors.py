@@ -77,3 +77,7 @@ class Interrupted(TrainingError):
     """Ctrl-C during a long job; what was complete is saved."""
 
     exit_code = 130
+
+
+class InvalidOption(ZooError, TypeError):
+    """An option the function does not take, or a value outside its range (the Python API)."""

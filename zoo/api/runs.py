@@ -1,0 +1,317 @@
+"""A finished run and what follows it: export with the gate, verify, predict, evaluate, report."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from zoo.api._common import (
+    CatalogLike,
+    Log,
+    PathLike,
+    PreprocessLike,
+    catalog_of,
+    logger,
+    models_dir_of,
+    paths,
+    preprocess_request,
+)
+from zoo.errors import DataError, NotFound
+
+if TYPE_CHECKING:
+    from pipeline.adapt import AdaptResult
+    from pipeline.deploy import ExportSummary, Prediction
+    from pipeline.report import Metrics
+    from pipeline.train import EpochRecord
+    from pipeline.verify import FileReport
+
+EXPORTED = "model.onnx"  # where Run.export writes and Run.predict reads
+REPORT = "report.html"
+
+
+class Run:
+    """A run directory of `zoo adapt`: metrics, history and strategy read from it, export, predict.
+
+    >>> run = zoo.open_run("models/efficientnet-lite0-digits-10c")  # doctest: +SKIP
+    >>> run.metrics.accuracy, run.strategy, len(run.history)  # doctest: +SKIP
+    (0.93, 'feature', 12)
+    """
+
+    def __init__(
+        self,
+        run_dir: PathLike | None,
+        *,
+        models_dir: PathLike | None = None,
+        catalog: CatalogLike = None,
+        summary: AdaptResult | None = None,
+    ) -> None:
+        self._dir = Path(run_dir) if run_dir is not None else None
+        self.models_dir = models_dir_of(models_dir)
+        self.catalog = catalog
+        # What `zoo adapt` reports, when this process finished the run (None for an opened run).
+        self.summary = summary
+
+    def __repr__(self) -> str:
+        return f"Run({str(self._dir)!r})"
+
+    @property
+    def dir(self) -> Path:
+        """The run directory."""
+        if self._dir is None:
+            raise NotFound(
+                "rank 0 of the distributed run wrote its directory, not this process; "
+                "open it there with zoo.open_run(path)"
+            )
+        return self._dir
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """run.json: options, model, strategy, hyperparameters, split sizes, status."""
+        from pipeline.runs import read_run
+
+        return read_run(self.dir)
+
+    @property
+    def metrics(self) -> Metrics:
+        """Accuracy, macro F1, per-class figures and the confusion matrix on the held-out split."""
+        from pipeline.report import Metrics
+
+        path = self.dir / "metrics.json"
+        if not path.is_file():
+            raise NotFound(f"{self.dir} has no metrics.json yet: the run did not finish; resume it")
+        written = json.loads(path.read_text(encoding="utf-8"))
+        return Metrics(**{f.name: written[f.name] for f in dataclasses.fields(Metrics)})
+
+    @property
+    def history(self) -> list[EpochRecord]:
+        """One record per epoch (per L-BFGS pass for the solved `feature` head), from history.csv."""
+        from pipeline.train import EpochRecord
+
+        path = self.dir / "history.csv"
+        if not path.is_file():
+            return []
+        kinds = {"int": int, "float": float, "str": str}
+        fields = {f.name: kinds.get(str(f.type), str) for f in dataclasses.fields(EpochRecord)}
+        with path.open(encoding="utf-8", newline="") as rows:
+            return [
+                EpochRecord(**{name: fields[name](row[name]) for name in fields})
+                for row in csv.DictReader(rows)
+            ]
+
+    @property
+    def strategy(self) -> str:
+        """The strategy that trained (what `auto` chose, for an `auto` run)."""
+        record = self.record
+        return record.get("strategy") or record.get("options", {}).get("strategy", "auto")
+
+    @property
+    def report_path(self) -> Path:
+        """The run's one-page report, report.html."""
+        return self.dir / REPORT
+
+    def export(self, *, opset: int | None = None, quantize: str | None = None) -> Path:
+        """Export to RUN/model.onnx behind the verification gate; VerificationFailed when it fails.
+
+        >>> run.export()  # doctest: +SKIP
+        PosixPath('models/efficientnet-lite0-digits-10c/model.onnx')
+        """
+        summary = export(
+            self.dir,
+            opset=opset,
+            quantize=quantize,
+            models_dir=self.models_dir,
+            catalog=self.catalog,
+        )
+        return summary.path
+
+    def predict(
+        self, images: PathLike | Sequence[PathLike], top_k: int = 5
+    ) -> list[list[tuple[str, float]]]:
+        """Top-k (label, probability) per image from the exported file (exported first if need be).
+
+        >>> run.predict("cat.png", top_k=2)  # doctest: +SKIP
+        [[('3', 0.91), ('5', 0.04)]]
+        """
+        model = self.dir / EXPORTED
+        if not model.is_file():
+            self.export()
+        return predict(model, images, top_k=top_k, catalog=self.catalog)
+
+
+def open_run(
+    path: PathLike, *, models_dir: PathLike | None = None, catalog: CatalogLike = None
+) -> Run:
+    """A run directory read back; NotFound when it is not one.
+
+    >>> run = zoo.open_run("models/efficientnet-lite0-digits-10c")  # doctest: +SKIP
+    >>> run.metrics.macro_f1  # doctest: +SKIP
+    0.93
+    """
+    from pipeline.runs import read_run
+
+    read_run(Path(path))  # a clear error now, not at the first property
+    return Run(path, models_dir=models_dir, catalog=catalog)
+
+
+def _run_dir(run: Run | PathLike | None) -> Path | None:
+    return run.dir if isinstance(run, Run) else (Path(run) if run is not None else None)
+
+
+def export(
+    run: Run | PathLike | None = None,
+    *,
+    out: PathLike | None = None,
+    opset: int | None = None,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    verify: bool = True,
+    quantize: str | None = None,
+    models_dir: PathLike | None = None,
+    catalog: CatalogLike = None,
+    log: Log | None = None,
+) -> ExportSummary:
+    """Export a run (default: the latest) to ONNX, gated by the verification oracle.
+
+    >>> summary = zoo.export("models/efficientnet-lite0-digits-10c")  # doctest: +SKIP
+    >>> summary.path, summary.verified  # doctest: +SKIP
+    (PosixPath('models/efficientnet-lite0-digits-10c/model.onnx'), True)
+    """
+    from pipeline.deploy import export_run
+
+    return export_run(
+        _run_dir(run),
+        models_dir=models_dir_of(models_dir),
+        catalog=catalog_of(catalog),
+        out=Path(out) if out is not None else None,
+        opset=opset or 17,
+        atol=atol,
+        rtol=rtol,
+        verify=verify,
+        quantize=quantize,
+        log=logger(log),
+    )
+
+
+def verify(
+    path: PathLike,
+    *,
+    run: Run | PathLike | None = None,
+    runtimes: str | Sequence[str] = ("ort",),
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    models_dir: PathLike | None = None,
+    catalog: CatalogLike = None,
+) -> FileReport:
+    """The verification report of an ONNX file; with `run`, against the run's PyTorch model.
+
+    >>> report = zoo.verify("run/model.onnx", run="run", runtimes=("ort", "opencv"))  # doctest: +SKIP
+    >>> report.passed  # doctest: +SKIP
+    True
+    """
+    from pipeline.deploy import verify_file
+
+    if isinstance(runtimes, str):
+        runtimes = runtimes.split(",")
+    if isinstance(run, Run):  # the workspace the run was opened with, unless told otherwise
+        models_dir = models_dir if models_dir is not None else run.models_dir
+        catalog = catalog if catalog is not None else run.catalog
+    return verify_file(
+        Path(path),
+        run_dir=_run_dir(run),
+        models_dir=models_dir_of(models_dir),
+        catalog=catalog_of(catalog),
+        runtimes=[r.strip() for r in runtimes if r.strip()],
+        atol=atol,
+        rtol=rtol,
+    )
+
+
+def predictions(
+    path: PathLike,
+    images: PathLike | Sequence[PathLike],
+    *,
+    top_k: int = 5,
+    provider: str = "cpu",
+    preprocess: PreprocessLike = None,
+    catalog: CatalogLike = None,
+) -> list[Prediction]:
+    """One Prediction (image, top-k, or why it is unreadable) per image; folders and globs expand.
+
+    >>> [p.top[0] for p in zoo.predictions("run/model.onnx", "photos/")]  # doctest: +SKIP
+    [('cat', 0.97), ('dog', 0.88)]
+    """
+    from pipeline.deploy import predict as predict_file
+
+    return predict_file(
+        Path(path),
+        paths(images),
+        catalog=catalog_of(catalog),
+        top_k=top_k,
+        provider=provider,
+        preprocess=preprocess_request(preprocess),
+    )
+
+
+def predict(
+    path: PathLike,
+    images: PathLike | Sequence[PathLike],
+    *,
+    top_k: int = 5,
+    preprocess: PreprocessLike = None,
+    catalog: CatalogLike = None,
+) -> list[list[tuple[str, float]]]:
+    """Top-k (label, probability) per image, from the ONNX file alone; DataError if one is unreadable.
+
+    >>> zoo.predict("run/model.onnx", ["a.png", "b.png"], top_k=1)  # doctest: +SKIP
+    [[('7', 0.98)], [('1', 0.95)]]
+    """
+    found = predictions(path, images, top_k=top_k, preprocess=preprocess, catalog=catalog)
+    unreadable = [p for p in found if p.error]
+    if unreadable:
+        raise DataError(
+            f"{unreadable[0].image} is unreadable ({unreadable[0].error}); "
+            "pass image files only, or use zoo.predictions to skip such files"
+        )
+    return [p.top for p in found]
+
+
+def evaluate(
+    path: PathLike,
+    data: PathLike,
+    *,
+    plot: PathLike | None = None,
+    preprocess: PreprocessLike = None,
+    catalog: CatalogLike = None,
+) -> Metrics:
+    """Accuracy, macro precision/recall/F1 and confusion of an ONNX file on every image of `data`.
+
+    >>> zoo.evaluate("run/model.onnx", "builtin:digits").accuracy  # doctest: +SKIP
+    0.91
+    """
+    from pipeline.deploy import evaluate_file
+
+    return evaluate_file(
+        Path(path),
+        os.fspath(data),
+        catalog=catalog_of(catalog),
+        plot=Path(plot) if plot is not None else None,
+        preprocess=preprocess_request(preprocess),
+    )
+
+
+def report(run: Run | PathLike) -> Path:
+    """Write the run's report.html again and return its path.
+
+    >>> zoo.report("models/efficientnet-lite0-digits-10c")  # doctest: +SKIP
+    PosixPath('models/efficientnet-lite0-digits-10c/report.html')
+    """
+    from pipeline.report_html import write_report
+
+    run_dir = _run_dir(run)
+    open_run(run_dir)  # NotFound for a folder that is not a run
+    return write_report(run_dir)
