@@ -25,6 +25,7 @@ from zoo.options import (
     VERIFY,
     click_options,
 )
+from zoo.options import argv_of as _argv_of  # tests and workers' command lines
 
 
 class ZooGroup(click.Group):
@@ -251,31 +252,6 @@ def _report_adapt(result: Any, *, as_json: bool) -> None:
     click.echo(str(result.run_dir))
 
 
-def _argv_of(ctx: click.Context, *, skip: tuple[str, ...] = ()) -> list[str]:
-    """The command line that gives `ctx`'s parsed values again (for worker processes)."""
-    argv: list[str] = []
-    positional: list[str] = []
-    for level in (ctx.parent, ctx):
-        if level is None:
-            continue
-        if level is ctx:
-            argv.append(ctx.info_name or "")
-        for param in level.command.params:
-            value = level.params.get(param.name)
-            if param.name in skip or value is None or param.name not in level.params:
-                continue
-            if isinstance(param, click.Argument):
-                positional.append(str(value))
-            elif getattr(param, "is_flag", False):
-                if value:
-                    argv.append(param.opts[0])
-                elif param.secondary_opts:  # --no-x must reach the workers too
-                    argv.append(param.secondary_opts[0])
-            else:
-                argv += [param.opts[0], str(value)]
-    return argv + (["--", *positional] if positional else [])
-
-
 @main.command("compare")
 @click.argument("model", required=False)
 @click.option("--strategies", default="scratch,feature,finetune,gradual", show_default=True)
@@ -424,6 +400,26 @@ def evaluate_command(
         ],
     )
     console.info(f"confusion matrix: {plot}")
+
+
+@main.command("cache")
+@click.option("--clear", is_flag=True, help="Remove every entry; runs compute them again.")
+@json_option
+@click.pass_context
+def cache_command(ctx: click.Context, clear: bool, as_json: bool) -> None:
+    """List (or --clear) the workspace's cached features, least recently used last."""
+    found = zoo.cache_entries(models_dir=_where(ctx)["models_dir"], clear=clear)
+    if as_json:
+        console.emit_json({"cleared": clear, "entries": [entry.to_dict() for entry in found]})
+        return
+    if not found:
+        console.info(f"no cached features in {_where(ctx)['models_dir']}")
+        return
+    rows = [
+        (e.kind, e.path.name, f"{e.bytes / 1e6:.1f} MB", e.to_dict()["last_used"]) for e in found
+    ]
+    console.table("removed" if clear else "cache", ["kind", "file", "size", "last used"], rows)
+    console.info(f"{len(found)} entries, {sum(e.bytes for e in found) / 1e6:.1f} MB")
 
 
 @main.command("report")

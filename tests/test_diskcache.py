@@ -128,3 +128,26 @@ def test_two_concurrent_adapts_on_the_same_data_both_finish(
         features.load_cached(entry.path.parent, entry.path.stem) is not None for entry in cached
     )
     assert not list((models_dir / ".cache").glob("*/.*.tmp"))  # no temporary left behind
+
+
+def test_zoo_cache_lists_and_clears(tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from cli import main
+
+    paths = [_store(tmp_path, f"k{i}", 10, used=1_000 + i) for i in range(2)]
+    runner = CliRunner()
+    listed = runner.invoke(main, ["--models-dir", str(tmp_path), "cache"])
+    assert listed.exit_code == 0, listed.output
+    assert "2 entries" in listed.output and listed.output.index("k1") < listed.output.index("k0")
+    assert all(p.exists() for p in paths)
+    cleared = runner.invoke(main, ["--models-dir", str(tmp_path), "cache", "--clear", "--json"])
+    assert cleared.exit_code == 0, cleared.output
+    assert [e["path"] for e in json.loads(cleared.output)["entries"]] == [
+        str(p) for p in paths[::-1]
+    ]
+    assert not any(p.exists() for p in paths)
+    empty = runner.invoke(main, ["--models-dir", str(tmp_path), "cache", "--json"])
+    assert json.loads(empty.output) == {"cleared": False, "entries": []}

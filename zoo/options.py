@@ -286,3 +286,28 @@ def command_line(values: Mapping[str, Any], declared: Iterable[Option]) -> list[
         else:
             argv += [on, str(value)]
     return argv
+
+
+def argv_of(ctx: click.Context, *, skip: tuple[str, ...] = ()) -> list[str]:
+    """The command line that gives `ctx`'s parsed values again (for worker processes)."""
+    argv: list[str] = []
+    positional: list[str] = []
+    for level in (ctx.parent, ctx):
+        if level is None:
+            continue
+        if level is ctx:
+            argv.append(ctx.info_name or "")
+        for param in level.command.params:
+            value = level.params.get(param.name)
+            if param.name in skip or value is None or param.name not in level.params:
+                continue
+            if isinstance(param, click.Argument):
+                positional.append(str(value))
+            elif getattr(param, "is_flag", False):
+                if value:
+                    argv.append(param.opts[0])
+                elif param.secondary_opts:  # --no-x must reach the workers too
+                    argv.append(param.secondary_opts[0])
+            else:
+                argv += [param.opts[0], str(value)]
+    return argv + (["--", *positional] if positional else [])

@@ -12,7 +12,7 @@ the `zoo.errors` hierarchy.
 
 from __future__ import annotations
 
-from zoo.api.models import Model, fetch, info, inspect, list_models, rank
+from zoo.api.models import Model, cache_entries, fetch, info, inspect, list_models, rank
 from zoo.api.runs import Run, evaluate, export, open_run, predict, predictions, report, verify
 from zoo.api.training import adapt, compare
 
@@ -20,6 +20,7 @@ __all__ = [
     "Model",
     "Run",
     "adapt",
+    "cache_entries",
     "compare",
     "evaluate",
     "export",

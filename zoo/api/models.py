@@ -22,6 +22,7 @@ from zoo.api._common import (
 from zoo.cache import FetchResult
 
 if TYPE_CHECKING:
+    from pipeline.diskcache import CacheEntry
     from pipeline.inspect import InspectReport
     from pipeline.rank import RankResult
     from zoo.catalog import ModelEntry
@@ -150,3 +151,21 @@ def info(name: str, *, catalog: CatalogLike = None) -> ModelEntry:
     'mobilenetv2-12'
     """
     return catalog_of(catalog).resolve(name)
+
+
+def cache_entries(*, models_dir: PathLike | None = None, clear: bool = False) -> list[CacheEntry]:
+    """The workspace's cached features and frozen-prefix outputs, most recently used first.
+
+    With `clear=True` they are removed (with temporaries that killed runs left) and the removed
+    entries are returned. Runs compute them again when they need them.
+
+    >>> sum(entry.bytes for entry in zoo.cache_entries())  # doctest: +SKIP
+    24117248
+    """
+    from pipeline import diskcache
+
+    where = models_dir_of(models_dir)
+    found = diskcache.entries(where)
+    if clear:
+        diskcache.clear(where)
+    return found
