@@ -780,6 +780,15 @@ def evaluate_command(
     console.info(f"confusion matrix: {plot}")
 
 
+@main.command("report")
+@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
+def report_command(run: Path) -> None:
+    """Write RUN/report.html again (one self-contained page) and print its path."""
+    from pipeline.report_html import write_report
+
+    click.echo(str(write_report(run)))
+
+
 def run() -> None:
     """Entry point that keeps click's exit codes."""
     main(prog_name=os.environ.get("ZOO_PROG_NAME", "zoo"))

@@ -537,7 +537,9 @@ def adapt(
             dist=setup.dist,
         )
 
+    from pipeline.predictions import PREDICTIONS_FILE, image_predictions, write_predictions
     from pipeline.report import write_run_report
+    from pipeline.report_html import refresh_report
     from pipeline.train import count_trainable, evaluate
 
     # Without a test split (train/ + val/ folders) the validation images are all there is to report.
@@ -566,6 +568,8 @@ def adapt(
         split=metrics_split,
         extra={"best_epoch": state.best_epoch, "strategy": strategy},
     )
+    held_out = split.test if metrics_split == "test" else split.val
+    write_predictions(run_dir / PREDICTIONS_FILE, image_predictions(held_out, scored.logits, class_names=split.class_names, source=split.source))  # fmt: skip
     seconds = time.perf_counter() - started
     record.update(
         status="done",
@@ -578,6 +582,7 @@ def adapt(
         seconds=round(seconds, 2),
     )
     write_json(run_dir / runs.RUN_FILE, record)
+    refresh_report(run_dir, log=log)  # report.html; a failure to draw it is logged, not raised
     return AdaptResult(
         run_dir=run_dir,
         model_name=model_name,
