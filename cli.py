@@ -781,7 +781,7 @@ def evaluate_command(
 
 
 @main.command("report")
-@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("run", type=click.Path(path_type=Path))
 def report_command(run: Path) -> None:
     """Write RUN/report.html again (one self-contained page) and print its path."""
     from pipeline.report_html import write_report

@@ -14,7 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-THUMBNAIL_PX = 96  # the longer side of a gallery thumbnail
+REPORT_FILE = "report.html"  # the page's name in a run or comparison folder
+THUMBNAIL_PX = 128  # the longer side of a gallery thumbnail
 
 # What a page may load: images from data: URIs and its own inline style, nothing else.
 POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -39,7 +40,7 @@ a { color: var(--accent); text-decoration: none; }
 .card span { color: var(--muted); font-size: 13px; }
 table { border-collapse: collapse; margin: 6px 0 12px; font-size: 14px; }
 th, td { padding: 5px 12px; border-bottom: 1px solid var(--line); text-align: left;
-         vertical-align: top; }
+         vertical-align: top; overflow-wrap: anywhere; }
 th { background: var(--soft); font-weight: 600; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.fail td { color: var(--bad); }
@@ -50,12 +51,12 @@ img.plot { max-width: 100%; height: auto; border: 1px solid var(--line); border-
 .plots figure { margin: 0; max-width: 48%; }
 .plots figcaption { font-weight: 600; margin-bottom: 4px; }
 .gallery { display: flex; flex-wrap: wrap; gap: 12px; }
-figure.thumb { margin: 0; width: 132px; border: 2px solid var(--bad); border-radius: 8px;
+figure.thumb { margin: 0; width: 148px; border: 2px solid var(--bad); border-radius: 8px;
                padding: 6px; background: #fff; font-size: 12px; line-height: 1.35; }
 figure.thumb.correct { border-color: var(--good); }
-figure.thumb img, figure.thumb .missing { display: block; width: 96px; height: 96px;
+figure.thumb img, figure.thumb .missing { display: block; width: 128px; height: 128px;
                margin: 0 auto 4px; object-fit: contain; background: var(--soft); }
-figure.thumb .missing { color: var(--muted); text-align: center; padding-top: 30px; }
+figure.thumb .missing { color: var(--muted); text-align: center; padding-top: 50px; }
 figure.thumb .name { color: var(--muted); overflow: hidden; text-overflow: ellipsis;
                white-space: nowrap; }
 .verdict { font-weight: 700; padding: 1px 8px; border-radius: 4px; color: #fff; }
@@ -66,6 +67,9 @@ figure.thumb .name { color: var(--muted); overflow: hidden; text-overflow: ellip
 .note.warn { border-color: #bf8700; }
 code { background: var(--soft); padding: 1px 5px; border-radius: 4px; font-size: 13px; }
 details { margin: 8px 0; }
+.cols { display: flex; flex-wrap: wrap; gap: 8px 40px; align-items: flex-start; }
+.cols > div { min-width: 0; max-width: 100%; }
+.cols td { max-width: 460px; }
 .classes { display: flex; flex-wrap: wrap; gap: 6px; }
 .classes span { background: var(--soft); border: 1px solid var(--line); border-radius: 12px;
                 padding: 0 10px; font-size: 13px; }
@@ -108,7 +112,9 @@ def table(
     body = []
     for index, row in enumerate(rows):
         cells = "".join(
-            f'<td class="num">{c if raw else fmt(c)}</td>' if i in numeric else f"<td>{c if raw else fmt(c)}</td>"
+            f'<td class="num">{c if raw else fmt(c)}</td>'
+            if i in numeric
+            else f"<td>{c if raw else fmt(c)}</td>"
             for i, c in enumerate(row)
         )
         cls = f' class="{row_classes[index]}"' if row_classes and row_classes[index] else ""
@@ -117,8 +123,11 @@ def table(
 
 
 def key_values(pairs: Mapping[str, Any]) -> str:
-    """A two-column table of names and values (values escaped)."""
-    rows = "".join(f"<tr><th>{esc(k)}</th><td>{fmt(v)}</td></tr>" for k, v in pairs.items())
+    """A two-column table of names and values (values escaped; floats to 4 significant digits)."""
+    rows = "".join(
+        f"<tr><th>{esc(k)}</th><td>{esc(f'{v:.4g}') if isinstance(v, float) else fmt(v)}</td></tr>"
+        for k, v in pairs.items()
+    )
     return f"<table><tbody>{rows}</tbody></table>"
 
 
@@ -126,11 +135,17 @@ def bar(fraction: float | None, width_px: int = 90) -> str:
     """A small inline bar for a fraction in [0, 1]."""
     if fraction is None or math.isnan(fraction):
         return ""
-    return f'<span class="bar" style="width:{max(1, round(width_px * min(1.0, fraction)))}px"></span>'
+    return (
+        f'<span class="bar" style="width:{max(1, round(width_px * min(1.0, fraction)))}px"></span>'
+    )
 
 
 def verdict(passed: bool) -> str:
-    return '<span class="verdict pass">PASSED</span>' if passed else '<span class="verdict fail">FAILED</span>'
+    return (
+        '<span class="verdict pass">PASSED</span>'
+        if passed
+        else '<span class="verdict fail">FAILED</span>'
+    )
 
 
 def data_uri(payload: bytes, mime: str) -> str:
@@ -169,11 +184,23 @@ def thumbnail(ref: str, *, size: int = THUMBNAIL_PX) -> str | None:
     return data_uri(buffer.getvalue(), "image/jpeg")
 
 
+def columns(*blocks: str) -> str:
+    """Blocks side by side, wrapping on narrow screens."""
+    return '<div class="cols">' + "".join(f"<div>{b}</div>" for b in blocks) + "</div>"
+
+
+def warning(text: str) -> str:
+    """A highlighted note; `text` is HTML the caller built."""
+    return f'<p class="note warn">{text}</p>'
+
+
 def section(anchor: str, title: str, body: str) -> str:
     return f'<section id="{esc(anchor)}"><h2>{esc(title)}</h2>{body}</section>'
 
 
-def page(*, title: str, subtitle: str, sections: Sequence[tuple[str, str, str]], cards: str = "") -> str:
+def page(
+    *, title: str, subtitle: str, sections: Sequence[tuple[str, str, str]], cards: str = ""
+) -> str:
     """The whole document: header, a navigation line, then each (anchor, title, body) section."""
     nav = "".join(f'<a href="#{esc(a)}">{esc(t)}</a>' for a, t, _ in sections)
     body = "".join(section(*s) for s in sections)
@@ -190,5 +217,7 @@ def page(*, title: str, subtitle: str, sections: Sequence[tuple[str, str, str]],
 
 def cards(items: Sequence[tuple[str, str]]) -> str:
     """Headline figures: (value, what it is) pairs, already formatted."""
-    inner = "".join(f'<div class="card"><b>{esc(v)}</b><span>{esc(k)}</span></div>' for v, k in items)
+    inner = "".join(
+        f'<div class="card"><b>{esc(v)}</b><span>{esc(k)}</span></div>' for v, k in items
+    )
     return f'<div class="cards">{inner}</div>'

@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.html_page import bar, embedded_png, esc, fmt, page, percent, table
+from pipeline.html_page import REPORT_FILE, bar, embedded_png, esc, fmt, page, percent, table
 from pipeline.predictions import PREDICTIONS_FILE, read_predictions
 from zoo.errors import ZooError
 
 COMPARE_FILE = "compare.json"
-REPORT_FILE = "report.html"
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -42,7 +41,12 @@ def comparison_page(folder: Path) -> str:
     metrics = {row["strategy"]: _json(run / "metrics.json") for row, run in runs}
     sections = [
         ("table", "Strategies", _table(folder, runs)),
-        ("curves", "Validation curves", embedded_png(folder / "compare.png", alt="validation curves of every strategy") or "<p>No compare.png.</p>"),  # fmt: skip
+        (
+            "curves",
+            "Validation curves",
+            embedded_png(folder / "compare.png", alt="validation curves of every strategy")
+            or "<p>No compare.png.</p>",
+        ),
         ("per-class", "Per-class F1", _per_class(metrics)),
         ("confusion", "Confusion matrices", _confusions(runs)),
     ]
@@ -51,7 +55,11 @@ def comparison_page(folder: Path) -> str:
         f"{len(rows)} strategies on one split of {esc(source)}: {esc(data.get('train', '?'))} train / "
         f"{esc(data.get('val', '?'))} val / {esc(data.get('test', '?'))} test images · {esc(folder)}"
     )
-    return page(title=f"{model} → {Path(str(source)).name}: strategies compared", subtitle=subtitle, sections=sections)  # fmt: skip
+    return page(
+        title=f"{model} → {Path(str(source)).name}: strategies compared",
+        subtitle=subtitle,
+        sections=sections,
+    )
 
 
 def _mistakes(run: Path) -> str:
@@ -81,7 +89,17 @@ def _table(folder: Path, runs: list[tuple[dict[str, Any], Path]]) -> str:
                 f"{row.get('trainable_params', 0):,}",
             )
         )
-    headers = ["strategy", "accuracy", "macro F1", "split", "mistakes", "best epoch", "stopped", "time", "trainable params"]  # fmt: skip
+    headers = [
+        "strategy",
+        "accuracy",
+        "macro F1",
+        "split",
+        "mistakes",
+        "best epoch",
+        "stopped",
+        "time",
+        "trainable params",
+    ]
     return table(headers, body, numeric=(1, 2, 4, 5, 7, 8), raw=True) + (
         '<p class="muted">Each strategy links to its own report, with its gallery of worst mistakes.</p>'
     )
@@ -97,12 +115,16 @@ def _per_class(metrics: dict[str, dict[str, Any]]) -> str:
             f1 = ((metrics[strategy].get("per_class") or {}).get(name) or {}).get("f1-score")
             cells.append(f"{bar(f1, 50)}{fmt(f1, digits=3)}")
         rows.append(cells)
-    return table(["class", *strategies], rows, numeric=tuple(range(1, len(strategies) + 1)), raw=True)
+    return table(
+        ["class", *strategies], rows, numeric=tuple(range(1, len(strategies) + 1)), raw=True
+    )
 
 
 def _confusions(runs: list[tuple[dict[str, Any], Path]]) -> str:
     figures = []
     for row, run in runs:
         image = embedded_png(run / "confusion.png", alt=f"confusion matrix of {row['strategy']}")
-        figures.append(f"<figure><figcaption>{esc(row['strategy'])}</figcaption>{image or 'missing'}</figure>")
+        figures.append(
+            f"<figure><figcaption>{esc(row['strategy'])}</figcaption>{image or 'missing'}</figure>"
+        )
     return f'<div class="plots">{"".join(figures)}</div>'

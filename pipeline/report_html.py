@@ -9,7 +9,6 @@ fails the command that asked for it (`refresh_report`).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -18,8 +17,10 @@ from typing import Any
 
 from pipeline import runs
 from pipeline.html_page import (
+    REPORT_FILE,
     bar,
     cards,
+    columns,
     embedded_png,
     esc,
     fmt,
@@ -28,17 +29,14 @@ from pipeline.html_page import (
     percent,
     table,
     thumbnail,
-    verdict,
+    warning,
 )
 from pipeline.predictions import PREDICTIONS_FILE, ImagePrediction, read_predictions, resolve_ref
-from zoo.errors import NotFound, ZooError
+from pipeline.report_compare import COMPARE_FILE, comparison_page
+from pipeline.report_export import EXPORT_RECORD, VERIFY_RECORD, read_json, verification_section
+from zoo.errors import NotFound
 from zoo.files import atomic_write, write_json
 
-REPORT_FILE = "report.html"
-EXPORT_RECORD = "export.json"  # the last successful `zoo export` of the run
-VERIFY_RECORD = "verification.json"  # the last `zoo verify FILE --run RUN`
-GATE_REPORT = "verify.json"  # the export gate's own report, beside the exported file
-COMPARE_FILE = "compare.json"
 GALLERY_MAX = 24  # worst mistakes shown
 GALLERY_MIN = 8  # filled with the hardest correct images when a run has fewer mistakes
 CONFUSED_PAIRS = 10
@@ -50,12 +48,11 @@ def write_report(run_dir: Path) -> Path:
     """Write RUN/report.html (a comparison folder's page for `zoo compare` output) and return its path."""
     folder = Path(run_dir)
     if (folder / COMPARE_FILE).is_file() and not (folder / runs.RUN_FILE).exists():
-        from pipeline.report_compare import comparison_page
-
         text = comparison_page(folder)
     else:
         if not folder.is_dir():
-            raise NotFound(f"{folder} is not a folder; pass a run directory written by `zoo adapt`")
+            what = "is a file" if folder.exists() else "does not exist"
+            raise NotFound(f"{folder} {what}; pass a run directory written by `zoo adapt`")
         text = run_page(folder, runs.read_run(folder))
     path = folder / REPORT_FILE
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
@@ -83,7 +80,9 @@ def record_export(run_dir: Path, summary: Any, *, log: Callable[[str], None] | N
     _record(Path(run_dir) / EXPORT_RECORD, {**summary.to_dict(), "exported": _now()}, log=log)
 
 
-def record_verification(run_dir: Path, report: Any, *, log: Callable[[str], None] | None = None) -> None:
+def record_verification(
+    run_dir: Path, report: Any, *, log: Callable[[str], None] | None = None
+) -> None:
     """verification.json in the run (a `FileReport` without its metadata), then the page again."""
     figures = {k: v for k, v in report.to_dict().items() if k != "metadata"}
     _record(Path(run_dir) / VERIFY_RECORD, {**figures, "checked": _now()}, log=log)
@@ -99,23 +98,16 @@ def _record(path: Path, payload: dict[str, Any], *, log: Callable[[str], None] |
     refresh_report(path.parent, log=log)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except ValueError as exc:
-        raise ZooError(f"{path} is damaged ({exc}); re-run the command that wrote it") from exc
-
-
 # ----------------------------------------------------------------------------- the run page
 
 
 def run_page(run_dir: Path, record: dict[str, Any]) -> str:
     """The HTML of a run's report."""
-    metrics = _read_json(run_dir / "metrics.json")
+    metrics = read_json(run_dir / "metrics.json")
     predictions = (
-        read_predictions(run_dir / PREDICTIONS_FILE) if (run_dir / PREDICTIONS_FILE).exists() else None
+        read_predictions(run_dir / PREDICTIONS_FILE)
+        if (run_dir / PREDICTIONS_FILE).exists()
+        else None
     )
     model = (record.get("source") or {}).get("name") or "model"
     data = record.get("data") or {}
@@ -132,7 +124,7 @@ def run_page(run_dir: Path, record: dict[str, Any]) -> str:
     sections += [
         ("mistakes", "Worst mistakes", _mistakes(predictions, source=source, metrics=metrics)),
         ("confused", "Most confused classes", _confused(metrics)),
-        ("verification", "Export and verification", _verification(run_dir)),
+        ("verification", "Export and verification", verification_section(run_dir)),
     ]
     subtitle = (
         f"{esc(strategy)} on {esc(source)} · {esc(record.get('created', ''))} · "
@@ -141,12 +133,18 @@ def run_page(run_dir: Path, record: dict[str, Any]) -> str:
     return page(
         title=f"{model} → {Path(str(source)).name or source}",
         subtitle=subtitle,
-        cards=_headline(record, metrics, predictions),
+        cards=_headline(record, metrics, predictions, export=read_json(run_dir / EXPORT_RECORD)),
         sections=sections,
     )
 
 
-def _headline(record: dict[str, Any], metrics: dict[str, Any] | None, predictions: list[ImagePrediction] | None) -> str:  # fmt: skip
+def _headline(
+    record: dict[str, Any],
+    metrics: dict[str, Any] | None,
+    predictions: list[ImagePrediction] | None,
+    *,
+    export: dict[str, Any] | None,
+) -> str:
     items = []
     if metrics:
         split = metrics.get("split", "test")
@@ -162,6 +160,11 @@ def _headline(record: dict[str, Any], metrics: dict[str, Any] | None, prediction
         (str(record.get("strategy", "–")), "strategy"),
         (f"{record['seconds']:.0f} s" if record.get("seconds") is not None else "–", "time"),
     ]
+    if export is None:
+        items.append(("–", "not exported yet"))
+    else:
+        passed = bool((export.get("verify") or {}).get("passed"))
+        items.append(("verified" if passed else "unverified", "ONNX export"))
     return cards(items)
 
 
@@ -189,20 +192,27 @@ def _model_and_data(run_dir: Path, record: dict[str, Any]) -> str:
     if counts:
         per_class = table(
             ["class", "train", "val", "test"],
-            [(name, *(counts[part][i] for part in ("train", "val", "test"))) for i, name in enumerate(class_names)],  # fmt: skip
+            [
+                (name, *(counts[part][i] for part in ("train", "val", "test")))
+                for i, name in enumerate(class_names)
+            ],
             numeric=(1, 2, 3),
         )
     else:
-        per_class = '<div class="classes">' + "".join(f"<span>{esc(c)}</span>" for c in class_names) + "</div>"  # fmt: skip
-    return (
-        f"{model}<h3>Data: {esc(data.get('source', '?'))}</h3>{sizes}"
-        f"<h3>{len(class_names)} classes</h3>{per_class}"
+        per_class = (
+            '<div class="classes">'
+            + "".join(f"<span>{esc(c)}</span>" for c in class_names)
+            + "</div>"
+        )
+    return columns(
+        f"{model}<h3>Data: {esc(data.get('source', '?'))}</h3>{sizes}",
+        f"<h3>{len(class_names)} classes</h3>{per_class}",
     )
 
 
 def _class_counts(run_dir: Path, num_classes: int) -> dict[str, list[int]] | None:
     """Images per class and split, from split.json (None when it is missing or does not fit)."""
-    split = _read_json(run_dir / runs.SPLIT_FILE) or {}
+    split = read_json(run_dir / runs.SPLIT_FILE) or {}
     if len(split.get("class_names") or []) != num_classes:
         return None
     counts = {part: [0] * num_classes for part in ("train", "val", "test")}
@@ -232,41 +242,39 @@ def _strategy(record: dict[str, Any]) -> str:
         "train images per class (cap)": options.get("train_per_class"),
         "head": f"hidden {head.get('hidden') or 'none'}, dropout {head.get('dropout', 0)}",
     }
-    body = key_values({k: v for k, v in facts.items() if v is not None})
+    body = columns(
+        key_values({k: v for k, v in facts.items() if v is not None}),
+        "<h3>Hyperparameters</h3>" + key_values(hyper),
+    )
     head_fit = record.get("head_fit")
     if head_fit:
-        body += f'<p class="note">The head was solved on cached features, not trained by epochs: {esc(head_fit.get("summary") or head_fit.get("method"))}</p>'  # fmt: skip
+        body += f'<p class="note">The head was solved on cached features, not trained by epochs: {esc(head_fit.get("summary") or head_fit.get("method"))}</p>'
     auto = record.get("auto")
     if auto:
         body += "<h3>What <code>--strategy auto</code> measured</h3>" + key_values(auto)
-    body += "<h3>Hyperparameters</h3>" + key_values(hyper)
     versions = record.get("versions") or {}
     if versions:
         body += "<details><summary>Versions</summary>" + key_values(versions) + "</details>"
     return body
 
 
-def _missing(what: str) -> str:
-    return f'<p class="note warn">{what}</p>'
-
-
 def _curves(run_dir: Path, record: dict[str, Any]) -> str:
     image = embedded_png(run_dir / "curves.png", alt="loss and accuracy per epoch")
     if image is None:
-        return _missing("No curves.png: the run recorded no epoch.")
+        return warning("No curves.png: the run recorded no epoch.")
     note = ""
     if record.get("head_fit"):
-        note = '<p class="muted">For a solved head an "epoch" is one pass of the solver over the cached features.</p>'  # fmt: skip
+        note = '<p class="muted">For a solved head an "epoch" is one pass of the solver over the cached features.</p>'
     return image + note
 
 
 def _metrics(run_dir: Path, metrics: dict[str, Any] | None) -> str:
     if not metrics:
-        return _missing("No metrics.json: the run has not finished its final evaluation.")
+        return warning("No metrics.json: the run has not finished its final evaluation.")
     split = metrics.get("split", "test")
     body = ""
     if split == "val":
-        body += _missing(
+        body += warning(
             "The data has no test split: these figures are on the validation images, which also "
             "chose the best epoch, so they flatter the model. Add a test/ folder for an unbiased figure."
         )
@@ -292,17 +300,19 @@ def _metrics(run_dir: Path, metrics: dict[str, Any] | None) -> str:
                 fmt(int(figures.get("support", 0))),
             )
         )
-    body += table(["class", "precision", "recall", "F1", "images"], rows, numeric=(1, 2, 4), raw=True)
+    body += table(
+        ["class", "precision", "recall", "F1", "images"], rows, numeric=(1, 2, 4), raw=True
+    )
     confusion = embedded_png(run_dir / "confusion.png", alt="confusion matrix")
-    return body + (confusion or _missing("No confusion.png in the run."))
+    return columns(body, confusion or warning("No confusion.png in the run."))
 
 
 def _roc(run_dir: Path, metrics: dict[str, Any]) -> str:
     image = embedded_png(run_dir / "roc.png", alt="ROC curve")
     auc = metrics.get("roc_auc")
-    caption = f'<p>Area under the curve: <b>{fmt(auc, digits=3)}</b> (positive class {esc(metrics["class_names"][1])}).</p>'  # fmt: skip
+    caption = f"<p>Area under the curve: <b>{fmt(auc, digits=3)}</b> (positive class {esc(metrics['class_names'][1])}).</p>"
     if image is None:
-        return _missing("No ROC curve: the held-out images hold only one of the two classes.")
+        return warning("No ROC curve: the held-out images hold only one of the two classes.")
     return caption + image
 
 
@@ -315,9 +325,11 @@ def gallery_items(predictions: Sequence[ImagePrediction]) -> list[ImagePredictio
     return mistakes + [p for p in by_loss if p.correct][: GALLERY_MIN - len(mistakes)]
 
 
-def _mistakes(predictions: list[ImagePrediction] | None, *, source: str, metrics: dict[str, Any] | None) -> str:  # fmt: skip
+def _mistakes(
+    predictions: list[ImagePrediction] | None, *, source: str, metrics: dict[str, Any] | None
+) -> str:
     if predictions is None:
-        return _missing(
+        return warning(
             f"No {PREDICTIONS_FILE}: this run predates per-image predictions; run `zoo adapt` again to see them."
         )
     split = (metrics or {}).get("split", "test")
@@ -342,17 +354,21 @@ def _thumbnail_figure(prediction: ImagePrediction, source: str) -> str:
         else '<div class="missing">image not found</div>'
     )
     state = "correct" if prediction.correct else "mistake"
-    verdict_line = "correct" if prediction.correct else f"predicted <b>{esc(prediction.predicted)}</b>"
+    verdict_line = (
+        "correct" if prediction.correct else f"predicted <b>{esc(prediction.predicted)}</b>"
+    )
     return (
         f'<figure class="thumb {state}" data-true="{esc(prediction.label)}" '
         f'data-predicted="{esc(prediction.predicted)}" data-confidence="{prediction.confidence:.4f}">'
         f"{image}<figcaption>true <b>{esc(prediction.label)}</b><br>{verdict_line}<br>"
-        f"confidence {prediction.confidence:.0%} · loss {prediction.loss:.2f}"
+        f"confidence {prediction.confidence:.0%}<br>loss {prediction.loss:.2f}"
         f'<div class="name" title="{esc(prediction.image)}">{esc(name)}</div></figcaption></figure>'
     )
 
 
-def confused_pairs(metrics: dict[str, Any], limit: int = CONFUSED_PAIRS) -> list[tuple[str, str, int, float]]:  # fmt: skip
+def confused_pairs(
+    metrics: dict[str, Any], limit: int = CONFUSED_PAIRS
+) -> list[tuple[str, str, int, float]]:
     """(true class, predicted class, count, share of the true class's images), most frequent first."""
     names = metrics.get("class_names") or []
     matrix = metrics.get("confusion") or []
@@ -367,119 +383,16 @@ def confused_pairs(metrics: dict[str, Any], limit: int = CONFUSED_PAIRS) -> list
 
 def _confused(metrics: dict[str, Any] | None) -> str:
     if not metrics:
-        return _missing("No metrics.json.")
+        return warning("No metrics.json.")
     pairs = confused_pairs(metrics)
     if not pairs:
         return f"<p>No confusion: every {esc(metrics.get('split', 'test'))} image is classified correctly.</p>"
-    rows = [(esc(t), esc(p), str(n), f"{bar(share, 60)}{percent(share)}") for t, p, n, share in pairs]
-    return table(["true class", "predicted as", "images", "share of the true class"], rows, numeric=(2,), raw=True)  # fmt: skip
-
-
-# ----------------------------------------------------------------------------- export and verification
-
-
-def _verification(run_dir: Path) -> str:
-    export = _read_json(run_dir / EXPORT_RECORD)
-    checked = _read_json(run_dir / VERIFY_RECORD)
-    body = ""
-    gate = _failed_gate(run_dir, export)
-    if gate:
-        body += gate
-    if export:
-        body += _export_block(export)
-    if checked:
-        body += _verify_block(checked)
-    if not body:
-        body = _missing(
-            "Not exported yet: <code>zoo export RUN</code> writes model.onnx once onnxruntime "
-            "matches PyTorch on the held-out images, and this page shows the result."
-        )
-    return body
-
-
-def _failed_gate(run_dir: Path, export: dict[str, Any] | None) -> str:
-    """The gate's report of an export that was refused after the last successful one, if any."""
-    path = run_dir / GATE_REPORT
-    report = _read_json(path)
-    if not report or report.get("written", True):
-        return ""
-    if export and (run_dir / EXPORT_RECORD).stat().st_mtime >= path.stat().st_mtime:
-        return ""
-    failures = "".join(f"<li>{esc(f)}</li>" for r in report.get("results", []) for f in r.get("failures", []))  # fmt: skip
-    return (
-        f"<h3>Last export: {verdict(False)}</h3><p>The exported ONNX did not match the PyTorch model, "
-        f"so it was not written.</p><ul>{failures}</ul>"
+    rows = [
+        (esc(t), esc(p), str(n), f"{bar(share, 60)}{percent(share)}") for t, p, n, share in pairs
+    ]
+    return table(
+        ["true class", "predicted as", "images", "share of the true class"],
+        rows,
+        numeric=(2,),
+        raw=True,
     )
-
-
-def _provider_rows(report: dict[str, Any]) -> str:
-    rows, classes = [], []
-    for r in report.get("results", []):
-        acc = "–" if r.get("accuracy_onnx") is None else f"{percent(r['accuracy_onnx'])} / {percent(r['accuracy_torch'])}"  # fmt: skip
-        rows.append(
-            (
-                esc(str(r.get("provider", "")).replace("ExecutionProvider", "")),
-                fmt(r.get("n_inputs")),
-                f"{r.get('max_abs', float('nan')):.3g}",
-                percent(r.get("top1_agreement")),
-                percent(r.get("top5_agreement")),
-                acc,
-                "pass" if r.get("passed") else "FAIL",
-            )
-        )
-        classes.append("" if r.get("passed") else "fail")
-    headers = ["provider", "inputs", "max |diff|", "top-1 agreement", "top-5 agreement", "accuracy onnx / torch", "verdict"]  # fmt: skip
-    return table(headers, rows, numeric=(1, 2, 3, 4, 5), row_classes=classes, raw=True)
-
-
-def _export_block(export: dict[str, Any]) -> str:
-    report = export.get("verify")
-    state = verdict(bool(report and report.get("passed"))) if export.get("verified") else "not verified"
-    body = (
-        f"<h3>Export: {state}</h3>"
-        + key_values(
-            {
-                "file": export.get("path"),
-                "size": f"{export.get('size', 0) / 1e6:.2f} MB",
-                "opset": export.get("opset"),
-                "exported": export.get("exported"),
-            }
-        )
-    )
-    if report:
-        body += f"<p>onnxruntime against PyTorch (atol {esc(report.get('atol'))}, rtol {esc(report.get('rtol'))}):</p>"  # fmt: skip
-        body += _provider_rows(report)
-    elif not export.get("verified"):
-        body += _missing("Exported with --no-verify: the file was not compared with PyTorch.")
-    int8 = export.get("int8")
-    if int8:
-        body += "<h3>INT8 copy</h3>" + key_values(
-            {
-                "file": int8.get("path"),
-                "size": f"{int8.get('size', 0) / 1e6:.2f} MB ({percent(int8.get('ratio'))} of fp32)",
-                "accuracy int8 / fp32": f"{int8.get('accuracy_int8')} / {int8.get('accuracy_fp32')}",
-                "top-1 agreement": int8.get("top1_agreement"),
-            }
-        )
-    notes = export.get("notes") or []
-    if notes:
-        body += "<ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>"
-    return body
-
-
-def _verify_block(checked: dict[str, Any]) -> str:
-    body = f"<h3><code>zoo verify</code>: {verdict(bool(checked.get('passed')))}</h3>"
-    body += key_values({"file": checked.get("path"), "checked": checked.get("checked")})
-    if checked.get("torch"):
-        body += _provider_rows(checked["torch"])
-    runtimes = checked.get("runtimes") or {}
-    if runtimes:
-        rows = [
-            (esc(name), "pass" if r.get("passed") else "FAIL", percent(r.get("top1_agreement")), esc(r.get("error") or ""))  # fmt: skip
-            for name, r in runtimes.items()
-        ]
-        body += table(["runtime", "verdict", "top-1 agreement", "error"], rows, raw=True)
-    problems = checked.get("problems") or []
-    if problems:
-        body += "<ul>" + "".join(f"<li>{esc(p)}</li>" for p in problems) + "</ul>"
-    return body
