@@ -70,6 +70,7 @@ details { margin: 8px 0; }
 .cols { display: flex; flex-wrap: wrap; gap: 8px 40px; align-items: flex-start; }
 .cols > div { min-width: 0; max-width: 100%; }
 .cols td { max-width: 460px; }
+img.pair { width: 48px; height: 48px; object-fit: contain; background: var(--soft); }
 .classes { display: flex; flex-wrap: wrap; gap: 6px; }
 .classes span { background: var(--soft); border: 1px solid var(--line); border-radius: 12px;
                 padding: 0 10px; font-size: 13px; }

@@ -40,6 +40,7 @@ from zoo.files import atomic_write, write_json
 GALLERY_MAX = 24  # worst mistakes shown
 GALLERY_MIN = 8  # filled with the hardest correct images when a run has fewer mistakes
 CONFUSED_PAIRS = 10
+PAIR_THUMBNAIL_PX = 48  # the example beside each confused pair
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def run_page(run_dir: Path, record: dict[str, Any]) -> str:
         sections.append(("roc", "ROC curve", _roc(run_dir, metrics)))
     sections += [
         ("mistakes", "Worst mistakes", _mistakes(predictions, source=source, metrics=metrics)),
-        ("confused", "Most confused classes", _confused(metrics)),
+        ("confused", "Most confused classes", _confused(metrics, predictions, source=source)),
         ("verification", "Export and verification", verification_section(run_dir)),
     ]
     subtitle = (
@@ -381,18 +382,41 @@ def confused_pairs(
     return sorted(pairs, key=lambda p: (-p[2], -p[3], p[0], p[1]))[:limit]
 
 
-def _confused(metrics: dict[str, Any] | None) -> str:
+def _confused(
+    metrics: dict[str, Any] | None, predictions: list[ImagePrediction] | None, *, source: str
+) -> str:
     if not metrics:
         return warning("No metrics.json.")
     pairs = confused_pairs(metrics)
     if not pairs:
         return f"<p>No confusion: every {esc(metrics.get('split', 'test'))} image is classified correctly.</p>"
     rows = [
-        (esc(t), esc(p), str(n), f"{bar(share, 60)}{percent(share)}") for t, p, n, share in pairs
+        (
+            esc(t),
+            esc(p),
+            str(n),
+            f"{bar(share, 60)}{percent(share)}",
+            _example(predictions, t, p, source),
+        )  # fmt: skip
+        for t, p, n, share in pairs
     ]
     return table(
-        ["true class", "predicted as", "images", "share of the true class"],
+        ["true class", "predicted as", "images", "share of the true class", "worst example"],
         rows,
         numeric=(2,),
         raw=True,
+    )
+
+
+def _example(predictions: list[ImagePrediction] | None, label: str, predicted: str, source: str) -> str:  # fmt: skip
+    """A small thumbnail of the highest-loss image of `label` taken for `predicted`."""
+    matching = [p for p in predictions or [] if p.label == label and p.predicted == predicted]
+    if not matching:
+        return ""
+    worst = max(matching, key=lambda p: p.loss)
+    uri = thumbnail(resolve_ref(worst.image, source), size=PAIR_THUMBNAIL_PX)
+    return (
+        f'<img class="pair" alt="{esc(worst.image)}" title="{esc(worst.image)}" src="{uri}">'
+        if uri
+        else ""
     )

@@ -269,7 +269,9 @@ def test_most_confused_pairs_are_listed_by_count(tmp_path: Path) -> None:
     pairs = report_html.confused_pairs(metrics)
     # Every mistake of class i went to class i+1: three pairs of three images, half of each class.
     assert pairs == [("a", "b", 3, 0.5), ("b", "c", 3, 0.5), ("c", "a", 3, 0.5)]
-    assert "share of the true class" in write_report(run).read_text(encoding="utf-8")
+    text = write_report(run).read_text(encoding="utf-8")
+    assert "share of the true class" in text
+    assert text.count('<img class="pair"') == 3  # the worst example of each pair
 
 
 def test_a_report_that_cannot_be_drawn_is_one_logged_line(made_up_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
