@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.html_page import REPORT_FILE, bar, embedded_png, esc, fmt, page, percent, table
-from pipeline.predictions import PREDICTIONS_FILE, read_predictions
 from zoo.errors import ZooError
 
 COMPARE_FILE = "compare.json"
@@ -40,7 +39,7 @@ def comparison_page(folder: Path) -> str:
     source = (first.get("data") or {}).get("source") or "?"
     metrics = {row["strategy"]: _json(run / "metrics.json") for row, run in runs}
     sections = [
-        ("table", "Strategies", _table(folder, runs)),
+        ("table", "Strategies", _table(folder, runs, metrics)),
         (
             "curves",
             "Validation curves",
@@ -62,12 +61,17 @@ def comparison_page(folder: Path) -> str:
     )
 
 
-def _mistakes(run: Path) -> str:
-    path = run / PREDICTIONS_FILE
-    return str(sum(not p.correct for p in read_predictions(path))) if path.exists() else "–"
+def _mistakes(metrics: dict[str, Any]) -> str:
+    """Misclassified held-out images, from the confusion matrix."""
+    matrix = metrics.get("confusion")
+    if not matrix:
+        return "–"
+    return str(sum(sum(row) - row[i] for i, row in enumerate(matrix)))
 
 
-def _table(folder: Path, runs: list[tuple[dict[str, Any], Path]]) -> str:
+def _table(
+    folder: Path, runs: list[tuple[dict[str, Any], Path]], metrics: dict[str, dict[str, Any]]
+) -> str:
     best = max((row.get("test_accuracy") or 0.0 for row, _ in runs), default=0.0)
     body = []
     for row, run in runs:
@@ -82,7 +86,7 @@ def _table(folder: Path, runs: list[tuple[dict[str, Any], Path]]) -> str:
                 f"{bar(accuracy, 70)}{percent(accuracy)}{mark}",
                 fmt(row.get("macro_f1"), digits=3),
                 esc(row.get("metrics_split", "test")),
-                _mistakes(run),
+                _mistakes(metrics[row["strategy"]]),
                 fmt(row.get("best_epoch")),
                 esc(row.get("stopped", "")),
                 f"{row.get('seconds', 0):.0f} s",

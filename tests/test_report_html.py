@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import math
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -101,6 +102,15 @@ def assert_self_contained(path: Path, page: Page) -> None:
             assert value.startswith("data:image/"), (tag, attribute, value[:80])
     text = path.read_text(encoding="utf-8")
     assert "http://" not in text and "https://" not in text and "url(" not in text
+
+
+def parse_cells(text: str) -> list[list[str]]:
+    """The text of each cell of the first table's body rows."""
+    body = text.split("<tbody>", 1)[1].split("</tbody>", 1)[0]
+    return [
+        [re.sub("<[^>]+>", "", cell) for cell in re.findall(r"<td[^>]*>(.*?)</td>", row)]
+        for row in re.findall(r"<tr[^>]*>(.*?)</tr>", body)
+    ]
 
 
 def decoded(uri: str) -> Image.Image:
@@ -350,6 +360,8 @@ def test_comparison_page_puts_strategies_side_by_side(tmp_path: Path) -> None:
     text = path.read_text(encoding="utf-8")
     assert text.count("data:image/png;base64") == 2  # both confusion matrices (no compare.png here)
     assert "70.0% ★" in text  # the best strategy is marked
+    mistakes = [parse_cells(text)[row][4] for row in (0, 1)]
+    assert mistakes == ["12", "6"]  # of 18 images: 2 and 4 of each class right
 
 
 # ----------------------------------------------------------------------------- real runs
