@@ -569,7 +569,10 @@ def adapt(
         extra={"best_epoch": state.best_epoch, "strategy": strategy},
     )
     held_out = split.test if metrics_split == "test" else split.val
-    write_predictions(run_dir / PREDICTIONS_FILE, image_predictions(held_out, scored.logits, class_names=split.class_names, source=split.source))  # fmt: skip
+    predictions = image_predictions(
+        held_out, scored.logits, class_names=split.class_names, source=split.source
+    )
+    write_predictions(run_dir / PREDICTIONS_FILE, predictions)  # for the report's worst mistakes
     seconds = time.perf_counter() - started
     record.update(
         status="done",
