@@ -423,7 +423,7 @@ def cache_command(ctx: click.Context, clear: bool, as_json: bool) -> None:
 
 
 @main.command("report")
-@click.argument("run", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("run", type=click.Path(path_type=Path))
 def report_command(run: Path) -> None:
     """Write RUN's report.html again (one self-contained page) and print its path."""
     click.echo(str(zoo.report(run)))

@@ -749,8 +749,10 @@ def _write_results(
     choice: StrategyChoice,
     seconds: float,
 ) -> Metrics:
-    """The plots and metrics (pipeline.report), and run.json marked done."""
+    """The plots, metrics, per-image predictions and report.html, and run.json marked done."""
+    from pipeline.predictions import PREDICTIONS_FILE, image_predictions, write_predictions
     from pipeline.report import write_run_report
+    from pipeline.report_html import refresh_report
 
     metrics = write_run_report(
         run.run_dir,
@@ -762,6 +764,11 @@ def _write_results(
         split=metrics_split,
         extra={"best_epoch": state.best_epoch, "strategy": choice.strategy},
     )
+    held_out = run.split.test if metrics_split == "test" else run.split.val
+    predictions = image_predictions(
+        held_out, scored.logits, class_names=run.split.class_names, source=run.split.source
+    )
+    write_predictions(run.run_dir / PREDICTIONS_FILE, predictions)  # the report's worst mistakes
     record.update(
         status="done",
         best_epoch=state.best_epoch,
@@ -773,4 +780,7 @@ def _write_results(
         seconds=round(seconds, 2),
     )
     write_json(run.run_dir / runs.RUN_FILE, record)
+    refresh_report(
+        run.run_dir, log=run.log
+    )  # report.html; a failure to draw it is logged, not raised
     return metrics

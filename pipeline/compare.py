@@ -72,6 +72,7 @@ def compare(
 ) -> ComparisonResult:
     """Train each strategy on the same split and write a comparison table and plot."""
     from pipeline.report import plot_comparison
+    from pipeline.report_html import refresh_report
 
     split = prepare_data(options, run_dir=None)
     model_name = options.model or "latest"
@@ -107,4 +108,5 @@ def compare(
         title=f"{results[0].model_name} on {split.source_name}: {len(split.train)} training images",
     )
     write_json(folder / "compare.json", comparison.to_dict())
+    refresh_report(folder, log=log)  # one page with every strategy side by side
     return comparison

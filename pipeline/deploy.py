@@ -134,6 +134,7 @@ def export_run(
 ) -> ExportSummary:
     """Export a run's model to ONNX with its metadata, gated by the verification oracle."""
     from pipeline.export import export_model
+    from pipeline.report_html import record_export
 
     run_dir = Path(run_dir) if run_dir else runs.latest_run(models_dir)
     loaded = load_run(run_dir, models_dir=models_dir, catalog=catalog)
@@ -175,6 +176,7 @@ def export_run(
     )
     if quantize == "int8":
         summary.int8 = _quantize(loaded, result.path, inputs, log=log)
+    record_export(run_dir, summary, log=log)  # export.json, and report.html refreshed with it
     return summary
 
 
@@ -226,9 +228,14 @@ def verify_file(
     if run_dir is not None:
         loaded = load_run(Path(run_dir), models_dir=models_dir, catalog=catalog)
         torch_model, inputs = loaded.model, gate_inputs(loaded)
-    return check_file(
+    report = check_file(
         onnx_path, torch_model=torch_model, inputs=inputs, runtimes=runtimes, atol=atol, rtol=rtol
     )
+    if run_dir is not None:  # verification.json, and report.html refreshed with it
+        from pipeline.report_html import record_verification
+
+        record_verification(Path(run_dir), report)
+    return report
 
 
 def expand_images(patterns: Sequence[str]) -> list[Path]:
