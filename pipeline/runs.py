@@ -65,7 +65,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / RUN_FILE
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
         raise NotFound(
             f"{run_dir} is not a run of `zoo adapt` (no {RUN_FILE}); pass a run directory"
         ) from exc

@@ -312,6 +312,4 @@ def report(run: Run | PathLike) -> Path:
     """
     from pipeline.report_html import write_report
 
-    run_dir = _run_dir(run)
-    open_run(run_dir)  # NotFound for a folder that is not a run
-    return write_report(run_dir)
+    return write_report(_run_dir(run))  # a run or a comparison; NotFound for anything else
