@@ -386,7 +386,9 @@ def test_compare_writes_plot_and_table(workspace: Path, tmp_path: Path) -> None:
     plot = folder / "compare.png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000
     assert Path(table["plot"]) == plot
-    assert "feature/report.html" in (folder / "report.html").read_text()  # tests/test_report_html.py
+    assert (
+        "feature/report.html" in (folder / "report.html").read_text()
+    )  # tests/test_report_html.py
 
 
 # --- errors -------------------------------------------------------------------------------------
