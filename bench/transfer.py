@@ -99,6 +99,7 @@ class Row:
 
 def probe_row(split: DataSplit, *, models_dir: Path) -> Row:
     """The probe at the size `zoo adapt` uses by default on this data, on the same split."""
+    from pipeline.diskcache import features_dir
     from pipeline.rank import native_preprocess, open_backbone, probe_split
     from zoo.catalog import load_catalog
     from zoo.workspace import open_model
@@ -113,7 +114,7 @@ def probe_row(split: DataSplit, *, models_dir: Path) -> Row:
         open_backbone(path, name=MODEL_NAME),
         split,
         preprocess=preprocess,
-        cache_dir=models_dir / ".cache" / "features",
+        cache_dir=features_dir(models_dir),
         model_sha256=card["sha256"],
         with_test=True,
     )

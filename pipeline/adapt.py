@@ -397,7 +397,9 @@ class _Run:
 
     @property
     def cache_dir(self) -> Path:
-        return self.models_dir / ".cache" / "features"
+        from pipeline.diskcache import features_dir
+
+        return features_dir(self.models_dir)
 
 
 def adapt(

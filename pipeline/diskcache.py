@@ -49,6 +49,11 @@ def cache_root(models_dir: str | os.PathLike[str]) -> Path:
     return Path(models_dir) / CACHE_DIR
 
 
+def features_dir(models_dir: str | os.PathLike[str]) -> Path:
+    """Where a workspace keeps cached features and frozen-prefix outputs."""
+    return cache_root(models_dir) / "features"
+
+
 def budget_bytes() -> int:
     """The cache's size budget in bytes, from ZOO_CACHE_BUDGET_GB (default 10)."""
     raw = os.environ.get(BUDGET_ENV, "")

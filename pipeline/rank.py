@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from pipeline.diskcache import features_dir
 from zoo.errors import DataError, NotFound, ZooError
 
 if TYPE_CHECKING:
@@ -287,7 +288,7 @@ def _rank_one(
             backbone,
             split,
             preprocess=preprocess,
-            cache_dir=models_dir / ".cache" / "features",
+            cache_dir=features_dir(models_dir),
             model_sha256=card.get("sha256") or "",
         )
     except DataError:

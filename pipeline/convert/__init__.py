@@ -192,7 +192,9 @@ def _refuse_batch_mixing(
     """
     import numpy as np
 
-    for index in range(min(2, len(inputs)) if len(inputs) > 1 else 0):
+    if len(inputs) < 2:
+        return  # a single image has no batch to be mixed with
+    for index in range(2):
         alone = session.run(None, {input_name: inputs[index : index + 1]})[0]
         difference = float(np.max(np.abs(alone - batched[index : index + 1]), initial=0.0))
         scale = float(np.max(np.abs(alone), initial=0.0))
