@@ -2,7 +2,9 @@
 
 Only as much of the network runs per epoch as needs to. With the `feature` strategy and no
 augmentation the frozen backbone's output never changes, so onnxruntime computes it once
-(cut graph, cached on disk) and training touches only the head.
+(cut graph, cached on disk) and training touches only the head. With augmentation on a CPU the
+frozen prefix still runs in onnxruntime, per batch of augmented images, and torch computes
+gradients only through the layers that train.
 """
 
 from __future__ import annotations
@@ -86,6 +88,15 @@ def _image_loaders(
     return make_train_loader, eval_loader(split.val), eval_loader(split.test)
 
 
+def _cut_session(imported: Any, value: str) -> Any:
+    """An onnxruntime session over the imported graph from its input to the ONNX value `value`."""
+    from pipeline import features
+
+    probe = imported.probe
+    cut = features.cut_at(imported.onnx_model, input_name=probe.input_name, output_name=value)
+    return features.ort_session(cut)
+
+
 def cached_features(
     *,
     imported: Any,
@@ -123,8 +134,7 @@ def cached_features(
         return found
     sessions = {} if sessions is None else sessions
     if value not in sessions:
-        cut = features.cut_at(imported.onnx_model, input_name=probe.input_name, output_name=value)
-        sessions[value] = features.ort_session(cut)
+        sessions[value] = _cut_session(imported, value)
     session = sessions[value]
 
     def compute(part: Sequence[Sample]) -> np.ndarray:
@@ -140,6 +150,36 @@ def cached_features(
     return result
 
 
+class _PrefixBatches:
+    """Batches of augmented images with the frozen prefix applied by onnxruntime per batch.
+
+    Yields (prefix output, labels) like a loader over cached prefixes, but the images differ every
+    epoch. Exposes the wrapped loader's `generator` and `sampler`, which the epoch loop reseeds.
+    """
+
+    def __init__(self, loader: Any, session: Any, input_name: str) -> None:
+        from pipeline.runtimes import session_input_type
+
+        self.loader, self.session, self.input_name = loader, session, input_name
+        self.generator = getattr(loader, "generator", None)
+        self.sampler = getattr(loader, "sampler", None)
+        self.dtype = session_input_type(session)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Any:
+        import numpy as np
+        import torch
+
+        from pipeline.runtimes import as_input_type
+
+        for images, labels in self.loader:
+            batch = np.ascontiguousarray(as_input_type(images.numpy(), self.dtype))
+            output = self.session.run(None, {self.input_name: batch})[0]
+            yield torch.from_numpy(np.asarray(output, dtype=np.float32)), labels
+
+
 def _feature_loaders(
     *,
     imported: Any,
@@ -152,12 +192,19 @@ def _feature_loaders(
     value: str | None = None,
     dist: Workers = SINGLE,
     train_dist: Workers = SINGLE,
+    augment: str = "none",
+    flip: bool = True,
 ) -> tuple[Callable[[int], Iterable], Iterable, Iterable]:
-    """Loaders over cached features: `dist` shares the extraction, `train_dist` the training."""
+    """Loaders over cached features: `dist` shares the extraction, `train_dist` the training.
+
+    With `augment` the training images change every epoch, so only the validation and test
+    prefixes are cached; the training batches go through the prefix in onnxruntime as they come.
+    """
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
     sessions: dict[str, Any] = {}
+    cut = value or imported.probe.feature_name
 
     def tensors(samples: Sequence[Sample]) -> TensorDataset:
         feats = cached_features(
@@ -174,21 +221,41 @@ def _feature_loaders(
         labels = torch.tensor([s.label for s in samples], dtype=torch.long)
         return TensorDataset(torch.from_numpy(feats), labels)
 
+    def eval_loader_of(dataset: TensorDataset) -> DataLoader:
+        shard = torch.tensor(list(train_dist.shard(len(dataset))), dtype=torch.long)
+        return DataLoader(
+            TensorDataset(*(t[shard] for t in dataset.tensors)), batch_size=EVAL_BATCH * 4
+        )
+
+    if augment != "none":
+        from pipeline.data import ImageDataset
+
+        log(
+            f"running the frozen part with onnxruntime (cut at {cut}): once for the "
+            f"{len(split.val) + len(split.test)} validation and test images, per batch for the "
+            f"{len(split.train)} augmented training images"
+        )
+        val_set, test_set = tensors(split.val), tensors(split.test)
+        if cut not in sessions:
+            sessions[cut] = _cut_session(imported, cut)
+        images = ImageDataset(
+            split.train, preprocess, augment=augment, flip=flip, seed=config.seed
+        )
+
+        def make_train_loader(batch_size: int) -> Iterable:
+            loader = train_dist.train_loader(images, batch_size, seed=config.seed)
+            return _PrefixBatches(loader, sessions[cut], imported.probe.input_name)
+
+        return make_train_loader, eval_loader_of(val_set), eval_loader_of(test_set)
+
     total = len(split.train) + len(split.val) + len(split.test)
-    cut = value or imported.probe.feature_name
     log(f"running the frozen part once with onnxruntime ({total} images, cut at {cut})")
     train_set, val_set, test_set = tensors(split.train), tensors(split.val), tensors(split.test)
 
     def make_train_loader(batch_size: int) -> Iterable:
         return train_dist.train_loader(train_set, batch_size, seed=config.seed)
 
-    def eval_loader(dataset: TensorDataset) -> DataLoader:
-        shard = torch.tensor(list(train_dist.shard(len(dataset))), dtype=torch.long)
-        return DataLoader(
-            TensorDataset(*(t[shard] for t in dataset.tensors)), batch_size=EVAL_BATCH * 4
-        )
-
-    return make_train_loader, eval_loader(val_set), eval_loader(test_set)
+    return make_train_loader, eval_loader_of(val_set), eval_loader_of(test_set)
 
 
 class _SuffixModel(nn.Module):
@@ -290,9 +357,12 @@ def prepare(
     the feature extraction; a head on cached features then trains on rank 0 alone (syncing its
     few gradients would cost more than computing them), everything else trains under DDP.
     """
-    if fast and augment == "none" and strategy in ("feature", "finetune"):
-        # What is frozen never changes between epochs: onnxruntime computes it once (cut at the
-        # first trainable layer, or at the feature tensor for `feature`), and torch trains the top.
+    # On a GPU torch runs the frozen prefix faster than onnxruntime on the CPU would per batch.
+    per_batch = augment != "none" and config.device == "cpu"
+    if fast and (augment == "none" or per_batch) and strategy in ("feature", "finetune"):
+        # What is frozen never changes: onnxruntime computes it (cut at the first trainable
+        # layer, or at the feature tensor for `feature`), once for unaugmented images and per
+        # batch for augmented ones, and torch trains the top.
         plan.apply(adapted, 0)  # the saved model records the frozen part as frozen
         boundary = plan.frozen_prefix_end(0)
         suffix = suffix_from(adapted, boundary) if boundary else None
@@ -311,6 +381,8 @@ def prepare(
                 value=boundary,
                 dist=dist,
                 train_dist=train_dist,
+                augment=augment,
+                flip=flip,
             )
             model = _SuffixModel(suffix, adapted.pool, adapted.head).to(config.device)
             what = (
@@ -318,8 +390,10 @@ def prepare(
                 if head_only
                 else "frozen prefix cached by onnxruntime"
             )
+            if augment != "none":
+                what = "augmented images through the frozen part in onnxruntime, per batch"
             pooled = None
-            if head_only:
+            if head_only and augment == "none":
                 train_features = _pooled(model, make_train(1))
                 dim = train_features.features.shape[1]
                 pooled = (train_features, _pooled(model, val, dim=dim))

@@ -69,6 +69,7 @@ def train(
     bundled: tuple[Path, str, Preprocess],
     split: DataSplit,
     folder: Path,
+    augment: str = "none",
 ) -> Trained:
     """Build the adapted model from the seed, then train it for EPOCHS on the chosen path."""
     onnx_path, sha256, preprocess = bundled
@@ -83,7 +84,7 @@ def train(
     )
     setup = prepare(
         strategy=strategy,
-        augment="none",
+        augment=augment,
         imported=imported,
         adapted=adapted,
         plan=plan,
@@ -114,16 +115,23 @@ def max_weight_diff(a: Trained, b: Trained, names: set[str]) -> float:
     return max(float((a.weights[n] - b.weights[n]).abs().max()) for n in names)
 
 
+PER_BATCH = "augmented images through the frozen part in onnxruntime, per batch"
+
+
 @pytest.mark.parametrize(
-    ("strategy", "unfreeze", "fast_description"),
+    ("strategy", "unfreeze", "augment", "fast_description"),
     [
-        ("feature", None, "cached onnxruntime features"),
-        ("finetune", 2, "frozen prefix cached by onnxruntime"),
+        ("feature", None, "none", "cached onnxruntime features"),
+        ("finetune", 2, "none", "frozen prefix cached by onnxruntime"),
+        # Augmented: the same seeded draws reach both paths, the prefix runs per batch.
+        ("finetune", 2, "light", PER_BATCH),
+        ("feature", None, "strong", PER_BATCH),
     ],
 )
 def test_fast_path_trains_what_the_plain_path_trains(
     strategy: str,
     unfreeze: int | None,
+    augment: str,
     fast_description: str,
     bundled: tuple[Path, str, Preprocess],
     digits: DataSplit,
@@ -137,6 +145,7 @@ def test_fast_path_trains_what_the_plain_path_trains(
             bundled=bundled,
             split=digits,
             folder=tmp_path / ("fast" if fast else "plain"),
+            augment=augment,
         )
         for fast in (True, False)
     }
