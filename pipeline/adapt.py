@@ -402,6 +402,19 @@ class _Run:
         return features_dir(self.models_dir)
 
 
+class _Laps:
+    """Seconds spent in each stage of a run, for run.json's "timings" (benchmarks read them)."""
+
+    def __init__(self, started: float) -> None:
+        self.last = started
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(now - self.last, 2)
+        self.last = now
+
+
 def adapt(
     options: AdaptOptions,
     *,
@@ -423,19 +436,23 @@ def adapt(
 
     dist = dist or SINGLE
     started = time.perf_counter()
+    laps = _Laps(started)
     models_dir = Path(models_dir)
     options, previous = _previous_run(options, dist)
     source = _open_source(options, previous, models_dir=models_dir, catalog=catalog, log=log)
     run_dir, split = _shared_run_dir(options, source, split, models_dir, dist=dist, log=log)
     run = _Run(options, previous, source, run_dir, split, models_dir, log, dist)
+    laps("data")
 
     device = resolve_device(options.device)
     imported, adapted, preprocess = _build_checked_model(run)
     blocks = discover_blocks(adapted)
+    laps("model")
     # Workers must agree even if their onnxruntime scores differ in the last bit.
     choice = dist.broadcast_object(
         _choose_strategy(run, imported, adapted, preprocess, device, num_blocks=len(blocks))
     )
+    laps("choose")
     plan = _freeze_plan(run, adapted, choice, preprocess)
     config = _train_config(options, choice.strategy, device)
     record = _start_record(run, choice, [b.name for b in blocks], config, preprocess, imported)
@@ -443,10 +460,14 @@ def adapt(
     setup = _training_setup(
         run, record, choice.strategy, imported, adapted, plan, preprocess, config
     )
+    laps("cache")
+    record["timings"] = laps.seconds  # filled as the run goes; run.json has them when done
     if not dist.is_main and not setup.dist.enabled:
         return None  # the features are shared out; the main worker trains the head on its own
     state = _train(run, setup, adapted, config, record, progress=progress)
+    laps("train")
     metrics_split, scored = final_evaluation(setup, split, config=config, log=log)
+    laps("evaluate")
     if not dist.is_main:
         return None  # the metrics are the main worker's to write and report
     seconds = time.perf_counter() - started

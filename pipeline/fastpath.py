@@ -180,6 +180,84 @@ class _PrefixBatches:
             yield torch.from_numpy(np.asarray(output, dtype=np.float32)), labels
 
 
+# Frozen-prefix outputs are stored as float16: half the disk and reads of float32 (see BENCHMARKS.md
+# for the accuracy measured against float32); pooled features for the head stay float32.
+PREFIX_STORAGE = "float16"
+
+
+class _RowsDataset:
+    """(cached prefix row, label) read from disk per item: memory does not grow with the data."""
+
+    def __init__(self, rows: Any, labels: Sequence[int], indices: Sequence[int]) -> None:
+        self.rows, self.labels, self.indices = rows, list(labels), list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int) -> tuple[Any, int]:
+        import torch
+
+        index = self.indices[item]
+        return torch.from_numpy(self.rows.take([index])[0]), self.labels[index]
+
+
+def prefix_rows(
+    *,
+    imported: Any,
+    samples: Sequence[Sample],
+    preprocess: Preprocess,
+    cache_dir: Path,
+    model_sha256: str,
+    value: str,
+    sessions: dict[str, Any],
+) -> Any | None:
+    """The ONNX value `value` for `samples`, cached on disk and read by rows (`features.Rows`).
+
+    Computed batch by batch straight into the cache file. None when the cache's size budget or
+    the free disk cannot hold it: the caller then runs the prefix per batch instead.
+    """
+    import itertools
+    import shutil
+
+    import numpy as np
+
+    from pipeline import features
+    from pipeline.diskcache import budget_bytes
+
+    key = features.cache_key(
+        model_sha256=model_sha256,
+        feature_name=value,
+        preprocess=preprocess.to_dict(),
+        refs=[s.ref for s in samples],
+        storage=PREFIX_STORAGE,
+    )
+    found = features.open_rows(cache_dir, key)
+    if found is not None and len(found) == len(samples):
+        return found
+    if value not in sessions:
+        sessions[value] = _cut_session(imported, value)
+    batches = (
+        features.run_batches(
+            sessions[value],
+            input_name=imported.probe.input_name,
+            batches=[preprocessed_batch(samples[i : i + EVAL_BATCH], preprocess)],
+        )
+        for i in range(0, len(samples), EVAL_BATCH)
+    )
+    first = next(batches)
+    need = first[0].size * np.dtype(PREFIX_STORAGE).itemsize * len(samples)
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    if need > min(budget_bytes(), shutil.disk_usage(cache_dir).free // 2):
+        return None
+    return features.store_rows(
+        cache_dir,
+        key,
+        itertools.chain([first], batches),
+        count=len(samples),
+        dtype=PREFIX_STORAGE,
+    )
+
+
 def _feature_loaders(
     *,
     imported: Any,
@@ -195,18 +273,31 @@ def _feature_loaders(
     augment: str = "none",
     flip: bool = True,
 ) -> tuple[Callable[[int], Iterable], Iterable, Iterable]:
-    """Loaders over cached features: `dist` shares the extraction, `train_dist` the training.
+    """Loaders of the frozen part's output: `dist` shares the extraction, `train_dist` the training.
 
-    With `augment` the training images change every epoch, so only the validation and test
-    prefixes are cached; the training batches go through the prefix in onnxruntime as they come.
+    - At the feature tensor (a head alone trains), the pooled features are small: computed once,
+      cached, and held in memory.
+    - Deeper cuts (frozen prefixes) are cached on disk and read by rows, so memory stays flat as
+      the data grows; when the cache budget cannot hold them, the prefix runs per batch instead.
+    - With `augment` the training images change every epoch: their batches go through the
+      prefix in onnxruntime as they come, and only validation and test are cached.
     """
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
+    from pipeline.data import ImageDataset
+
     sessions: dict[str, Any] = {}
     cut = value or imported.probe.feature_name
+    on_disk = cut != imported.probe.feature_name and not dist.enabled and bool(model_sha256)
+    per_batch: list[str] = []  # the splits whose prefix runs per batch (no room to cache it)
 
-    def tensors(samples: Sequence[Sample]) -> TensorDataset:
+    def session() -> Any:
+        if cut not in sessions:
+            sessions[cut] = _cut_session(imported, cut)
+        return sessions[cut]
+
+    def in_memory(samples: Sequence[Sample]) -> TensorDataset:
         feats = cached_features(
             imported=imported,
             samples=samples,
@@ -221,51 +312,102 @@ def _feature_loaders(
         labels = torch.tensor([s.label for s in samples], dtype=torch.long)
         return TensorDataset(torch.from_numpy(feats), labels)
 
-    def eval_loader_of(dataset: TensorDataset) -> DataLoader:
-        shard = torch.tensor(list(train_dist.shard(len(dataset))), dtype=torch.long)
+    def cached(samples: Sequence[Sample], name: str) -> Any:
+        """The split's cached outputs as a dataset, or None to run its prefix per batch."""
+        if not on_disk:
+            return in_memory(samples)
+        if not samples:
+            return TensorDataset(torch.zeros(0), torch.zeros(0, dtype=torch.long))
+        rows = prefix_rows(
+            imported=imported,
+            samples=samples,
+            preprocess=preprocess,
+            cache_dir=cache_dir,
+            model_sha256=model_sha256,
+            value=cut,
+            sessions=sessions,
+        )
+        if rows is None:
+            per_batch.append(name)
+            return None
+        return _RowsDataset(rows, [s.label for s in samples], range(len(samples)))
+
+    def eval_loader_of(dataset: Any, samples: Sequence[Sample]) -> Iterable:
+        shard = list(train_dist.shard(len(samples)))
+        if dataset is None:  # no room to cache: unaugmented images through the prefix per batch
+            images = ImageDataset([samples[i] for i in shard], preprocess)
+            return _PrefixBatches(
+                DataLoader(images, batch_size=EVAL_BATCH), session(), imported.probe.input_name
+            )
+        if isinstance(dataset, _RowsDataset):
+            return DataLoader(
+                _RowsDataset(dataset.rows, dataset.labels, shard), batch_size=EVAL_BATCH
+            )
+        index = torch.tensor(shard, dtype=torch.long)
         return DataLoader(
-            TensorDataset(*(t[shard] for t in dataset.tensors)), batch_size=EVAL_BATCH * 4
+            TensorDataset(*(t[index] for t in dataset.tensors)), batch_size=EVAL_BATCH * 4
         )
 
     if augment != "none":
-        from pipeline.data import ImageDataset
-
         log(
             f"running the frozen part with onnxruntime (cut at {cut}): once for the "
             f"{len(split.val) + len(split.test)} validation and test images, per batch for the "
             f"{len(split.train)} augmented training images"
         )
-        val_set, test_set = tensors(split.val), tensors(split.test)
-        if cut not in sessions:
-            sessions[cut] = _cut_session(imported, cut)
-        images = ImageDataset(
-            split.train, preprocess, augment=augment, flip=flip, seed=config.seed
+        train_set = None
+    else:
+        total = len(split.train) + len(split.val) + len(split.test)
+        log(f"running the frozen part once with onnxruntime ({total} images, cut at {cut})")
+        train_set = cached(split.train, "training")
+    val_set, test_set = cached(split.val, "validation"), cached(split.test, "test")
+    if per_batch:
+        log(
+            f"the frozen part's output for the {', '.join(per_batch)} images does not fit the "
+            "cache budget (ZOO_CACHE_BUDGET_GB) or the free disk: it runs per batch instead"
         )
-
-        def make_train_loader(batch_size: int) -> Iterable:
-            loader = train_dist.train_loader(images, batch_size, seed=config.seed)
-            return _PrefixBatches(loader, sessions[cut], imported.probe.input_name)
-
-        return make_train_loader, eval_loader_of(val_set), eval_loader_of(test_set)
-
-    total = len(split.train) + len(split.val) + len(split.test)
-    log(f"running the frozen part once with onnxruntime ({total} images, cut at {cut})")
-    train_set, val_set, test_set = tensors(split.train), tensors(split.val), tensors(split.test)
+    train_images = (
+        ImageDataset(split.train, preprocess, augment=augment, flip=flip, seed=config.seed)
+        if augment != "none" or (on_disk and train_set is None)
+        else None
+    )
 
     def make_train_loader(batch_size: int) -> Iterable:
-        return train_dist.train_loader(train_set, batch_size, seed=config.seed)
+        if train_images is None:
+            return train_dist.train_loader(train_set, batch_size, seed=config.seed)
+        loader = train_dist.train_loader(train_images, batch_size, seed=config.seed)
+        return _PrefixBatches(loader, session(), imported.probe.input_name)
 
-    return make_train_loader, eval_loader_of(val_set), eval_loader_of(test_set)
+    return (
+        make_train_loader,
+        eval_loader_of(val_set, split.val),
+        eval_loader_of(test_set, split.test),
+    )
 
 
 class _SuffixModel(nn.Module):
-    """The trainable top of an adapted model: frozen-prefix output in, logits out (shared weights)."""
+    """The trainable top of an adapted model: frozen-prefix output in, logits out (shared weights).
 
-    def __init__(self, suffix: Any, pool: nn.Module, head: nn.Module) -> None:
+    With `channels_last` a 4-D prefix output is laid out [N, H, W, C] in memory (same shape):
+    oneDNN's depthwise convolutions, most of a mobile network's backward pass, run ~2.4x faster
+    so on a CPU, and a whole training step of Lite0's top 4 blocks ~1.3x (BENCHMARKS.md).
+    """
+
+    def __init__(
+        self, suffix: Any, pool: nn.Module, head: nn.Module, *, channels_last: bool = False
+    ) -> None:
         super().__init__()
         self.suffix, self.pool, self.head = suffix, pool, head
+        self.channels_last = channels_last
+        if channels_last:
+            import torch
+
+            self.suffix.to(memory_format=torch.channels_last)
 
     def forward(self, prefix_output: Any) -> Any:
+        if self.channels_last and prefix_output.dim() == 4:
+            import torch
+
+            prefix_output = prefix_output.contiguous(memory_format=torch.channels_last)
         return self.head(self.pool(self.suffix(prefix_output)))
 
 
@@ -384,7 +526,12 @@ def prepare(
                 augment=augment,
                 flip=flip,
             )
-            model = _SuffixModel(suffix, adapted.pool, adapted.head).to(config.device)
+            model = _SuffixModel(
+                suffix,
+                adapted.pool,
+                adapted.head,
+                channels_last=config.device == "cpu" and not head_only,
+            ).to(config.device)
             what = (
                 "cached onnxruntime features"
                 if head_only

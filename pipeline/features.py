@@ -80,23 +80,29 @@ def run_batches(session: Any, *, input_name: str, batches: Iterable[np.ndarray])
 
 
 def cache_key(
-    *, model_sha256: str, feature_name: str, preprocess: dict[str, Any], refs: Sequence[str]
+    *,
+    model_sha256: str,
+    feature_name: str,
+    preprocess: dict[str, Any],
+    refs: Sequence[str],
+    storage: str = "float32",
 ) -> str:
     """What the cached features depend on: the model, the cut, the preprocessing and the images.
 
     An image counts by its path, size and modification time, so a photo replaced under the same
-    name is computed again; `DECODE` names how images are decoded (JPEG draft since version 2).
+    name is computed again; `DECODE` names how images are decoded (JPEG draft since version 2);
+    `storage` the element type on disk.
     """
-    payload = json.dumps(
-        {
-            "model": model_sha256,
-            "cut": feature_name,
-            "pre": preprocess,
-            "refs": [[ref, *_file_stamp(ref)] for ref in refs],
-            "decode": DECODE,
-        },
-        sort_keys=True,
-    )
+    fields: dict[str, Any] = {
+        "model": model_sha256,
+        "cut": feature_name,
+        "pre": preprocess,
+        "refs": [[ref, *_file_stamp(ref)] for ref in refs],
+        "decode": DECODE,
+    }
+    if storage != "float32":
+        fields["storage"] = storage
+    payload = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
@@ -140,6 +146,108 @@ def store_cached(cache_dir: Path, key: str, features: np.ndarray) -> None:
     root = Path(cache_dir).parent
     if root.name == CACHE_DIR:  # a workspace's MODELS_DIR/.cache: kept within its budget
         evict(root.parent)
+
+
+class Rows:
+    """A cached [N, ...] array in a .npy file, read a few rows at a time with `os.pread`.
+
+    Nothing is mapped or kept: memory stays flat whatever N is, and the kernel's page cache (not
+    this process) holds what is read often. Rows come back as float32 whatever is stored.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import numpy as np
+
+        self.path = Path(path)
+        with open(self.path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            reader = {
+                (1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0,
+            }.get(version)
+            if reader is None:
+                raise ValueError(f"unsupported .npy version {version}")
+            shape, fortran_order, dtype = reader(handle)
+            self.offset = handle.tell()
+        if fortran_order or not shape:
+            raise ValueError("not a C-ordered array of rows")
+        self.shape: tuple[int, ...] = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        if self.path.stat().st_size != self.offset + self.row_bytes * self.shape[0]:
+            raise ValueError("truncated")
+        # Held open: an entry evicted while this run reads it stays readable until it is done.
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def take(self, indices: Sequence[int]) -> np.ndarray:
+        """The rows at `indices`, as one float32 array."""
+        import numpy as np
+
+        out = np.empty((len(indices), *self.shape[1:]), dtype=np.float32)
+        for slot, index in enumerate(indices):
+            raw = os.pread(self._fd, self.row_bytes, self.offset + int(index) * self.row_bytes)
+            out[slot] = np.frombuffer(raw, dtype=self.dtype).reshape(self.shape[1:])
+        return out
+
+
+def open_rows(cache_dir: Path, key: str) -> Rows | None:
+    """The cached entry `key` read by rows; None (and a damaged entry removed) when absent."""
+    from pipeline.diskcache import touch
+
+    path = Path(cache_dir) / f"{key}.npy"
+    if not path.exists():
+        return None
+    try:
+        rows = Rows(path)
+    except (OSError, ValueError, EOFError):
+        path.unlink(missing_ok=True)  # a damaged cache entry is recomputed, never trusted
+        return None
+    touch(path)
+    return rows
+
+
+def store_rows(
+    cache_dir: Path, key: str, batches: Iterable[np.ndarray], *, count: int, dtype: str
+) -> Rows:
+    """Write `count` rows arriving in batches straight to the cache entry `key`, atomically.
+
+    Only one batch is in memory at a time; the entry appears whole or not at all.
+    """
+    import numpy as np
+
+    from pipeline.diskcache import CACHE_DIR, evict
+    from zoo.files import atomic_write
+
+    def write(tmp: str) -> None:
+        written = 0
+        with open(tmp, "wb") as handle:
+            for batch in batches:
+                if not written:
+                    header = {
+                        "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                        "fortran_order": False,
+                        "shape": (count, *batch.shape[1:]),
+                    }
+                    np.lib.format.write_array_header_2_0(handle, header)
+                handle.write(np.ascontiguousarray(batch, dtype=dtype).tobytes())
+                written += len(batch)
+        if written != count:
+            raise ValueError(f"{written} rows computed for {count} images")
+
+    path = Path(cache_dir) / f"{key}.npy"
+    atomic_write(path, write)
+    root = Path(cache_dir).parent
+    if root.name == CACHE_DIR:
+        evict(root.parent)
+    return Rows(path)
 
 
 def default_threads() -> int:

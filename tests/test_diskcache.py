@@ -151,3 +151,38 @@ def test_zoo_cache_lists_and_clears(tmp_path: Path) -> None:
     assert not any(p.exists() for p in paths)
     empty = runner.invoke(main, ["--models-dir", str(tmp_path), "cache", "--json"])
     assert json.loads(empty.output) == {"cleared": False, "entries": []}
+
+
+def test_rows_stream_to_disk_and_read_back_by_index(tmp_path: Path) -> None:
+    """Prefix outputs are written batch by batch and read a few rows at a time, as float32."""
+    data = np.random.default_rng(0).normal(size=(37, 3, 4, 4)).astype(np.float32)
+    batches = (data[i : i + 8] for i in range(0, len(data), 8))
+    rows = features.store_rows(tmp_path, "key", batches, count=len(data), dtype="float16")
+    assert len(rows) == 37 and rows.shape == (37, 3, 4, 4)
+    picked = rows.take([36, 0, 17])
+    assert picked.dtype == np.float32
+    np.testing.assert_allclose(picked, data[[36, 0, 17]], rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "key.npy")[[5]].astype(np.float32), rows.take([5])
+    )
+    again = features.open_rows(tmp_path, "key")
+    assert again is not None and np.array_equal(again.take([3]), rows.take([3]))
+
+
+def test_rows_that_do_not_add_up_are_dropped_and_never_half_written(tmp_path: Path) -> None:
+    data = np.ones((10, 6), np.float32)
+    with pytest.raises(ValueError, match="9 rows computed for 10"):
+        features.store_rows(tmp_path, "short", iter([data[:9]]), count=10, dtype="float32")
+    assert list(tmp_path.iterdir()) == []  # neither an entry nor a temporary is left
+    features.store_rows(tmp_path, "cut", iter([data]), count=10, dtype="float32")
+    path = tmp_path / "cut.npy"
+    path.write_bytes(path.read_bytes()[:-7])  # the file system lost its tail
+    assert features.open_rows(tmp_path, "cut") is None and not path.exists()
+
+
+def test_an_entry_evicted_while_read_stays_readable(tmp_path: Path) -> None:
+    rows = features.store_rows(
+        tmp_path, "key", iter([np.arange(12.0).reshape(3, 4)]), count=3, dtype="float32"
+    )
+    (tmp_path / "key.npy").unlink()  # another run's eviction
+    assert rows.take([2]).tolist() == [[8.0, 9.0, 10.0, 11.0]]

@@ -59,6 +59,7 @@ class Trained(NamedTuple):
     trainable: set[str]  # names of the parameters that trained
     state: TrainState
     path: str  # the setup's description
+    logged: list[str]
 
 
 def train(
@@ -82,6 +83,7 @@ def train(
     config = TrainConfig(
         epochs=EPOCHS, batch_size=8, lr=0.05, optimizer="sgd", seed=0, device="cpu"
     )
+    logged: list[str] = []
     setup = prepare(
         strategy=strategy,
         augment=augment,
@@ -93,7 +95,7 @@ def train(
         config=config,
         cache_dir=folder / "cache",
         model_sha256=sha256,
-        log=lambda _: None,
+        log=logged.append,
         fast=fast,
     )
     state = fit(
@@ -108,7 +110,7 @@ def train(
     )
     trainable = {name for name, p in adapted.named_parameters() if p.requires_grad}
     weights = {k: v.detach().clone() for k, v in adapted.state_dict().items()}
-    return Trained(weights, trainable, state, setup.description)
+    return Trained(weights, trainable, state, setup.description, logged)
 
 
 def max_weight_diff(a: Trained, b: Trained, names: set[str]) -> float:
@@ -119,24 +121,31 @@ PER_BATCH = "augmented images through the frozen part in onnxruntime, per batch"
 
 
 @pytest.mark.parametrize(
-    ("strategy", "unfreeze", "augment", "fast_description"),
+    ("strategy", "unfreeze", "augment", "budget_gb", "fast_description"),
     [
-        ("feature", None, "none", "cached onnxruntime features"),
-        ("finetune", 2, "none", "frozen prefix cached by onnxruntime"),
+        ("feature", None, "none", None, "cached onnxruntime features"),
+        # The prefix is cached on disk as float16 and read back by rows.
+        ("finetune", 2, "none", None, "frozen prefix cached by onnxruntime"),
+        # No room in the cache budget: the same prefix runs per batch for every split.
+        ("finetune", 2, "none", "0", "frozen prefix cached by onnxruntime"),
         # Augmented: the same seeded draws reach both paths, the prefix runs per batch.
-        ("finetune", 2, "light", PER_BATCH),
-        ("feature", None, "strong", PER_BATCH),
+        ("finetune", 2, "light", None, PER_BATCH),
+        ("feature", None, "strong", None, PER_BATCH),
     ],
 )
 def test_fast_path_trains_what_the_plain_path_trains(
     strategy: str,
     unfreeze: int | None,
     augment: str,
+    budget_gb: str | None,
     fast_description: str,
     bundled: tuple[Path, str, Preprocess],
     digits: DataSplit,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    if budget_gb is not None:
+        monkeypatch.setenv("ZOO_CACHE_BUDGET_GB", budget_gb)
     runs = {
         fast: train(
             strategy=strategy,
@@ -151,6 +160,10 @@ def test_fast_path_trains_what_the_plain_path_trains(
     }
     fast, plain = runs[True], runs[False]
     assert fast.path == fast_description
+    no_room = any("does not fit the cache budget" in line for line in fast.logged)
+    assert no_room == (budget_gb == "0"), fast.logged
+    cached = list((tmp_path / "fast" / "cache").glob("*.npy"))
+    assert bool(cached) == (budget_gb != "0"), cached
     assert plain.path == "images through the whole model"
     assert fast.trainable == plain.trainable
     head = {n for n in fast.trainable if n.startswith("head.")}
