@@ -35,7 +35,11 @@ STRATEGIES = ("auto", "feature", "finetune", "gradual", "full", "scratch")
 # (64 px, 20 images per class, 15 epochs, finetune top 2 blocks): d=0.1 68% test accuracy, d=0.5 77%,
 # d=1 83%. `full` is for data unlike ImageNet, where every layer must move: one rate for all
 # (all digits, 20 epochs: 98% test accuracy).
-DEFAULT_EPOCHS = 20
+# Epochs when --epochs is not given. Pretrained blocks adapt fast: on flowers5 (120 images per
+# class, light augmentation) fine-tuning the top 4 blocks fits the training set by epoch 6 and the
+# best validation loss came at epoch 7-8 whether the cosine schedule ran 10 or 20 epochs
+# (test 85.0% and 85.5%), so 10 halves the time; scratch starts from nothing and keeps 20.
+DEFAULT_EPOCHS = {"finetune": 10, "gradual": 10, "full": 10, "scratch": 20, "feature": 20}
 DEFAULT_LR_DECAY = {"finetune": 0.5, "gradual": 0.5, "full": 1.0, "scratch": 1.0, "feature": 1.0}
 
 
@@ -299,7 +303,7 @@ def _auto_strategy(
 def _train_config(options: AdaptOptions, strategy: str, device: str) -> TrainConfig:
     """The hyperparameters of a run with `strategy`: the options, defaults filled in by strategy."""
     return TrainConfig(
-        epochs=options.epochs or DEFAULT_EPOCHS,
+        epochs=options.epochs or DEFAULT_EPOCHS[strategy],
         batch_size=options.batch_size,
         lr=options.lr,
         lr_decay=options.lr_decay if options.lr_decay is not None else DEFAULT_LR_DECAY[strategy],
