@@ -174,7 +174,13 @@ def fetch_command(ctx: click.Context, source: str, as_json: bool, **values: Any)
 @click.pass_context
 def rank_command(ctx: click.Context, models: tuple[str, ...], as_json: bool, **values: Any) -> None:
     """Which model for your data? Rank MODELS (default: all fetched plus the bundled ones) by probe."""
-    result = zoo.rank(models, log=console.info, **values, **_where(ctx))
+    result = zoo.rank(
+        models,
+        log=console.info,
+        progress=not as_json and sys.stderr.isatty(),
+        **values,
+        **_where(ctx),
+    )
     if as_json:
         console.emit_json(result.to_dict())
         return
@@ -213,7 +219,7 @@ def adapt_command(ctx: click.Context, model: str | None, as_json: bool, **values
     run = zoo.adapt(
         model,
         log=console.info,
-        progress=sys.stderr.isatty(),
+        progress=not as_json and sys.stderr.isatty(),
         worker_argv=_argv_of(ctx, skip=LAUNCH),  # workers re-run this command line
         **values,
         **_where(ctx),
@@ -262,7 +268,11 @@ def _report_adapt(result: Any, *, as_json: bool) -> None:
 def compare_command(ctx: click.Context, model: str | None, as_json: bool, **values: Any) -> None:
     """Train several strategies on the same split and compare them side by side."""
     result = zoo.compare(
-        model, log=console.info, progress=sys.stderr.isatty(), **values, **_where(ctx)
+        model,
+        log=console.info,
+        progress=not as_json and sys.stderr.isatty(),
+        **values,
+        **_where(ctx),
     )
     if as_json:
         console.emit_json(result.to_dict())

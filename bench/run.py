@@ -28,6 +28,7 @@ BENCHMARKS = {
     "transfer": "bench.transfer",
     "memory": "bench.memory",
     "gpu": "bench.gpu",
+    "fidelity": "bench.fidelity",
 }
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "BENCHMARKS.md"

@@ -435,10 +435,34 @@ def adapt(
     and hands the others what they need from it.
     """
     from pipeline.distributed import SINGLE
+    from pipeline.progress import showing
+    from zoo.console import stage_bar_factory
+
+    with showing(stage_bar_factory() if progress else None):
+        return _adapt(
+            options,
+            models_dir=models_dir,
+            catalog=catalog,
+            log=log,
+            progress=progress,
+            split=split,
+            dist=dist or SINGLE,
+        )
+
+
+def _adapt(
+    options: AdaptOptions,
+    *,
+    models_dir: Path,
+    catalog: Catalog,
+    log: Callable[[str], None],
+    progress: bool,
+    split: DataSplit | None,
+    dist: DistContext,
+) -> AdaptResult | None:
     from pipeline.surgery import discover_blocks
     from pipeline.train import resolve_device
 
-    dist = dist or SINGLE
     started = time.perf_counter()
     laps = _Laps(started)
     models_dir = Path(models_dir)

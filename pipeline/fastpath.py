@@ -88,6 +88,12 @@ def _image_loaders(
     return make_train_loader, eval_loader(split.val), eval_loader(split.test)
 
 
+def _counted(batch: np.ndarray, bar: Any) -> np.ndarray:
+    """`batch`, after advancing `bar` by its number of images."""
+    bar.advance(len(batch))
+    return batch
+
+
 def _cut_session(imported: Any, value: str) -> Any:
     """An onnxruntime session over the imported graph from its input to the ONNX value `value`."""
     from pipeline import features
@@ -117,6 +123,7 @@ def cached_features(
     import numpy as np
 
     from pipeline import features
+    from pipeline.progress import track
 
     probe = imported.probe
     value = value or probe.feature_name
@@ -138,11 +145,12 @@ def cached_features(
     session = sessions[value]
 
     def compute(part: Sequence[Sample]) -> np.ndarray:
-        batches = (
-            preprocessed_batch(part[i : i + EVAL_BATCH], preprocess)
-            for i in range(0, len(part), EVAL_BATCH)
-        )
-        return features.run_batches(session, input_name=probe.input_name, batches=batches)
+        with track(f"computing features of {len(part)} images", len(part)) as bar:
+            batches = (
+                _counted(preprocessed_batch(part[i : i + EVAL_BATCH], preprocess), bar)
+                for i in range(0, len(part), EVAL_BATCH)
+            )
+            return features.run_batches(session, input_name=probe.input_name, batches=batches)
 
     result = dist.shard_features(compute, samples)
     if model_sha256 and dist.is_main:
@@ -223,6 +231,7 @@ def prefix_rows(
 
     from pipeline import features
     from pipeline.diskcache import budget_bytes
+    from pipeline.progress import track
 
     key = features.cache_key(
         model_sha256=model_sha256,
@@ -236,26 +245,29 @@ def prefix_rows(
         return found
     if value not in sessions:
         sessions[value] = _cut_session(imported, value)
-    batches = (
-        features.run_batches(
-            sessions[value],
-            input_name=imported.probe.input_name,
-            batches=[preprocessed_batch(samples[i : i + EVAL_BATCH], preprocess)],
+    with track(f"caching the frozen part for {len(samples)} images", len(samples)) as bar:
+        batches = (
+            features.run_batches(
+                sessions[value],
+                input_name=imported.probe.input_name,
+                batches=[
+                    _counted(preprocessed_batch(samples[i : i + EVAL_BATCH], preprocess), bar)
+                ],
+            )
+            for i in range(0, len(samples), EVAL_BATCH)
         )
-        for i in range(0, len(samples), EVAL_BATCH)
-    )
-    first = next(batches)
-    need = first[0].size * np.dtype(PREFIX_STORAGE).itemsize * len(samples)
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    if need > min(budget_bytes(), shutil.disk_usage(cache_dir).free // 2):
-        return None
-    return features.store_rows(
-        cache_dir,
-        key,
-        itertools.chain([first], batches),
-        count=len(samples),
-        dtype=PREFIX_STORAGE,
-    )
+        first = next(batches)
+        need = first[0].size * np.dtype(PREFIX_STORAGE).itemsize * len(samples)
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        if need > min(budget_bytes(), shutil.disk_usage(cache_dir).free // 2):
+            return None
+        return features.store_rows(
+            cache_dir,
+            key,
+            itertools.chain([first], batches),
+            count=len(samples),
+            dtype=PREFIX_STORAGE,
+        )
 
 
 def _feature_loaders(

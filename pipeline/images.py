@@ -275,10 +275,20 @@ def find_unreadable(paths: Iterable[str], *, max_pixels: int = MAX_PIXELS) -> di
         except UnreadableImage as exc:
             return path, str(exc).removeprefix(f"{path}: ")
 
+    from pipeline.progress import track
+
     unique = list(dict.fromkeys(paths))
+    bad = {}
     # Pillow releases the GIL while decoding, so threads do help here.
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 1)) as pool:
-        return {p: reason for p, reason in pool.map(check, unique) if reason is not None}
+    with (
+        ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 1)) as pool,
+        track("checking images", len(unique)) as bar,
+    ):
+        for path, reason in pool.map(check, unique):
+            bar.advance()
+            if reason is not None:
+                bad[path] = reason
+    return bad
 
 
 # ----------------------------------------------------------------------------- preprocessing

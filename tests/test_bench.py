@@ -307,3 +307,35 @@ def test_compat_runs_the_real_cli_and_writes_the_readme_section(tmp_path: Path) 
     text = readme.read_text()
     assert text.count(MARKERS[0]) == 1 and "y.onnx" in text and "x.onnx" not in text
     assert text.startswith("# zoo\n\nintro\n") and "## Which models work" in text
+
+
+def test_fidelity_exact_worker_decodes_full_size_and_keeps_float32(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The exact worker really switches off draft decoding and float16 before running the CLI."""
+    from bench import fidelity
+    from pipeline import fastpath, features, images
+    from zoo.catalog import IMAGENET_PREPROCESS as preprocess
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr("cli.main", lambda argv, standalone_mode: seen.append(argv))
+    for name in ("decode_size", "PREFIX_STORAGE", "DECODE"):
+        module = (
+            images if name == "decode_size" else fastpath if name == "PREFIX_STORAGE" else features
+        )
+        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    assert images.decode_size(preprocess) >= 224
+    fidelity.main(["--worker", "exact", "--", "adapt", "--data", "x"])
+    assert seen == [["adapt", "--data", "x"]]
+    assert images.decode_size(preprocess) is None
+    assert (fastpath.PREFIX_STORAGE, features.DECODE) == ("float32", "full")
+
+
+def test_fidelity_skips_cleanly_without_the_photos(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from bench import fidelity
+
+    monkeypatch.setattr(fidelity, "SHARED_DIR", tmp_path / "absent")
+    section = fidelity.run(common.QUICK, work=tmp_path)
+    assert "Skipped" in section.body[0] and "--only fidelity" in section.command

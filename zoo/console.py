@@ -87,3 +87,41 @@ class _EpochBar:
 def epoch_bar_factory():  # noqa: ANN201
     """A factory of per-epoch progress bars, for pipeline.train.fit."""
     return _EpochBar
+
+
+class _StageBar:
+    """A transient rich bar for one long stage: items done, rate, time remaining."""
+
+    def __init__(self, description: str, total: int) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn(description),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=stderr_console(),
+            transient=True,
+        )
+        self._task = self._progress.add_task(description, total=total)
+        self._progress.start()
+
+    def advance(self, amount: int = 1) -> None:
+        self._progress.update(self._task, advance=amount)
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+def stage_bar_factory():  # noqa: ANN201
+    """A factory of progress bars for the long stages (pipeline.progress.showing)."""
+    return _StageBar

@@ -110,23 +110,29 @@ def rank(
     models_dir: PathLike | None = None,
     catalog: CatalogLike = None,
     log: Log | None = None,
+    progress: bool | None = None,
 ) -> RankResult:
     """Rank models (default: every fetched one plus the bundled ones) by a linear probe on `data`.
+
+    `progress=True` shows bars with the time left while images are checked and features computed.
 
     >>> zoo.rank(data="photos/").best.name  # doctest: +SKIP
     'efficientnet-lite0'
     """
+    from pipeline.progress import showing
     from pipeline.rank import rank_models
+    from zoo.console import stage_bar_factory
 
-    return rank_models(
-        [m.name if isinstance(m, Model) else m for m in models],
-        data=os.fspath(data),
-        models_dir=workspace_of(models_dir, next(iter(models), None)),
-        catalog=catalog_of(catalog),
-        seed=seed,
-        strict=strict,
-        log=logger(log),
-    )
+    with showing(stage_bar_factory() if progress else None):
+        return rank_models(
+            [m.name if isinstance(m, Model) else m for m in models],
+            data=os.fspath(data),
+            models_dir=workspace_of(models_dir, next(iter(models), None)),
+            catalog=catalog_of(catalog),
+            seed=seed,
+            strict=strict,
+            log=logger(log),
+        )
 
 
 def list_models(
