@@ -7,6 +7,7 @@ train (on cached onnxruntime features when the backbone is frozen and the data f
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -35,11 +36,25 @@ STRATEGIES = ("auto", "feature", "finetune", "gradual", "full", "scratch")
 # (64 px, 20 images per class, 15 epochs, finetune top 2 blocks): d=0.1 68% test accuracy, d=0.5 77%,
 # d=1 83%. `full` is for data unlike ImageNet, where every layer must move: one rate for all
 # (all digits, 20 epochs: 98% test accuracy).
-# Epochs when --epochs is not given. Pretrained blocks adapt fast: on flowers5 (120 images per
-# class, light augmentation) fine-tuning the top 4 blocks fits the training set by epoch 6 and the
-# best validation loss came at epoch 7-8 whether the cosine schedule ran 10 or 20 epochs
-# (test 85.0% and 85.5%), so 10 halves the time; scratch starts from nothing and keeps 20.
+# Epochs when --epochs is not given: enough optimizer steps for the warm-up and cosine schedule
+# to run their course, within [10, 20] epochs for the strategies that start from pretrained
+# blocks. Measured (bench/RECIPE_NOTES.md): flowers5 (600 training images, 19 steps an epoch)
+# fine-tuning the top 4 blocks fits the training set by epoch 6 and peaks in validation loss at
+# epoch 7-8 whether the schedule runs 10 or 20 epochs (test 85.0% and 85.5%), while textures10
+# (240 images, 8 steps an epoch) lost 1.9 points on the mean of the seeds that fine-tune at 10
+# epochs (80 steps) against 20 (160). Scratch starts from nothing and keeps 20.
 DEFAULT_EPOCHS = {"finetune": 10, "gradual": 10, "full": 10, "scratch": 20, "feature": 20}
+MAX_DEFAULT_EPOCHS = 20
+MIN_DEFAULT_STEPS = 200
+
+
+def default_epochs(strategy: str, *, train_images: int, batch_size: int) -> int:
+    """--epochs when not given: the strategy's floor, raised until about 200 steps (at most 20)."""
+    floor = DEFAULT_EPOCHS[strategy]
+    steps_per_epoch = max(1, math.ceil(train_images / batch_size))
+    return max(floor, min(MAX_DEFAULT_EPOCHS, math.ceil(MIN_DEFAULT_STEPS / steps_per_epoch)))
+
+
 DEFAULT_LR_DECAY = {"finetune": 0.5, "gradual": 0.5, "full": 1.0, "scratch": 1.0, "feature": 1.0}
 
 
@@ -300,10 +315,15 @@ def _auto_strategy(
     return StrategyChoice(strategy, unfreeze, reason, evidence.to_dict())
 
 
-def _train_config(options: AdaptOptions, strategy: str, device: str) -> TrainConfig:
+def _train_config(
+    options: AdaptOptions, strategy: str, device: str, *, train_images: int
+) -> TrainConfig:
     """The hyperparameters of a run with `strategy`: the options, defaults filled in by strategy."""
+    epochs = options.epochs or default_epochs(
+        strategy, train_images=train_images, batch_size=options.batch_size
+    )
     return TrainConfig(
-        epochs=options.epochs or DEFAULT_EPOCHS[strategy],
+        epochs=epochs,
         batch_size=options.batch_size,
         lr=options.lr,
         lr_decay=options.lr_decay if options.lr_decay is not None else DEFAULT_LR_DECAY[strategy],
@@ -482,7 +502,7 @@ def _adapt(
     )
     laps("choose")
     plan = _freeze_plan(run, adapted, choice, preprocess)
-    config = _train_config(options, choice.strategy, device)
+    config = _train_config(options, choice.strategy, device, train_images=len(split.train))
     record = _start_record(run, choice, [b.name for b in blocks], config, preprocess, imported)
 
     setup = _training_setup(
@@ -631,7 +651,7 @@ def _choose_strategy(
         run.source.card,
         native=run.source.native,
         preprocess=preprocess,
-        config=_train_config(options, "finetune", device),
+        config=_train_config(options, "finetune", device, train_images=len(run.split.train)),
         num_blocks=num_blocks,
         cache_dir=run.cache_dir,
         log=run.log,

@@ -434,3 +434,13 @@ def test_bad_data_is_a_one_line_error(kind: str, workspace: Path, tmp_path: Path
     assert len(errors) == 1 and words in errors[0], err
     assert err.strip().splitlines()[-1] == errors[0]  # the error is the last word, no traceback
     assert "Traceback" not in err
+
+
+def test_default_epochs_give_small_data_enough_steps() -> None:
+    from pipeline.adapt import default_epochs
+
+    # flowers5: 600 images, 19 steps an epoch -> 11 epochs; textures10: 240 images -> capped at 20.
+    assert default_epochs("finetune", train_images=600, batch_size=32) == 11
+    assert default_epochs("finetune", train_images=240, batch_size=32) == 20
+    assert default_epochs("full", train_images=100_000, batch_size=32) == 10
+    assert default_epochs("scratch", train_images=100_000, batch_size=32) == 20

@@ -79,9 +79,9 @@ TRAINING = (
     Option(
         "epochs",
         click.IntRange(min=1),
-        help="Training epochs [default: 10 for finetune, gradual and full; 20 for scratch and "
-        "a --hidden feature head]. The feature head alone is solved to convergence instead "
-        "(each L-BFGS pass is one history row).",
+        help="Training epochs [default: finetune, gradual and full 10, or up to 20 on small "
+        "data until about 200 steps; scratch and a --hidden feature head 20]. The feature head "
+        "alone is solved to convergence instead (each L-BFGS pass is one history row).",
     ),
     Option("batch_size", click.IntRange(min=1), 32),
     Option(
