@@ -265,12 +265,44 @@ def scan_class_folder(folder: Path, skipped: list[tuple[str, str]]) -> list[str]
     return found
 
 
+def _whole_by_header(path: str, max_pixels: int) -> bool:
+    """True when the file's structure says it is whole, without decoding a pixel.
+
+    A JPEG whose header parses and whose last two bytes are the end-of-image marker (a cut file
+    has none), a PNG whose chunks all pass their CRC (`verify`). False means "decode it to be
+    sure": other formats, JPEGs with data after the marker, anything odd or too large.
+    """
+    if path.startswith(BUILTIN_PREFIX):
+        return False
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                return False  # open_image refuses it with the reason
+            if img.format == "JPEG":
+                with open(path, "rb") as handle:
+                    handle.seek(-2, os.SEEK_END)
+                    return handle.read(2) == b"\xff\xd9"
+            if img.format == "PNG":
+                img.verify()
+                return True
+    except Exception:  # noqa: BLE001 - any doubt: the decode below gives the reason
+        return False
+    return False
+
+
 def find_unreadable(paths: Iterable[str], *, max_pixels: int = MAX_PIXELS) -> dict[str, str]:
-    """Path -> reason for every image that does not decode (JPEGs checked at reduced scale)."""
+    """Path -> reason for every image that does not decode.
+
+    JPEGs and PNGs whose structure is whole are checked from their headers and markers alone,
+    so the decode that computes is the only one; the rest are decoded (JPEGs at reduced scale).
+    A JPEG damaged inside but whole in structure is found when it is decoded for training.
+    """
 
     def check(path: str) -> tuple[str, str | None]:
         try:
-            open_image(path, max_pixels=max_pixels, draft=VALIDATION_DRAFT).close()
+            if not _whole_by_header(path, max_pixels):
+                open_image(path, max_pixels=max_pixels, draft=VALIDATION_DRAFT).close()
             return path, None
         except UnreadableImage as exc:
             return path, str(exc).removeprefix(f"{path}: ")

@@ -92,3 +92,34 @@ def test_non_jpeg_and_builtin_images_decode_in_full(tmp_path: Path) -> None:
     photo_like((600, 400)).save(path)
     assert open_for(path, IMAGENET).size == (600, 400)
     assert open_for("builtin:digits#0", IMAGENET.at_size(64)).size == (8, 8)
+
+
+def test_checking_whole_jpegs_and_pngs_reads_headers_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validation decodes nothing of a whole JPEG or PNG; a cut file is still decoded and refused."""
+    from PIL import Image
+
+    from pipeline import images
+
+    whole_jpeg, whole_png = tmp_path / "a.jpg", tmp_path / "b.png"
+    Image.new("RGB", (640, 480), (10, 200, 30)).save(whole_jpeg, quality=90)
+    noise = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(whole_png)
+    cut_jpeg, cut_png = tmp_path / "c.jpg", tmp_path / "d.png"
+    cut_jpeg.write_bytes(whole_jpeg.read_bytes()[:-200])
+    cut_png.write_bytes(whole_png.read_bytes()[: whole_png.stat().st_size // 2])
+    trailer = tmp_path / "e.jpg"  # some phones append data after the end-of-image marker
+    trailer.write_bytes(whole_jpeg.read_bytes() + b"MOTION-PHOTO-DATA")
+    decoded: list[str] = []
+    real_open = images.open_image
+
+    def counting_open(path: str, **kwargs: object) -> object:
+        decoded.append(Path(path).name)
+        return real_open(path, **kwargs)
+
+    monkeypatch.setattr(images, "open_image", counting_open)
+    paths = [str(p) for p in (whole_jpeg, whole_png, cut_jpeg, cut_png, trailer)]
+    bad = images.find_unreadable(paths)
+    assert sorted(Path(p).name for p in bad) == ["c.jpg", "d.png"]
+    assert sorted(decoded) == ["c.jpg", "d.png", "e.jpg"]  # the whole ones were never decoded
