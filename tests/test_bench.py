@@ -404,10 +404,13 @@ def test_scale_section_renders_ratios_and_verdicts(tmp_path: Path) -> None:
     assert phone.marginal() == pytest.approx((0.11, 0.04))  # (50 - 28) / 200, (19 - 11) / 200
     text = "\n".join(scale.phone_body(phone))
     assert "| marginal cost per photo, zoo ÷ floor | 2.75× | ≤ 1.5× | missed by 83% |" in text
+    assert "| the same, zoo's stages but `model` (less noisy) ÷ floor | 2.75× |" in text
     assert "| cache | 18 | 38 | 100 |" in text  # the stages of the best runs
     growth = [
         ("feature", 1000, run(20.0, 900.0)),
         ("finetune", 1000, run(100.0, 2000.0)),
+        ("feature", 5000, run(80.0, 950.0)),
+        ("finetune", 5000, run(500.0, 2500.0)),
         ("feature", 10000, run(150.0, 1000.0)),
         ("finetune", 10000, run(1100.0, 3000.0)),
     ]
@@ -415,15 +418,22 @@ def test_scale_section_renders_ratios_and_verdicts(tmp_path: Path) -> None:
     assert "| feature: peak RSS, 10000 ÷ 1000 images | 1.11× | ≤ 1.2× | met |" in text
     assert "| finetune: peak RSS, 10000 ÷ 1000 images | 1.50× | ≤ 1.2× | missed by 25% |" in text
     assert "| feature: s per image, 10000 ÷ 1000 images | 0.75× |" in text
-    assert "| finetune | 10000 | 1100 | 110 | 3000 |" in text
+    assert (
+        "| feature: marginal s per image, 5000→10000 ÷ 1000→5000 | 0.93× | ≤ 1.2× (linear) | met |"
+        in text
+    )
+    assert "| finetune: marginal s per image, 5000→10000 ÷ 1000→5000 | 1.20× |" in text
+    assert "| finetune | 10000 | 1100 | 110 | 120 | 3000 |" in text
+    assert "| feature | 1000 | 20 | 20 | – | 900 |" in text
     reuse = [
         ("1. first", run(30.0, data=1.0, model=8.0, cache=11.0)),
         ("2. second", run(12.0, data=1.0, model=0.9, cache=0.6)),
         ("3. third", run(15.0, data=1.0, model=8.0, choose=1.0)),
     ]
     text = "\n".join(scale.reuse_body(reuse, images=1000))
-    assert "| set-up, run 1 ÷ 2. second | 8.0× | ≥ 5× | met |" in text
-    assert "| set-up, run 1 ÷ 3. third | 2.0× | ≥ 5× | missed by 60% |" in text
+    assert "| set-up, run 1 ÷ 2. second | 8.00× | ≥ 5× | met |" in text
+    assert "| set-up, run 1 ÷ 3. third | 2.00× | ≥ 5× | missed by 60% |" in text
+    assert "| `cache` stage alone (context), run 1 ÷ 2. second | 18.3× |  |  |" in text
     assert "2: `data` 1.00 s of 2.50 s; 3: `model` 8.00 s of 10.00 s." in text
 
 
