@@ -100,8 +100,10 @@ def run_child(argv: Sequence[str]) -> tuple[float, float | None]:
 
 
 def fresh_workspace(template: Path, folder: Path) -> Path:
-    """A copy of the workspace `template` with its files hard-linked (zoo replaces, never edits)."""
-    shutil.copytree(template, folder, copy_function=os.link)
+    """A copy of the workspace `template`, files hard-linked (zoo replaces files, never edits
+    them), without caches or lock files."""
+    ignore = shutil.ignore_patterns(".cache", ".locks")
+    shutil.copytree(template, folder, copy_function=os.link, ignore=ignore)
     return folder
 
 

@@ -382,7 +382,9 @@ def test_scale_floor_and_worker_run_in_a_process_and_report_their_peak(
         scale.run_child([sys.executable, "-c", "import sys; print('gone', file=sys.stderr); sys.exit(3)"])  # fmt: skip
     (tmp_path / "ws" / "m").mkdir(parents=True)
     (tmp_path / "ws" / "m" / "model.onnx").write_bytes(b"x")
+    (tmp_path / "ws" / ".cache" / "features").mkdir(parents=True)
     copy = scale.fresh_workspace(tmp_path / "ws", tmp_path / "copy")
+    assert not (copy / ".cache").exists()  # every run starts with an empty cache
     assert (copy / "m" / "model.onnx").stat().st_ino == (tmp_path / "ws" / "m" / "model.onnx").stat().st_ino  # fmt: skip
 
 
