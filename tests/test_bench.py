@@ -436,6 +436,7 @@ def test_scale_section_renders_ratios_and_verdicts(tmp_path: Path) -> None:
     assert "| set-up, run 1 ÷ 2. second | 8.00× | ≥ 5× | met |" in text
     assert "| set-up, run 1 ÷ 3. third | 2.00× | ≥ 5× | missed by 60% |" in text
     assert "| `cache` stage alone (context), run 1 ÷ 2. second | 18.3× |  |  |" in text
+    assert "| 1. first | feature | 1 | 8 | 0 | 11 | 0 | 0 | 20 | 10 | 30 |" in text
     assert "2: `data` 1.00 s of 2.50 s; 3: `model` 8.00 s of 10.00 s." in text
 
 
