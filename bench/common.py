@@ -53,6 +53,9 @@ class Scale:
     transfer_plot_per_class: tuple[int, ...]  # smaller training sets for the plot
     memory_images: int  # benchmark 6: images, and runs per process kind (memory is not noisy)
     memory_repetitions: int
+    scale_phone_photos: int  # benchmark 8 (a): 12 MP photos of the large set (the small: half)
+    scale_repetitions: int  # (a): runs of each process, interleaved; the best is kept
+    scale_growth_sizes: tuple[int, ...]  # (b): images per set; (c) runs on the smallest
 
     def command(self, only: str) -> str:
         """The command that reproduces one benchmark's rows."""
@@ -84,6 +87,9 @@ FULL = Scale(
     transfer_plot_per_class=(10, 20),
     memory_images=128,
     memory_repetitions=2,
+    scale_phone_photos=400,
+    scale_repetitions=2,
+    scale_growth_sizes=(1000, 2500, 5000, 10000),
 )
 
 QUICK = Scale(
@@ -111,6 +117,9 @@ QUICK = Scale(
     transfer_plot_per_class=(),
     memory_images=64,
     memory_repetitions=1,
+    scale_phone_photos=40,
+    scale_repetitions=1,
+    scale_growth_sizes=(200, 500),
 )
 
 

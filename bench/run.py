@@ -27,6 +27,7 @@ BENCHMARKS = {
     "deploy": "bench.deployment",
     "transfer": "bench.transfer",
     "memory": "bench.memory",
+    "scale": "bench.scale",
     "gpu": "bench.gpu",
     "fidelity": "bench.fidelity",
 }

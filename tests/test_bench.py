@@ -339,3 +339,145 @@ def test_fidelity_skips_cleanly_without_the_photos(
     monkeypatch.setattr(fidelity, "SHARED_DIR", tmp_path / "absent")
     section = fidelity.run(common.QUICK, work=tmp_path)
     assert "Skipped" in section.body[0] and "--only fidelity" in section.command
+
+
+# --- bench.scale: real photos at scale -------------------------------------------------------
+
+
+def _photo_classes(folder: Path, *, classes: int, per_class: int) -> Path:
+    from image_builders import write_rgb
+
+    for c in range(classes):
+        for i in range(per_class):
+            write_rgb(folder / f"class{c}" / f"p{i}.jpg", size=(40 + 8 * i, 30), seed=10 * c + i)
+    return folder
+
+
+def test_scale_sets_have_the_right_images_in_class_folders_and_are_built_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    from bench import scale_data
+
+    source = _photo_classes(tmp_path / "src", classes=2, per_class=3)
+    crops = scale_data.random_crops(source, tmp_path / "crops", count=9, seed=1)
+    assert scale_data.per_class(9, 2) == [5, 4]
+    assert {p.name: len(list(p.iterdir())) for p in crops.iterdir() if p.is_dir()} == {"class0": 5, "class1": 4}  # fmt: skip
+    names = sorted(p.name for p in (crops / "class0").iterdir())
+    assert names[:3] == ["0000_0000.jpg", "0000_0001.jpg", "0000_0002.jpg"]  # every photo first
+    with Image.open(crops / "class0" / names[-1]) as img:
+        assert (img.size, img.format) == ((256, 256), "JPEG")
+    stamp = (crops / "class0" / names[0]).stat().st_mtime_ns
+    assert scale_data.random_crops(source, crops, count=9, seed=1) == crops  # reused, not rebuilt
+    assert (crops / "class0" / names[0]).stat().st_mtime_ns == stamp
+    small = scale_data.subset(crops, tmp_path / "small", count=4)
+    assert scale_data.count_images(small) == 4 and not (tmp_path / "small.partial").exists()
+    first = small / "class1" / "0000_0000.jpg"
+    assert first.stat().st_ino == (crops / "class1" / "0000_0000.jpg").stat().st_ino  # hard link
+    with pytest.raises(ValueError, match="has 5 images, not 6"):
+        scale_data.subset(crops, tmp_path / "too-many", count=12)
+    monkeypatch.setattr(scale_data, "PHONE_SIZE", (64, 48))  # the real 4032×3024 is slow to write
+    phone = scale_data.phone_photos(source, tmp_path / "phone", count=4)
+    with Image.open(phone / "class1" / "00001.jpg") as img:
+        assert (img.size, img.format) == ((64, 48), "JPEG")
+    assert scale_data.count_images(phone) == 4
+
+
+def _pooling_onnx(path: Path) -> Path:
+    from onnx import helper
+    from onnx_builders import make_model, save
+
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["scores"], axis=1),
+    ]
+    return save(make_model(nodes, [], input_shape=["N", 3, 224, 224], output_shape=["N", 3]), path)  # fmt: skip
+
+
+def test_scale_floor_and_worker_run_in_a_process_and_report_their_peak(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench import scale
+
+    photos = _photo_classes(tmp_path / "photos", classes=2, per_class=2)
+    model = _pooling_onnx(tmp_path / "pool.onnx")
+    assert scale.floor(photos, model, batch=3) == 4  # two batches, the last one short
+    assert scale.main(["--floor", str(photos), "--onnx", str(model)]) == 0
+    assert scale.main(["--worker", "--models-dir", str(tmp_path / "m"), "info", "no-such-model"]) == 1  # fmt: skip
+    output = capsys.readouterr()
+    assert "floor_images 4" in output.out and output.out.count("peak_kib ") == 2
+    assert "no model named 'no-such-model'" in output.err
+    seconds, peak = scale.run_child([sys.executable, "-c", "print('peak_kib 2048')"])
+    assert seconds > 0 and peak == 2.0
+    with pytest.raises(RuntimeError, match="exited with 3: gone"):
+        scale.run_child([sys.executable, "-c", "import sys; print('gone', file=sys.stderr); sys.exit(3)"])  # fmt: skip
+    (tmp_path / "ws" / "m").mkdir(parents=True)
+    (tmp_path / "ws" / "m" / "model.onnx").write_bytes(b"x")
+    (tmp_path / "ws" / ".cache" / "features").mkdir(parents=True)
+    copy = scale.fresh_workspace(tmp_path / "ws", tmp_path / "copy")
+    assert not (copy / ".cache").exists()  # every run starts with an empty cache
+    assert (copy / "m" / "model.onnx").stat().st_ino == (tmp_path / "ws" / "m" / "model.onnx").stat().st_ino  # fmt: skip
+
+
+def test_scale_section_renders_ratios_and_verdicts(tmp_path: Path) -> None:
+    from bench import scale
+
+    def run(seconds: float, peak: float | None = None, **timings: float) -> scale.Measured:
+        return scale.Measured(seconds, peak, timings, "feature")
+
+    phone = scale.PhoneResult(
+        (200, 400),
+        {
+            200: [run(30.0, data=2.0, cache=20.0), run(28.0, data=2.0, cache=18.0)],
+            400: [run(50.0, data=4.0, cache=38.0)],
+        },  # fmt: skip
+        {200: [12.0, 11.0], 400: [19.0, 20.0]},
+        0.5,
+    )
+    assert phone.marginal() == pytest.approx((0.11, 0.04))  # (50 - 28) / 200, (19 - 11) / 200
+    text = "\n".join(scale.phone_body(phone))
+    assert "| marginal cost per photo, zoo ÷ floor | 2.75× | ≤ 1.5× | missed by 83% |" in text
+    assert "| the same, zoo's stages but `model` (less noisy) ÷ floor | 2.75× |" in text
+    assert "| cache | 18 | 38 | 100 |" in text  # the stages of the best runs
+    growth = [
+        ("feature", 1000, run(20.0, 900.0)),
+        ("finetune", 1000, run(100.0, 2000.0)),
+        ("feature", 5000, run(80.0, 950.0)),
+        ("finetune", 5000, run(500.0, 2500.0)),
+        ("feature", 10000, run(150.0, 1000.0)),
+        ("finetune", 10000, run(1100.0, 3000.0)),
+    ]
+    text = "\n".join(scale.growth_body(growth))
+    assert "| feature: peak RSS, 10000 ÷ 1000 images | 1.11× | ≤ 1.2× | met |" in text
+    assert "| finetune: peak RSS, 10000 ÷ 1000 images | 1.50× | ≤ 1.2× | missed by 25% |" in text
+    assert "| feature: s per image, 10000 ÷ 1000 images | 0.75× |" in text
+    assert (
+        "| feature: marginal s per image, 5000→10000 ÷ 1000→5000 | 0.93× | ≤ 1.2× (linear) | met |"
+        in text
+    )
+    assert "| finetune: marginal s per image, 5000→10000 ÷ 1000→5000 | 1.20× |" in text
+    assert "| finetune | 10000 | 1100 | 110 | 120 | 3000 |" in text
+    assert "| feature | 1000 | 20 | 20 | – | 900 |" in text
+    reuse = [
+        ("1. first", run(30.0, data=1.0, model=8.0, cache=11.0)),
+        ("2. second", run(12.0, data=1.0, model=0.9, cache=0.6)),
+        ("3. third", run(15.0, data=1.0, model=8.0, choose=1.0)),
+    ]
+    text = "\n".join(scale.reuse_body(reuse, images=1000))
+    assert "| set-up, run 1 ÷ 2. second | 8.00× | ≥ 5× | met |" in text
+    assert "| set-up, run 1 ÷ 3. third | 2.00× | ≥ 5× | missed by 60% |" in text
+    assert "| `cache` stage alone (context), run 1 ÷ 2. second | 18.3× |  |  |" in text
+    assert "| 1. first | feature | 1 | 8 | 0 | 11 | 0 | 0 | 20 | 10 | 30 |" in text
+    assert "2: `data` 1.00 s of 2.50 s; 3: `model` 8.00 s of 10.00 s." in text
+
+
+def test_scale_says_not_run_without_the_real_photos(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from bench import scale
+
+    monkeypatch.setattr(scale, "SHARED_DIR", tmp_path)
+    text = scale.run(common.QUICK, work=tmp_path).markdown()
+    assert "Not run:" in text and "flowers5 is absent" in text
+    assert list(run.BENCHMARKS).index("scale") == list(run.BENCHMARKS).index("memory") + 1
