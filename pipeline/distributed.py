@@ -57,6 +57,11 @@ class Workers(Protocol):
         """This process writes the run directory (checkpoints, caches) and talks."""
         ...
 
+    @property
+    def alone(self) -> bool:
+        """The run is this one process: a file it caches is read by no other worker."""
+        ...
+
     def broadcast_object(self, value: Any) -> Any: ...
 
     def mean(self, values: Sequence[float]) -> list[float]: ...
@@ -97,6 +102,10 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def alone(self) -> bool:
+        return self.world_size == 1
 
     def to_dict(self) -> dict[str, Any]:
         return {"world_size": self.world_size, "backend": self.backend, "sync_bn": self.sync_bn}

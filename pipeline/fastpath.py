@@ -301,7 +301,7 @@ def _feature_loaders(
 
     sessions: dict[str, Any] = {}
     cut = value or imported.probe.feature_name
-    on_disk = cut != imported.probe.feature_name and not dist.enabled and bool(model_sha256)
+    on_disk = cut != imported.probe.feature_name and dist.alone and bool(model_sha256)
     per_batch: list[str] = []  # the splits whose prefix runs per batch (no room to cache it)
 
     def session() -> Any:
