@@ -126,9 +126,9 @@ def run(scale: Scale, *, work: Path) -> Section:
     table = []
     for name, extra in rows_for(scale):
         scores = {mode: adapt_accuracy(mode, data, extra, work=work) for mode in MODES}
-        drop = 100 * (scores["exact"] - scores["shipped"])
+        drop = 100 * (scores["exact"] - scores["shipped"]) + 0.0  # + 0.0: no "-0.0"
         verdict = "met" if drop <= GOAL_POINTS else f"missed ({drop:.1f} points lost)"
-        table.append([name, f"{100 * scores['shipped']:.1f}%", f"{100 * scores['exact']:.1f}%", f"{-drop:+.1f}", verdict])  # fmt: skip
+        table.append([name, f"{100 * scores['shipped']:.1f}%", f"{100 * scores['exact']:.1f}%", f"{0.0 - drop:+.1f}", verdict])  # fmt: skip
     body = [
         markdown_table(
             [

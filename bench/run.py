@@ -27,8 +27,8 @@ BENCHMARKS = {
     "deploy": "bench.deployment",
     "transfer": "bench.transfer",
     "memory": "bench.memory",
-    "scale": "bench.scale",
     "gpu": "bench.gpu",
+    "scale": "bench.scale",
     "fidelity": "bench.fidelity",
 }
 ROOT = Path(__file__).resolve().parent.parent
