@@ -480,4 +480,4 @@ def test_scale_says_not_run_without_the_real_photos(
     monkeypatch.setattr(scale, "SHARED_DIR", tmp_path)
     text = scale.run(common.QUICK, work=tmp_path).markdown()
     assert "Not run:" in text and "flowers5 is absent" in text
-    assert list(run.BENCHMARKS).index("scale") == list(run.BENCHMARKS).index("memory") + 1
+    assert list(run.BENCHMARKS).index("scale") == list(run.BENCHMARKS).index("gpu") + 1
