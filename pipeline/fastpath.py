@@ -94,13 +94,16 @@ def _counted(batch: np.ndarray, bar: Any) -> np.ndarray:
     return batch
 
 
-def _cut_session(imported: Any, value: str) -> Any:
-    """An onnxruntime session over the imported graph from its input to the ONNX value `value`."""
+def _cut_session(imported: Any, value: str, sessions: dict[str, Any]) -> Any:
+    """An onnxruntime session over the imported graph from its input to the ONNX value `value`,
+    made once per `sessions` (one per run, shared by its splits)."""
     from pipeline import features
 
-    probe = imported.probe
-    cut = features.cut_at(imported.onnx_model, input_name=probe.input_name, output_name=value)
-    return features.ort_session(cut)
+    if value not in sessions:
+        probe = imported.probe
+        cut = features.cut_at(imported.onnx_model, input_name=probe.input_name, output_name=value)
+        sessions[value] = features.ort_session(cut)
+    return sessions[value]
 
 
 def cached_features(
@@ -139,10 +142,7 @@ def cached_features(
     found = dist.broadcast_object(found)
     if found is not None and len(found) == len(samples):
         return found
-    sessions = {} if sessions is None else sessions
-    if value not in sessions:
-        sessions[value] = _cut_session(imported, value)
-    session = sessions[value]
+    session = _cut_session(imported, value, {} if sessions is None else sessions)
 
     def compute(part: Sequence[Sample]) -> np.ndarray:
         with track(f"computing features of {len(part)} images", len(part)) as bar:
@@ -243,12 +243,11 @@ def prefix_rows(
     found = features.open_rows(cache_dir, key)
     if found is not None and len(found) == len(samples):
         return found
-    if value not in sessions:
-        sessions[value] = _cut_session(imported, value)
+    session = _cut_session(imported, value, sessions)
     with track(f"caching the frozen part for {len(samples)} images", len(samples)) as bar:
         batches = (
             features.run_batches(
-                sessions[value],
+                session,
                 input_name=imported.probe.input_name,
                 batches=[
                     _counted(preprocessed_batch(samples[i : i + EVAL_BATCH], preprocess), bar)
@@ -305,9 +304,7 @@ def _feature_loaders(
     per_batch: list[str] = []  # the splits whose prefix runs per batch (no room to cache it)
 
     def session() -> Any:
-        if cut not in sessions:
-            sessions[cut] = _cut_session(imported, cut)
-        return sessions[cut]
+        return _cut_session(imported, cut, sessions)
 
     def in_memory(samples: Sequence[Sample]) -> TensorDataset:
         feats = cached_features(

@@ -135,7 +135,6 @@ def load_cached(cache_dir: Path, key: str) -> np.ndarray | None:
 def store_cached(cache_dir: Path, key: str, features: np.ndarray) -> None:
     import numpy as np
 
-    from pipeline.diskcache import CACHE_DIR, evict
     from zoo.files import atomic_write
 
     def write(tmp: str) -> None:
@@ -143,8 +142,15 @@ def store_cached(cache_dir: Path, key: str, features: np.ndarray) -> None:
             np.save(handle, features, allow_pickle=False)
 
     atomic_write(Path(cache_dir) / f"{key}.npy", write)
+    _keep_within_budget(cache_dir)
+
+
+def _keep_within_budget(cache_dir: Path) -> None:
+    """After a store: a workspace's MODELS_DIR/.cache is kept within its budget (LRU eviction)."""
+    from pipeline.diskcache import CACHE_DIR, evict
+
     root = Path(cache_dir).parent
-    if root.name == CACHE_DIR:  # a workspace's MODELS_DIR/.cache: kept within its budget
+    if root.name == CACHE_DIR:
         evict(root.parent)
 
 
@@ -223,7 +229,6 @@ def store_rows(
     """
     import numpy as np
 
-    from pipeline.diskcache import CACHE_DIR, evict
     from zoo.files import atomic_write
 
     def write(tmp: str) -> None:
@@ -244,9 +249,7 @@ def store_rows(
 
     path = Path(cache_dir) / f"{key}.npy"
     atomic_write(path, write)
-    root = Path(cache_dir).parent
-    if root.name == CACHE_DIR:
-        evict(root.parent)
+    _keep_within_budget(cache_dir)
     return Rows(path)
 
 
