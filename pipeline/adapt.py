@@ -166,15 +166,24 @@ def prepare_data(options: AdaptOptions, *, run_dir: Path | None) -> DataSplit:
 
 
 def build_model(
-    onnx_path: Path, *, num_classes: int, hidden: int | None, dropout: float, seed: int
+    onnx_path: Path,
+    *,
+    num_classes: int,
+    hidden: int | None,
+    dropout: float,
+    seed: int,
+    import_cache: Path | None = None,
 ) -> tuple[Any, nn.Module]:
-    """Import the zoo model and give it a new head; returns (imported, adapted model)."""
+    """Import the zoo model and give it a new head; returns (imported, adapted model).
+
+    `import_cache`: a workspace's cache of checked imports, reused by later runs.
+    """
     import torch
 
     from pipeline.convert import import_model
     from pipeline.surgery import replace_head
 
-    imported = import_model(onnx_path)
+    imported = import_model(onnx_path, cache_dir=import_cache)
     torch.manual_seed(seed)  # the new head's initial weights depend on the seed alone
     adapted = replace_head(imported, imported.probe, num_classes, hidden=hidden, dropout=dropout)
     return imported, adapted
@@ -425,6 +434,12 @@ class _Run:
 
         return features_dir(self.models_dir)
 
+    @property
+    def import_cache_dir(self) -> Path:
+        from pipeline.diskcache import imports_dir
+
+        return imports_dir(self.models_dir)
+
 
 class _Laps:
     """Seconds spent in each stage of a run, for run.json's "timings" (benchmarks read them)."""
@@ -485,6 +500,8 @@ def _adapt(
 
     started = time.perf_counter()
     laps = _Laps(started)
+    _import_libraries()
+    laps("imports")
     models_dir = Path(models_dir)
     options, previous = _previous_run(options, dist)
     source = _open_source(options, previous, models_dir=models_dir, catalog=catalog, log=log)
@@ -540,6 +557,14 @@ def _adapt(
 
 
 # --- the stages of adapt(), in the order they run ------------------------------------------------
+
+
+def _import_libraries() -> None:
+    """Import what every run needs before the first stage, so that run.json's timings give each
+    stage its own work: onnx2torch brings torchvision and, through it, torch._dynamo (about 3 s
+    of a process's start-up that no cache can save)."""
+    import onnx2torch  # noqa: F401
+    import onnxruntime  # noqa: F401
 
 
 def _previous_run(options: AdaptOptions, dist: DistContext) -> tuple[AdaptOptions, dict[str, Any]]:
@@ -610,6 +635,7 @@ def _build_checked_model(run: _Run) -> tuple[Any, nn.Module, Preprocess]:
         hidden=options.hidden,
         dropout=options.dropout,
         seed=options.seed,
+        import_cache=run.import_cache_dir,
     )
     # A graph that flattens to a fixed width (MNIST) takes its own size only, not the data's.
     if options.image_size is None and preprocess.crop != native.crop:

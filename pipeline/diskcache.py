@@ -2,7 +2,8 @@
 
 Frozen features and frozen-prefix outputs are stored by `pipeline.features` under
 `.cache/<kind>/<key>.npy`, the key naming everything they depend on (model sha256, cut point,
-preprocessing, each image's path, size and mtime). Entries are written atomically, so a process
+preprocessing, each image's path, size and mtime); checked imports of models (their normalised
+graphs) under `.cache/imports/<key>.onnx`, the key naming the file's sha256 and the libraries. Entries are written atomically, so a process
 killed while writing leaves only a hidden `.<name>.*.tmp` file, which nothing reads; those are
 removed here once they are old enough that no live writer can own them.
 
@@ -21,7 +22,7 @@ from pathlib import Path
 from zoo.errors import ZooError
 
 CACHE_DIR = ".cache"
-ENTRY_SUFFIX = ".npy"
+ENTRY_SUFFIXES = (".npy", ".onnx")  # arrays; normalised graphs of checked imports
 BUDGET_ENV = "ZOO_CACHE_BUDGET_GB"
 DEFAULT_BUDGET_GB = 10.0
 STALE_TMP_SECONDS = 3600  # writing an entry takes seconds: a temporary file this old has no writer
@@ -54,6 +55,11 @@ def features_dir(models_dir: str | os.PathLike[str]) -> Path:
     return cache_root(models_dir) / "features"
 
 
+def imports_dir(models_dir: str | os.PathLike[str]) -> Path:
+    """Where a workspace keeps checked imports (`pipeline.convert.importcache`)."""
+    return cache_root(models_dir) / "imports"
+
+
 def budget_bytes() -> int:
     """The cache's size budget in bytes, from ZOO_CACHE_BUDGET_GB (default 10)."""
     raw = os.environ.get(BUDGET_ENV, "")
@@ -76,7 +82,7 @@ def entries(models_dir: str | os.PathLike[str]) -> list[CacheEntry]:
         return found
     for kind_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for path in kind_dir.iterdir():
-            if path.name.startswith(".") or path.suffix != ENTRY_SUFFIX:
+            if path.name.startswith(".") or path.suffix not in ENTRY_SUFFIXES:
                 continue
             try:
                 stat = path.stat()
@@ -125,6 +131,13 @@ def evict(models_dir: str | os.PathLike[str], *, budget: int | None = None) -> l
         total -= oldest.bytes
         removed.append(oldest)
     return removed
+
+
+def keep_within_budget(kind_dir: Path) -> None:
+    """After a store into `MODELS_DIR/.cache/<kind>`: the cache is kept within its budget (LRU)."""
+    root = Path(kind_dir).parent
+    if root.name == CACHE_DIR:
+        evict(root.parent)
 
 
 def clear(models_dir: str | os.PathLike[str], *, kind: str | None = None) -> tuple[int, int]:

@@ -135,6 +135,7 @@ def load_cached(cache_dir: Path, key: str) -> np.ndarray | None:
 def store_cached(cache_dir: Path, key: str, features: np.ndarray) -> None:
     import numpy as np
 
+    from pipeline.diskcache import keep_within_budget
     from zoo.files import atomic_write
 
     def write(tmp: str) -> None:
@@ -142,16 +143,7 @@ def store_cached(cache_dir: Path, key: str, features: np.ndarray) -> None:
             np.save(handle, features, allow_pickle=False)
 
     atomic_write(Path(cache_dir) / f"{key}.npy", write)
-    _keep_within_budget(cache_dir)
-
-
-def _keep_within_budget(cache_dir: Path) -> None:
-    """After a store: a workspace's MODELS_DIR/.cache is kept within its budget (LRU eviction)."""
-    from pipeline.diskcache import CACHE_DIR, evict
-
-    root = Path(cache_dir).parent
-    if root.name == CACHE_DIR:
-        evict(root.parent)
+    keep_within_budget(cache_dir)
 
 
 class Rows:
@@ -229,6 +221,7 @@ def store_rows(
     """
     import numpy as np
 
+    from pipeline.diskcache import keep_within_budget
     from zoo.files import atomic_write
 
     def write(tmp: str) -> None:
@@ -249,7 +242,7 @@ def store_rows(
 
     path = Path(cache_dir) / f"{key}.npy"
     atomic_write(path, write)
-    _keep_within_budget(cache_dir)
+    keep_within_budget(cache_dir)
     return Rows(path)
 
 

@@ -123,10 +123,12 @@ def test_two_concurrent_adapts_on_the_same_data_both_finish(
     for process, (out, err) in zip(processes, results, strict=True):
         assert process.returncode == 0, err
         assert json.loads(out)["strategy"] == "feature"
+    from pipeline.convert import importcache
+
     cached = diskcache.entries(models_dir)
-    assert cached and all(
-        features.load_cached(entry.path.parent, entry.path.stem) is not None for entry in cached
-    )
+    assert {entry.kind for entry in cached} == {"features", "imports"}
+    load = {"features": features.load_cached, "imports": importcache.load}
+    assert all(load[e.kind](e.path.parent, e.path.stem) is not None for e in cached)
     assert not list((models_dir / ".cache").glob("*/.*.tmp"))  # no temporary left behind
 
 
@@ -186,3 +188,68 @@ def test_an_entry_evicted_while_read_stays_readable(tmp_path: Path) -> None:
     )
     (tmp_path / "key.npy").unlink()  # another run's eviction
     assert rows.take([2]).tolist() == [[8.0, 9.0, 10.0, 11.0]]
+
+
+# --- checked imports (pipeline.convert.importcache) -----------------------------------------------
+
+
+def _import_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_path: Path
+) -> tuple[object, object]:
+    """Import once (stored), then again with the import itself made to fail (so: from the cache)."""
+    import pipeline.convert as convert
+
+    cache = diskcache.imports_dir(tmp_path / "models")
+    first = convert.import_model(model_path, cache_dir=cache)
+
+    def no_import(*args: object, **kwargs: object) -> None:
+        raise AssertionError("imported again instead of reusing the cached import")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(convert, "_import_file", no_import)
+        second = convert.import_model(model_path, cache_dir=cache)
+    return first, second
+
+
+def test_a_checked_import_is_reused_with_its_verdict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+    from onnx_builders import CHANNELS, SIZE, opset7_classic, save
+
+    path = save(opset7_classic(), tmp_path / "classic.onnx")
+    first, second = _import_twice(tmp_path, monkeypatch, path)
+    assert second.source_opset == first.source_opset == 7  # the file's own opset, not the target
+    assert second.notes == first.notes and second.notes  # the upgrade is still reported
+    assert second.fidelity == first.fidelity
+    assert second.probe == first.probe
+    assert not any(p.key == "zoo.import_verdict" for p in second.onnx_model.metadata_props)
+    x = torch.randn(3, CHANNELS, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.equal(first.module(x), second.module(x))
+    # every float weight stays trainable after a cached import too
+    assert [n for n, _ in first.module.named_parameters()] == [
+        n for n, _ in second.module.named_parameters()
+    ]
+    [entry] = diskcache.entries(tmp_path / "models")
+    assert entry.kind == "imports" and entry.path.suffix == ".onnx"
+
+
+def test_another_file_or_a_damaged_entry_is_imported_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from onnx_builders import gemm_head, save
+
+    import pipeline.convert as convert
+
+    cache = diskcache.imports_dir(tmp_path / "models")
+    path = save(gemm_head(), tmp_path / "m.onnx")
+    convert.import_model(path, cache_dir=cache)
+    [entry] = list(cache.glob("*.onnx"))
+    entry.write_bytes(entry.read_bytes()[:100])  # cut, as by a full disk under another tool
+    imported = convert.import_model(path, cache_dir=cache)
+    assert imported.fidelity is not None
+    assert convert.importcache.load(cache, entry.stem) is not None  # stored whole again
+    save(gemm_head(softmax=True), path)  # other bytes under the same name: another entry
+    convert.import_model(path, cache_dir=cache)
+    assert len(list(cache.glob("*.onnx"))) == 2

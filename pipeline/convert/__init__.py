@@ -6,6 +6,7 @@ every float weight trainable and measures import fidelity against onnxruntime.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,8 @@ from zoo.errors import ImportFidelityError, UnsupportedModel, ZooError
 from zoo.legacy import UnupgradableModel, default_opset, refusal
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import numpy as np
     import onnx
     from torch import fx
@@ -213,12 +216,61 @@ def import_model(
     name: str | None = None,
     check_fidelity: bool = True,
     sample_inputs: np.ndarray | None = None,
+    cache_dir: Path | None = None,
 ) -> ImportedModel:
-    """Load, normalise, convert and check an ONNX classifier against onnxruntime."""
+    """Load, normalise, convert and check an ONNX classifier against onnxruntime.
+
+    With `cache_dir`, a checked import is kept there and a later import of the same bytes (with
+    the same libraries) converts the stored normalised graph instead (`importcache`).
+    """
+    name = name or os.path.splitext(os.path.basename(os.fspath(onnx_path)))[0]
+    if cache_dir is None or not check_fidelity or sample_inputs is not None:
+        return _import_file(
+            onnx_path, name=name, check_fidelity=check_fidelity, sample_inputs=sample_inputs
+        )
+    from pipeline.convert import importcache
+
+    key = importcache.cache_key(onnx_path, opset=TARGET_OPSET, tolerance=FIDELITY_TOLERANCE)
+    cached = importcache.load(cache_dir, key)
+    if cached is not None:
+        return _from_cache(*cached, name=name)
+    imported = _import_file(onnx_path, name=name, check_fidelity=True, sample_inputs=None)
+    verdict = {
+        "fidelity": dataclasses.asdict(imported.fidelity),
+        "notes": list(imported.notes),
+        "source_opset": imported.source_opset,
+    }
+    importcache.store(cache_dir, key, imported.onnx_model, verdict)
+    return imported
+
+
+def _from_cache(
+    normalised: onnx.ModelProto, verdict: dict[str, Any], *, name: str
+) -> ImportedModel:
+    """A checked import again, from its stored normalised graph: converted, not re-checked."""
+    from pipeline.probe import probe
+
+    return ImportedModel(
+        convert_onnx(normalised),
+        normalised,
+        probe(normalised),
+        Fidelity(**verdict["fidelity"]),
+        list(verdict["notes"]),
+        name,
+        source_opset=int(verdict["source_opset"]),
+    )
+
+
+def _import_file(
+    onnx_path: str | os.PathLike[str],
+    *,
+    name: str,
+    check_fidelity: bool,
+    sample_inputs: np.ndarray | None,
+) -> ImportedModel:
     from zoo.onnxfile import load_onnx
     from zoo.quantized import refuse_quantized
 
-    name = name or os.path.splitext(os.path.basename(os.fspath(onnx_path)))[0]
     model = load_onnx(onnx_path)
     refuse_quantized(
         model, label=name, path=onnx_path
