@@ -342,7 +342,9 @@ def _train_config(
         seed=options.seed,
         device=device,
         amp=device == "cuda",
-        channels_last=device == "cuda",
+        # oneDNN's depthwise convolutions run faster channels-last: a whole-model step of
+        # EfficientNet-Lite0 on the 2-core CPU 1.7x at 224 px, 1.4x at 128 (batch 32).
+        channels_last=device in ("cuda", "cpu"),
     )
 
 
@@ -646,7 +648,9 @@ def _build_checked_model(run: _Run) -> tuple[Any, nn.Module, Preprocess]:
                 f"{run.source.name} takes only {native.crop} px inputs: using them, not the data's {preprocess.crop}"
             )
             preprocess = native
-    _check_input_size(adapted, preprocess, run.source.name)
+    checked = imported.fidelity is not None and imported.probe.input_size == (preprocess.crop,) * 2
+    if not checked:  # the fidelity check ran the graph at its own size; any other is tried here
+        _check_input_size(adapted, preprocess, run.source.name)
     return imported, adapted, preprocess
 
 
