@@ -46,6 +46,7 @@ class Scale:
     transfer_sets: tuple[str, ...]  # benchmark 5: flowers5, textures10 (if present), digits
     transfer_photo_per_class: int | None  # training images per class (None: all)
     transfer_digits_per_class: int  # builtin:digits, the set unlike ImageNet
+    transfer_digits_epochs: int  # epochs of the convolution-training rows on digits
     transfer_size: int  # px of the convolution-training rows on photos (defaults: the model's own)
     transfer_epochs: int  # epochs of those rows
     transfer_default_epochs: int | None  # None: the defaults row really runs the defaults
@@ -73,15 +74,16 @@ FULL = Scale(
     convert_batch=16,
     convert_size=224,
     convert_steps=4,
-    convert_repetitions=9,
+    convert_repetitions=5,
     deploy_latency_calls=20,
     deploy_batch=32,
     deploy_batch_calls=5,
     transfer_sets=("flowers5", "textures10", "digits"),
     transfer_photo_per_class=None,
     transfer_digits_per_class=20,
+    transfer_digits_epochs=10,
     transfer_size=128,
-    transfer_epochs=6,
+    transfer_epochs=3,
     transfer_default_epochs=None,
     transfer_eval_per_class=None,
     transfer_plot_per_class=(10, 20),
@@ -110,6 +112,7 @@ QUICK = Scale(
     transfer_sets=("flowers5", "digits"),
     transfer_photo_per_class=4,
     transfer_digits_per_class=4,
+    transfer_digits_epochs=1,
     transfer_size=64,
     transfer_epochs=1,
     transfer_default_epochs=1,

@@ -81,7 +81,7 @@ def decoder_rows(photo: Path, *, repetitions: int) -> list[list[object]]:
 
 def rows_for(scale: Scale) -> list[tuple[str, list[str]]]:
     """(row name, extra `zoo adapt` arguments) for the scale."""
-    epochs = "5" if scale.name == "full" else "1"
+    epochs = "3" if scale.name == "full" else "1"
     return [
         ("feature (defaults)", ["--strategy", "feature"]),
         (

@@ -245,15 +245,13 @@ def prefix_rows(
         return found
     session = _cut_session(imported, value, sessions)
     with track(f"caching the frozen part for {len(samples)} images", len(samples)) as bar:
-        batches = (
-            features.run_batches(
-                session,
-                input_name=imported.probe.input_name,
-                batches=[
-                    _counted(preprocessed_batch(samples[i : i + EVAL_BATCH], preprocess), bar)
-                ],
-            )
-            for i in range(0, len(samples), EVAL_BATCH)
+        batches = features.run_each(
+            session,
+            input_name=imported.probe.input_name,
+            batches=(
+                _counted(preprocessed_batch(samples[i : i + EVAL_BATCH], preprocess), bar)
+                for i in range(0, len(samples), EVAL_BATCH)
+            ),
         )
         first = next(batches)
         need = first[0].size * np.dtype(PREFIX_STORAGE).itemsize * len(samples)

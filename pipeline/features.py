@@ -10,14 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import numpy as np
     import onnx
 
+T = TypeVar("T")
 
 DECODE = "draft-2"  # how cached images were decoded: JPEG DCT scaling to the resize size
 
@@ -69,14 +70,41 @@ def run_batches(session: Any, *, input_name: str, batches: Iterable[np.ndarray])
     """Concatenate the first output of `session` over the batches, fed in its input's element type."""
     import numpy as np
 
+    outputs = list(run_each(session, input_name=input_name, batches=batches))
+    return np.concatenate(outputs) if outputs else np.empty((0,), dtype=np.float32)
+
+
+def run_each(
+    session: Any, *, input_name: str, batches: Iterable[np.ndarray]
+) -> Iterator[np.ndarray]:
+    """The first output of `session` for each batch, the next batch prepared meanwhile.
+
+    Preparing a batch (decoding and preprocessing images) runs in one thread beside onnxruntime:
+    on phone photos with 2 cores, 8 % less time per photo than one after the other; a DataLoader
+    worker process gained nothing there (bench/RECIPE_NOTES.md, "Loading in parallel").
+    """
+    import numpy as np
+
     from pipeline.runtimes import as_input_type, session_input_type
 
     dtype = session_input_type(session)  # a uint8 or float64 input, as some exports declare
-    outputs = [
-        session.run(None, {input_name: np.ascontiguousarray(as_input_type(b, dtype))})[0]
-        for b in batches
-    ]
-    return np.concatenate(outputs) if outputs else np.empty((0,), dtype=np.float32)
+    for batch in prefetched(batches):
+        yield session.run(None, {input_name: np.ascontiguousarray(as_input_type(batch, dtype))})[0]
+
+
+def prefetched(items: Iterable[T]) -> Iterator[T]:
+    """`items`, each computed in a worker thread while the caller works on the one before."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    source = iter(items)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoo-prefetch") as pool:
+        pending = pool.submit(next, source, _END)
+        while (item := pending.result()) is not _END:
+            pending = pool.submit(next, source, _END)
+            yield item  # type: ignore[misc]
+
+
+_END = object()
 
 
 def cache_key(

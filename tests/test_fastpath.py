@@ -248,3 +248,32 @@ def test_feature_cache_key_follows_the_image_files(tmp_path: Path) -> None:
     photo.write_bytes(b"other photo")
     os.utime(photo, ns=(1, 1))
     assert cache_key(refs=[str(photo), "builtin:digits#0"], **common) != first
+
+
+def test_prefetching_keeps_the_order_stays_one_ahead_and_raises_where_the_batch_failed() -> None:
+    import time
+
+    from pipeline.features import prefetched
+
+    assert list(prefetched(iter(range(5)))) == [0, 1, 2, 3, 4]
+    produced: list[int] = []
+
+    def source():
+        for i in range(10):
+            produced.append(i)
+            yield i
+
+    items = prefetched(source())
+    assert next(items) == 0
+    time.sleep(0.1)
+    assert len(produced) <= 2  # one batch ahead, never the whole data set in memory
+    items.close()
+
+    def failing():
+        yield 1
+        raise ValueError("cut.jpg: image file is truncated")
+
+    items = prefetched(failing())
+    assert next(items) == 1
+    with pytest.raises(ValueError, match="truncated"):
+        next(items)
