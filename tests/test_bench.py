@@ -460,15 +460,16 @@ def test_scale_section_renders_ratios_and_verdicts(tmp_path: Path) -> None:
     assert "| finetune | 10000 | 1100 | 110 | 120 | 3000 |" in text
     assert "| feature | 1000 | 20 | 20 | – | 900 |" in text
     reuse = [
-        ("1. first", run(30.0, data=1.0, model=8.0, cache=11.0)),
-        ("2. second", run(12.0, data=1.0, model=0.9, cache=0.6)),
+        ("1. first", run(30.0, imports=3.0, data=1.0, model=8.0, cache=11.0)),
+        ("2. second", run(12.0, imports=3.0, data=1.0, model=0.9, cache=0.6)),
         ("3. third", run(15.0, data=1.0, model=8.0, choose=1.0)),
     ]
     text = "\n".join(scale.reuse_body(reuse, images=1000))
     assert "| set-up, run 1 ÷ 2. second | 8.00× | ≥ 5× | met |" in text
     assert "| set-up, run 1 ÷ 3. third | 2.00× | ≥ 5× | missed by 60% |" in text
     assert "| `cache` stage alone (context), run 1 ÷ 2. second | 18.3× |  |  |" in text
-    assert "| 1. first | feature | 1 | 8 | 0 | 11 | 0 | 0 | 20 | 10 | 30 |" in text
+    assert "| set-up with `imports` (context), run 1 ÷ 2. second | 4.18× |  |  |" in text
+    assert "| 1. first | feature | 3 | 1 | 8 | 0 | 11 | 0 | 0 | 20 | 7 | 30 |" in text
     assert "2: `data` 1.00 s of 2.50 s; 3: `model` 8.00 s of 10.00 s." in text
 
 
