@@ -253,3 +253,26 @@ def test_another_file_or_a_damaged_entry_is_imported_again(
     save(gemm_head(softmax=True), path)  # other bytes under the same name: another entry
     convert.import_model(path, cache_dir=cache)
     assert len(list(cache.glob("*.onnx"))) == 2
+
+
+def test_an_entry_that_parses_but_does_not_fit_is_replaced_and_a_folder_is_a_clear_error(
+    tmp_path: Path,
+) -> None:
+    import onnx
+
+    import pipeline.convert as convert
+    from onnx_builders import gemm_head, save
+    from zoo.errors import ZooError
+
+    cache = diskcache.imports_dir(tmp_path / "models")
+    path = save(gemm_head(), tmp_path / "m.onnx")
+    key = convert.importcache.cache_key(
+        path, opset=convert.TARGET_OPSET, tolerance=convert.FIDELITY_TOLERANCE
+    )
+    convert.importcache.store(cache, key, onnx.load(str(path)), {"written by": "another version"})
+    imported = convert.import_model(path, cache_dir=cache)
+    assert imported.fidelity is not None and imported.fidelity.n_inputs > 0
+    _, verdict = convert.importcache.load(cache, key)
+    assert set(verdict) == {"fidelity", "notes", "source_opset"}  # stored afresh
+    with pytest.raises(ZooError, match="not a file"):
+        convert.import_model(tmp_path, cache_dir=cache)

@@ -230,10 +230,16 @@ def import_model(
         )
     from pipeline.convert import importcache
 
-    key = importcache.cache_key(onnx_path, opset=TARGET_OPSET, tolerance=FIDELITY_TOLERANCE)
+    try:
+        key = importcache.cache_key(onnx_path, opset=TARGET_OPSET, tolerance=FIDELITY_TOLERANCE)
+    except OSError:  # not a readable file: the import says so in its own words
+        return _import_file(onnx_path, name=name, check_fidelity=True, sample_inputs=None)
     cached = importcache.load(cache_dir, key)
     if cached is not None:
-        return _from_cache(*cached, name=name)
+        try:
+            return _from_cache(*cached, name=name)
+        except Exception:  # an entry that parses but does not convert: never fail a run over it
+            importcache.discard(cache_dir, key)
     imported = _import_file(onnx_path, name=name, check_fidelity=True, sample_inputs=None)
     verdict = {
         "fidelity": dataclasses.asdict(imported.fidelity),

@@ -66,7 +66,7 @@ def load(cache_dir: Path, key: str) -> tuple[onnx.ModelProto, dict[str, Any]] | 
         model = onnx.load(str(path))
         verdict = _pop_verdict(model)
     except Exception:  # a cut or foreign file: protobuf and json fail in many ways
-        path.unlink(missing_ok=True)  # a damaged entry is imported again, never trusted
+        discard(cache_dir, key)  # a damaged entry is imported again, never trusted
         return None
     touch(path)
     return model, verdict
@@ -87,6 +87,11 @@ def store(cache_dir: Path, key: str, model: onnx.ModelProto, verdict: dict[str, 
     with contextlib.suppress(OSError, ZooError):
         atomic_write(Path(cache_dir) / f"{key}{SUFFIX}", lambda tmp: Path(tmp).write_bytes(payload))
         keep_within_budget(cache_dir)
+
+
+def discard(cache_dir: Path, key: str) -> None:
+    """Remove an entry found unusable; the import is done again and stored afresh."""
+    (Path(cache_dir) / f"{key}{SUFFIX}").unlink(missing_ok=True)
 
 
 def _pop_verdict(model: onnx.ModelProto) -> dict[str, Any]:
