@@ -259,9 +259,9 @@ def test_an_entry_that_parses_but_does_not_fit_is_replaced_and_a_folder_is_a_cle
     tmp_path: Path,
 ) -> None:
     import onnx
+    from onnx_builders import gemm_head, save
 
     import pipeline.convert as convert
-    from onnx_builders import gemm_head, save
     from zoo.errors import ZooError
 
     cache = diskcache.imports_dir(tmp_path / "models")
