@@ -417,13 +417,13 @@ def evaluate_command(
 @json_option
 @click.pass_context
 def cache_command(ctx: click.Context, clear: bool, as_json: bool) -> None:
-    """List (or --clear) the workspace's cached features, least recently used last."""
+    """List (or --clear) the workspace's cached features and imports, least recently used last."""
     found = zoo.cache_entries(models_dir=_where(ctx)["models_dir"], clear=clear)
     if as_json:
         console.emit_json({"cleared": clear, "entries": [entry.to_dict() for entry in found]})
         return
     if not found:
-        console.info(f"no cached features in {_where(ctx)['models_dir']}")
+        console.info(f"nothing cached in {_where(ctx)['models_dir']}")
         return
     rows = [
         (e.kind, e.path.name, f"{e.bytes / 1e6:.1f} MB", e.to_dict()["last_used"]) for e in found
