@@ -335,6 +335,22 @@ def test_quantized_graphs_are_refused_naming_the_float_sibling(tmp_path: Path, k
         import_model(orphan, name="orphan")
 
 
+def test_adapting_a_quantized_file_names_the_float_model_not_its_preprocessing(
+    tmp_path: Path,
+) -> None:
+    """No --preprocess makes a quantized graph trainable: the one error says what would."""
+    from click.testing import CliRunner
+
+    from cli import main
+
+    orphan = save(_quantized_graph("qlinear"), tmp_path / "orphan.onnx")
+    argv = ["--models-dir", str(tmp_path / "models"), "adapt", str(orphan), "--data", "builtin:digits"]  # fmt: skip
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code != 0
+    assert "quantized model" in result.output and "bring the float" in result.output
+    assert "preprocesses images" not in result.output
+
+
 def test_the_zoos_quantized_files_are_known_by_sha256(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
