@@ -599,25 +599,8 @@ def _open_source(
         onnx_path, card, name = _open_source_model(
             options.model, models_dir=models_dir, catalog=catalog, log=log
         )
-    try:
-        native = model_preprocess(card, onnx_path, catalog=catalog, request=options.preprocess)
-    except UnsupportedModel:
-        _refuse_quantized_first(onnx_path, name, card, catalog)
-        raise
+    native = model_preprocess(card, onnx_path, catalog=catalog, request=options.preprocess)
     return OpenedSource(onnx_path, card, name, runs.source_record(onnx_path, card, name), native)
-
-
-def _refuse_quantized_first(
-    onnx_path: Path, name: str, card: dict[str, Any], catalog: Catalog
-) -> None:
-    """A quantized model is refused for being quantized, not for its unknown preprocessing: no
-    --preprocess would make it trainable, so the user is sent to its float sibling at once."""
-    from zoo.onnxfile import load_onnx
-    from zoo.quantized import refuse_quantized
-
-    refuse_quantized(
-        load_onnx(onnx_path), label=name, sha256=card.get("sha256"), path=onnx_path, catalog=catalog
-    )
 
 
 def _shared_run_dir(

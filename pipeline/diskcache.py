@@ -3,9 +3,10 @@
 Frozen features and frozen-prefix outputs are stored by `pipeline.features` under
 `.cache/<kind>/<key>.npy`, the key naming everything they depend on (model sha256, cut point,
 preprocessing, each image's path, size and mtime); checked imports of models (their normalised
-graphs) under `.cache/imports/<key>.onnx`, the key naming the file's sha256 and the libraries. Entries are written atomically, so a process
-killed while writing leaves only a hidden `.<name>.*.tmp` file, which nothing reads; those are
-removed here once they are old enough that no live writer can own them.
+graphs) under `.cache/imports/<key>.onnx`, the key naming the file's sha256 and the libraries.
+Entries are written atomically, so a process killed while writing leaves only a hidden
+`.<name>.*.tmp` file, which nothing reads; those are removed here once they are old enough that
+no live writer can own them.
 
 Each read touches the entry's mtime, so eviction drops the least recently used entries first
 when the cache grows past its budget (`ZOO_CACHE_BUDGET_GB`, default 10 GB).

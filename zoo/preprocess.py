@@ -356,7 +356,18 @@ def model_preprocess(
     if base is None:
         base, _ = exported_metadata(model)
     name = str(card.get("name") or Path(model_path).stem)
-    return resolve_preprocess(base, request, input_signature(model), name=name, commands=commands)
+    try:
+        return resolve_preprocess(
+            base, request, input_signature(model), name=name, commands=commands
+        )
+    except UnsupportedModel:
+        from zoo.quantized import refuse_quantized
+
+        # No flag makes a quantized graph trainable: say what it is and which float model to fetch.
+        refuse_quantized(
+            model, label=name, sha256=card.get("sha256"), path=model_path, catalog=catalog
+        )
+        raise
 
 
 __all__ = [
