@@ -77,6 +77,11 @@ class Measured:
         """Seconds before training: scanning the data, importing the model, choosing, caching."""
         return sum(self.timings.get(stage, 0.0) for stage in SETUP_STAGES)
 
+    @property
+    def startup(self) -> float:
+        """Seconds of the process's start-up stages (loading the libraries)."""
+        return sum(self.timings.get(stage, 0.0) for stage in START_STAGES)
+
 
 # --- running children ----------------------------------------------------------------------------
 
@@ -351,8 +356,7 @@ def reuse_body(runs: Sequence[tuple[str, Measured]], *, images: int) -> list[str
     for label, m in runs[1:]:
         speedup = first.setup / max(m.setup, 1e-9)
         ratios.append(ratio_row(f"set-up, run 1 ÷ {label}", speedup, REUSE_GOAL, at_most=False))
-        started = sum(first.timings.get(s, 0.0) for s in START_STAGES)
-        with_imports = (first.setup + started) / max(m.setup + sum(m.timings.get(s, 0.0) for s in START_STAGES), 1e-9)  # fmt: skip
+        with_imports = (first.setup + first.startup) / max(m.setup + m.startup, 1e-9)
         ratios.append([f"set-up with `imports` (context), run 1 ÷ {label}", f"{with_imports:.2f}×", "", ""])  # fmt: skip
         cached = first.timings.get("cache", 0.0) / max(m.timings.get("cache", 0.0), 0.01)
         ratios.append([f"`cache` stage alone (context), run 1 ÷ {label}", f"{cached:.1f}×", "", ""])  # fmt: skip
