@@ -568,6 +568,10 @@ def _import_libraries() -> None:
     import onnx2torch  # noqa: F401
     import onnxruntime  # noqa: F401
 
+    from pipeline.device import hold_freed_memory
+
+    hold_freed_memory()
+
 
 def _previous_run(options: AdaptOptions, dist: DistContext) -> tuple[AdaptOptions, dict[str, Any]]:
     """With --resume: the run's options and its run.json (read by the main worker); else ({})."""
