@@ -497,11 +497,13 @@ def _adapt(
     split: DataSplit | None,
     dist: DistContext,
 ) -> AdaptResult | None:
+    from pipeline.device import hold_freed_memory
     from pipeline.surgery import discover_blocks
     from pipeline.train import resolve_device
 
     started = time.perf_counter()
     laps = _Laps(started)
+    hold_freed_memory()  # each training step reuses what the last one freed
     _import_libraries()
     laps("imports")
     models_dir = Path(models_dir)
@@ -567,10 +569,6 @@ def _import_libraries() -> None:
     of a process's start-up that no cache can save)."""
     import onnx2torch  # noqa: F401
     import onnxruntime  # noqa: F401
-
-    from pipeline.device import hold_freed_memory
-
-    hold_freed_memory()
 
 
 def _previous_run(options: AdaptOptions, dist: DistContext) -> tuple[AdaptOptions, dict[str, Any]]:
