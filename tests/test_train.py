@@ -213,7 +213,7 @@ def test_held_memory_is_reused_without_faulting_it_in_again() -> None:
         held, count = done.stdout.split()
         return held, int(count)
 
-    default_held, default_faults = faults("default")
+    _, default_faults = faults("default")
     held, held_faults = faults("hold")
     if held != "True":
         pytest.skip("the C library has no mallopt (not glibc)")
