@@ -232,10 +232,25 @@ _CV2_PATTERNS = (
     re.compile(r'Can\'t create layer "([^"]+)" of type "([^"]+)"'),
     re.compile(r"[Uu]nsupported (?:operation|layer|op)(?: type)?[:\s]+['\"]?([\w.]+)"),
 )
+# OpenCV 5.1 lists every op type it has no layer for, one per line ("> \tBernoulli"), no node names.
+_CV2_UNSUPPORTED_LIST = re.compile(r"Unsupported operations:((?:\s*>\s*[A-Za-z][\w.]*)+)")
 
 
-def describe_cv2_error(message: str) -> str | None:
-    """The op and node OpenCV's error message names as rejected, or None."""
+def describe_cv2_error(
+    message: str, nodes_of: Callable[[str], list[str]] | None = None
+) -> str | None:
+    """The ops and nodes OpenCV's error message names as rejected, or None.
+
+    Where the message names op types alone (OpenCV 5.1), `nodes_of(op)` names the graph's nodes.
+    """
+    listed = _CV2_UNSUPPORTED_LIST.search(message)
+    if listed:
+        described = []
+        for op in dict.fromkeys(re.findall(r"[A-Za-z][\w.]*", listed.group(1))):
+            nodes = nodes_of(op) if nodes_of else []
+            more = ", …" if len(nodes) > 3 else ""
+            described.append(f"{op} ({', '.join(nodes[:3])}{more})" if nodes else op)
+        return ", ".join(described)
     for pattern in _CV2_PATTERNS:
         match = pattern.search(message)
         if match:
@@ -244,6 +259,18 @@ def describe_cv2_error(message: str) -> str | None:
                 groups.reverse()  # type first, like the other patterns
             return " ".join([groups[0], *(f"({g})" for g in groups[1:])])
     return None
+
+
+def _nodes_of(source: str | bytes, op_type: str) -> list[str]:
+    """The names of the graph's nodes of `op_type` (their first output where a node is unnamed)."""
+    import onnx
+
+    model = (
+        onnx.load(source, load_external_data=False)
+        if isinstance(source, str)
+        else onnx.load_from_string(source)
+    )
+    return [n.name or n.output[0] for n in model.graph.node if n.op_type == op_type]
 
 
 @register_runtime("opencv")
@@ -259,6 +286,7 @@ def check_runtime_opencv(onnx_path: str | Path, inputs: VerifyInputs) -> Runtime
     # OpenCV logs its own parse errors to stderr; the report carries them instead.
     logging.setLogLevel(logging.LOG_LEVEL_SILENT)
     loaded = False
+    source: str | bytes = str(onnx_path)
     try:
         source = runnable_source(
             onnx_path
@@ -273,8 +301,11 @@ def check_runtime_opencv(onnx_path: str | Path, inputs: VerifyInputs) -> Runtime
         logits = np.asarray(outs[names.index("logits") if "logits" in names else 0])
     except cv2.error as exc:
         message = " ".join(str(exc).split())
+        rejected = describe_cv2_error(message, lambda op: _nodes_of(source, op))
+        # OpenCV 5.1 reads any graph and refuses its unsupported ops only when the net is first
+        # used: a refused op means the file did not load, whenever OpenCV says so.
         return RuntimeReport(
-            "opencv", loaded, error=message[-500:], rejected=describe_cv2_error(message)
+            "opencv", loaded and rejected is None, error=message[-500:], rejected=rejected
         )
     finally:
         logging.setLogLevel(level)
