@@ -99,11 +99,12 @@ def test_describe_cv2_error() -> None:
 
 def test_describe_cv2_error_of_opencv_5_1_lists_ops_and_names_their_nodes() -> None:
     """OpenCV 5.1 names op types only, one per line, when the net is first used."""
-    message = " ".join(
+    raw = (
         "OpenCV(5.1.0) net_impl.cpp:1588: error: (-2:Unspecified error) in function 'setInput'\n"
         "> DNN/ONNX: the model 'm.onnx' cannot be loaded by the DNN engine. Unsupported "
-        "operations:\n> \tBernoulli\n> \tEinsum\n> ".split()
+        "operations:\n> \tBernoulli\n> \tEinsum\n> "
     )
+    message = " ".join(raw.split())  # as check_runtime_opencv reads it
     nodes = {"Bernoulli": ["coin_flip"], "Einsum": ["e1", "e2", "e3", "e4"]}
     assert (
         describe_cv2_error(message, lambda op: nodes[op])
