@@ -8,6 +8,7 @@ benchmarks use to run a file; `RUNTIME_CHECKS` is a registry of second runtimes 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -261,16 +262,21 @@ def describe_cv2_error(
     return None
 
 
-def _nodes_of(source: str | bytes, op_type: str) -> list[str]:
-    """The names of the graph's nodes of `op_type` (their first output where a node is unnamed)."""
+def _nodes_by_op(source: str | bytes) -> dict[str, list[str]]:
+    """The graph's node names by op type (a node's first output where it has no name)."""
     import onnx
 
+    from zoo.onnxfile import load_onnx
+
     model = (
-        onnx.load(source, load_external_data=False)
+        load_onnx(source, load_external_data=False)
         if isinstance(source, str)
         else onnx.load_from_string(source)
     )
-    return [n.name or n.output[0] for n in model.graph.node if n.op_type == op_type]
+    nodes: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        nodes.setdefault(node.op_type, []).append(node.name or node.output[0])
+    return nodes
 
 
 @register_runtime("opencv")
@@ -301,7 +307,8 @@ def check_runtime_opencv(onnx_path: str | Path, inputs: VerifyInputs) -> Runtime
         logits = np.asarray(outs[names.index("logits") if "logits" in names else 0])
     except cv2.error as exc:
         message = " ".join(str(exc).split())
-        rejected = describe_cv2_error(message, lambda op: _nodes_of(source, op))
+        graph = functools.cache(lambda: _nodes_by_op(source))  # read once, only if ops are listed
+        rejected = describe_cv2_error(message, lambda op: graph().get(op, []))
         # OpenCV 5.1 reads any graph and refuses its unsupported ops only when the net is first
         # used: a refused op means the file did not load, whenever OpenCV says so.
         return RuntimeReport(
