@@ -6,6 +6,7 @@ train (on cached onnxruntime features when the backbone is frozen and the data f
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -316,7 +317,6 @@ def _auto_strategy(
         config=config,
         cache_dir=cache_dir,
         model_sha256=card.get("sha256") or "",
-        num_blocks=num_blocks,
         confidence=confidence,
         log=log,
     )
@@ -522,6 +522,8 @@ def _adapt(
         _choose_strategy(run, imported, adapted, preprocess, device, num_blocks=len(blocks))
     )
     laps("choose")
+    # `auto` compares its fine-tune with the probe's head on the pretrained weights, kept aside.
+    pretrained = copy.deepcopy(adapted) if _settles(choice) else None
     plan = _freeze_plan(run, adapted, choice, preprocess)
     config = _train_config(options, choice.strategy, device, train_images=len(split.train))
     record = _start_record(run, choice, [b.name for b in blocks], config, preprocess, imported)
@@ -534,6 +536,21 @@ def _adapt(
     if not dist.is_main and not setup.dist.enabled:
         return None  # the features are shared out; the main worker trains the head on its own
     state = _train(run, setup, adapted, config, record, progress=progress)
+    if pretrained is not None:
+        choice, keep_probe = _settle(run, choice, state, record)
+        if (
+            keep_probe
+        ):  # the probe's head on the pretrained weights: solved again on cached features
+            adapted = pretrained
+            plan = _freeze_plan(run, adapted, choice, preprocess)
+            config = _train_config(options, "feature", device, train_images=len(split.train))
+            record["hyperparameters"] = dataclasses.asdict(config)
+            setup = _training_setup(
+                run, record, "feature", imported, adapted, plan, preprocess, config
+            )
+            if not dist.is_main and not setup.dist.enabled:
+                return None
+            state = _train(run, setup, adapted, config, record, progress=progress)
     laps("train")
     metrics_split, scored = final_evaluation(setup, split, config=config, log=log)
     laps("evaluate")
@@ -818,6 +835,42 @@ def _train(
         progress_factory=epoch_bar_factory() if progress else None,
         dist=setup.dist,
     )
+
+
+def _settles(choice: StrategyChoice) -> bool:
+    """Whether the run is `auto`'s fine-tune that settles against the probe once trained."""
+    evidence = choice.evidence
+    return (
+        evidence is not None
+        and choice.strategy != "feature"
+        and evidence.get("finetune_val_acc") is None
+        and not math.isnan(evidence["probe_val_acc"])
+    )
+
+
+def _settle(
+    run: _Run, choice: StrategyChoice, state: TrainState, record: dict[str, Any]
+) -> tuple[StrategyChoice, bool]:
+    """`auto`'s fine-tune against the probe on validation: the choice that stands, and whether it
+    is the probe's head (pipeline.surgery.auto.settle). Every worker gets the main worker's word."""
+    from pipeline.surgery.auto import AutoEvidence, settle
+
+    settled = None
+    if run.dist.is_main:
+        evidence = AutoEvidence(**choice.evidence)
+        val_acc = state.history[state.best_epoch - 1].val_acc if state.best_epoch else -1.0
+        evidence, keep_probe, why = settle(evidence, unfreeze=choice.unfreeze, val_acc=val_acc)
+        run.log(f"auto: {why}")
+        strategy, unfreeze = ("feature", None) if keep_probe else (choice.strategy, choice.unfreeze)
+        settled = (
+            StrategyChoice(strategy, unfreeze, f"{choice.reason}; {why}", evidence.to_dict()),
+            keep_probe,
+        )
+    settled = run.dist.broadcast_object(settled)
+    record.update(settled[0].to_dict())
+    if run.dist.is_main:  # a resume after this point continues with what was kept
+        write_json(run.run_dir / runs.RUN_FILE, record)
+    return settled
 
 
 def final_evaluation(

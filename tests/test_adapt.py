@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import queue
@@ -23,7 +24,7 @@ from cli import main
 from pipeline.adapt import AdaptOptions, AdaptResult, adapt, build_model
 from pipeline.data import DataSplit
 from pipeline.deploy import load_run
-from pipeline.surgery.auto import AutoEvidence, choose_strategy
+from pipeline.surgery.auto import AutoEvidence, choose_strategy, settle
 from pipeline.train import RESUME_POINT
 from zoo.catalog import Catalog, load_catalog
 
@@ -252,16 +253,48 @@ def test_auto_says_which_strategy_and_why(auto_run: tuple[dict, dict, str]) -> N
     summary, record, log = auto_run
     strategy, reason = record["strategy"], record["strategy_reason"]
     assert summary["strategy"] == strategy and summary["strategy_reason"] == reason
-    assert f"strategy auto -> {strategy}: {reason}" in log
     assert "3 training images per class" in reason and "validation accuracy: probe" in reason
-    # The choice is the documented rule applied to the measurements run.json records.
+    # The choice is the documented rule applied to the probe run.json records, then settled
+    # against the fine-tune's own validation accuracy.
     evidence = AutoEvidence(**record["auto"])
     assert 0 < evidence.probe_val_acc <= 1 and evidence.finetune_val_acc is not None
-    chosen = choose_strategy(evidence, num_blocks=len(record["blocks"]))
-    assert chosen == (strategy, record["unfreeze"], reason)
+    measured = dataclasses.replace(evidence, finetune_val_acc=None, finetune_blocks=None)
+    first, unfreeze, first_reason = choose_strategy(measured, num_blocks=len(record["blocks"]))
+    assert first == "finetune" and evidence.finetune_blocks == unfreeze == 2
+    _, keep_probe, why = settle(measured, unfreeze=unfreeze, val_acc=evidence.finetune_val_acc)
+    assert reason == f"{first_reason}; {why}"
+    assert f"strategy auto -> {first}: {first_reason}" in log and f"auto: {why}" in log
+    assert (strategy, record["unfreeze"]) == (("feature", None) if keep_probe else (first, 2))
     assert record["status"] == "done"
     # --epochs 1 bounds epoch-trained strategies; a `feature` head is solved to convergence.
     assert record["epochs_run"] == 1 or strategy == "feature"
+
+
+@pytest.mark.slow
+def test_auto_keeps_the_probe_when_its_fine_tune_scores_lower(
+    workspace: Path, catalog: Catalog, strategy_runs: dict[str, AdaptResult]
+) -> None:
+    """A fine-tune that cannot learn (lr 1e-9) loses to the probe on validation: the run ends as
+    `feature` would have, pretrained weights and all."""
+    run_dir = workspace / "auto-frozen-lr"
+    options = AdaptOptions(
+        model=MODEL, classes=10, lr=1e-9, epochs=1, train_per_class=3, device="cpu", out=run_dir
+    )
+    result = adapt(options, models_dir=workspace, catalog=catalog, log=lambda _: None)
+    assert result is not None and result.strategy == "feature"
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["strategy"] == "feature" and record["unfreeze"] is None
+    assert record["augment"] == "none" and record["status"] == "done"
+    assert record["auto"]["finetune_val_acc"] < record["auto"]["probe_val_acc"]
+    assert record["strategy_reason"].endswith("the probe's head on frozen features is kept")
+    feature = strategy_runs["feature"]
+    assert result.metrics.accuracy == pytest.approx(feature.metrics.accuracy, abs=1e-9)
+    _, pretrained = build_model(
+        workspace / MODEL / "model.onnx", num_classes=10, hidden=None, dropout=0.0, seed=0
+    )
+    kept = load_run(run_dir, models_dir=workspace, catalog=catalog).model
+    for name, weight in pretrained.backbone.named_parameters():
+        assert torch.equal(dict(kept.backbone.named_parameters())[name], weight), name
 
 
 @pytest.mark.slow

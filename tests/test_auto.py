@@ -11,7 +11,7 @@ from pipeline.adapt import build_model
 from pipeline.data import DataSplit, Sample, subsample_per_class
 from pipeline.sources import load_source
 from pipeline.surgery import discover_blocks
-from pipeline.surgery.auto import AutoEvidence, choose_strategy, measure
+from pipeline.surgery.auto import AutoEvidence, choose_strategy, measure, settle
 from pipeline.train import TrainConfig
 from zoo.catalog import Preprocess, load_catalog
 from zoo.workspace import open_model
@@ -21,21 +21,23 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BLOCKS = 9
 
 
-def test_finetune_must_beat_the_probe_on_validation() -> None:
-    probe_only = AutoEvidence(per_class=24, probe_val_acc=0.80, confidence=0.4)
-    better = dataclasses.replace(probe_only, finetune_val_acc=0.86, finetune_blocks=2)
-    same = dataclasses.replace(better, finetune_val_acc=0.81)
-    strategy, unfreeze, reason = choose_strategy(better, num_blocks=BLOCKS)
+def test_auto_fine_tunes_then_keeps_what_scores_higher_on_validation() -> None:
+    small = AutoEvidence(per_class=24, probe_val_acc=0.80, confidence=0.4)
+    strategy, unfreeze, reason = choose_strategy(small, num_blocks=BLOCKS)
     assert (strategy, unfreeze) == ("finetune", 2)
-    assert (
-        "probe 0.800" in reason and "0.860" in reason and "24 training images per class" in reason
-    )
-    assert choose_strategy(same, num_blocks=BLOCKS)[0] == "feature"
-    # Large data on which the frozen features do badly, and fine-tuning helps: every layer trains.
-    unlike = AutoEvidence(
-        per_class=500, probe_val_acc=0.4, finetune_val_acc=0.7, finetune_blocks=4, confidence=0.1
-    )
-    assert choose_strategy(unlike, num_blocks=BLOCKS)[0] == "full"
+    assert "probe 0.800" in reason and "24 training images per class" in reason
+    assert "whichever scores higher on validation" in reason
+    large = AutoEvidence(per_class=500, probe_val_acc=0.9, confidence=0.4)
+    assert choose_strategy(large, num_blocks=BLOCKS)[:2] == ("finetune", 4)
+    # Large data on which the frozen features do badly: every layer trains.
+    unlike = AutoEvidence(per_class=500, probe_val_acc=0.4, confidence=0.1)
+    assert choose_strategy(unlike, num_blocks=BLOCKS)[:2] == ("full", None)
+    # Once trained: the fine-tune stands when it reaches the probe, else the probe's head.
+    for val_acc, keep_probe in [(0.86, False), (0.80, False), (0.79, True)]:
+        settled, kept, why = settle(small, unfreeze=2, val_acc=val_acc)
+        assert kept is keep_probe and settled.finetune_val_acc == val_acc
+        assert f"fine-tuning the top 2 blocks {val_acc:.3f}, probe 0.800" in why
+    assert "every layer 0.500" in settle(unlike, unfreeze=None, val_acc=0.5)[2]
 
 
 def test_confidence_is_used_only_for_an_imagenet_head() -> None:
@@ -85,7 +87,6 @@ def test_poisoned_test_split_does_not_change_the_choice(
             config=TrainConfig(batch_size=8, seed=0, device="cpu"),
             cache_dir=tmp_path / "cache",
             model_sha256=sha256,
-            num_blocks=len(discover_blocks(adapted)),
             confidence=None,
             log=lambda _: None,
         )
@@ -96,7 +97,7 @@ def test_poisoned_test_split_does_not_change_the_choice(
         )
     assert results[0] == results[1]
     evidence = results[0][0]
-    assert 0 < evidence.probe_val_acc <= 1 and evidence.finetune_val_acc is not None
+    assert 0 < evidence.probe_val_acc <= 1 and evidence.finetune_val_acc is None
 
 
 def test_without_validation_images_the_rule_of_thumb_decides() -> None:

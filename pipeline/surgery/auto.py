@@ -1,11 +1,12 @@
 """The `auto` strategy: what to freeze, decided from measurements on the validation split.
 
-Two cheap measurements replace the rule of thumb's guesses:
-- the probe: a linear head solved on frozen, cached features (pipeline.solve), seconds;
-- a short fine-tune of the top blocks on the cached frozen prefix, starting from the probe's head
-  (fastai's "head first, then unfreeze"), where the training split is small enough for it.
-Fine-tuning is chosen when it beats the probe on validation by a margin; large data the probe
-does badly on trains every layer. The test split takes no part: the measurements never see it.
+The probe, a linear head solved on frozen, cached features (pipeline.solve), takes seconds and
+says how well the pretrained features fit the data. When it can be measured, `auto` fine-tunes
+(the top blocks; every layer for large data the probe does badly on) and then settles on the
+validation split: the fine-tune's checkpoint is kept when it scores at least the probe's
+accuracy, else the probe's head on the frozen pretrained backbone (`settle`). A short fine-tune
+used to predict the real one and predicted it badly (bench/RECIPE_NOTES.md). The test split
+takes no part: the measurements never see it.
 
 The pretrained head's mean confidence says something about similarity to ImageNet only when that
 head is ImageNet's 1000-class one; for other heads it is reported as unused.
@@ -16,13 +17,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from torch import nn
 
     from pipeline.data import DataSplit
@@ -32,10 +33,7 @@ if TYPE_CHECKING:
 SMALL_PER_CLASS = 100  # "small" data, as the transfer-learning notes put it
 SIMILAR_CONFIDENCE = 0.25  # mean top-1 ImageNet probability above which data looks ImageNet-like
 IMAGENET_CLASSES = 1000
-FINETUNE_MARGIN = 0.02  # validation accuracy fine-tuning must add over the probe to be chosen
 UNLIKE_PROBE = 0.6  # probe validation accuracy below which large data trains every layer
-MEASURE_EPOCHS = 4  # epochs of the short fine-tune
-MEASURE_MAX_TRAIN = 5000  # beyond this many training images the short fine-tune is skipped
 
 
 @dataclass(frozen=True)
@@ -44,8 +42,9 @@ class AutoEvidence:
 
     per_class: float  # training images per class
     probe_val_acc: float  # linear head on frozen features
-    finetune_val_acc: float | None = None  # short fine-tune of the top `finetune_blocks`
-    finetune_blocks: int | None = None
+    # The run's fine-tune at its checkpoint, once trained (`settle`); None before, or if not run.
+    finetune_val_acc: float | None = None
+    finetune_blocks: int | None = None  # None with finetune_val_acc: every layer trained
     confidence: float | None = None  # ImageNet head's mean top-1 probability (1000-class only)
     head_classes: int = IMAGENET_CLASSES  # classes of the pretrained head
 
@@ -54,7 +53,7 @@ class AutoEvidence:
 
 
 def measured_blocks(per_class: float, num_blocks: int) -> int:
-    """Top blocks the short fine-tune trains: a few for small data, more for large."""
+    """Top blocks `auto` fine-tunes: a few for small data, more for large."""
     return max(1, num_blocks // 4) if per_class < SMALL_PER_CLASS else max(2, num_blocks // 2)
 
 
@@ -74,34 +73,31 @@ def choose_strategy(evidence: AutoEvidence, *, num_blocks: int) -> tuple[str, in
         return _rule_of_thumb(
             evidence, small=small, size=size, similarity=similarity, num_blocks=num_blocks
         )
-    if evidence.finetune_val_acc is not None:
-        k = evidence.finetune_blocks
-        measured = (
-            f"validation accuracy: {probe}, fine-tuning the top {k} blocks "
-            f"{evidence.finetune_val_acc:.3f}; {size}; {similarity}"
-        )
-        if evidence.finetune_val_acc >= evidence.probe_val_acc + FINETUNE_MARGIN:
-            if not small and evidence.probe_val_acc < UNLIKE_PROBE:
-                return (
-                    "full",
-                    None,
-                    f"{measured}: fine-tuning helps and the features fit badly, train every layer",
-                )
-            return "finetune", k, f"{measured}: fine-tune the top {k} blocks"
-        return "feature", None, f"{measured}: fine-tuning adds too little, train only a new head"
-    # Too much data to measure a fine-tune quickly: the rule of thumb, on the measured probe.
+    measured = f"validation accuracy: {probe}; {size}; {similarity}"
+    then = "then keep it or the probe's head, whichever scores higher on validation"
     if not small and evidence.probe_val_acc < UNLIKE_PROBE:
-        return (
-            "full",
-            None,
-            f"validation accuracy: {probe} on {size} ({similarity}): train every layer",
-        )
-    k = max(2, num_blocks // 2)
-    return (
-        "finetune",
-        k,
-        f"validation accuracy: {probe} on {size} ({similarity}): fine-tune the top {k} blocks",
+        return "full", None, f"{measured}: the features fit badly, train every layer, {then}"
+    k = measured_blocks(evidence.per_class, num_blocks)
+    return "finetune", k, f"{measured}: fine-tune the top {k} blocks, {then}"
+
+
+def settle(
+    evidence: AutoEvidence, *, unfreeze: int | None, val_acc: float
+) -> tuple[AutoEvidence, bool, str]:
+    """After `auto`'s fine-tune: (evidence with its figure, keep the probe instead?, one line why).
+
+    The fine-tune's checkpoint is kept when its validation accuracy reaches the probe's; else the
+    probe's head on the frozen pretrained backbone scores higher on the same images and is kept.
+    """
+    settled = dataclasses.replace(evidence, finetune_val_acc=val_acc, finetune_blocks=unfreeze)
+    trained = f"the top {unfreeze} blocks" if unfreeze else "every layer"
+    figures = (
+        f"validation accuracy: fine-tuning {trained} {val_acc:.3f}, "
+        f"probe {evidence.probe_val_acc:.3f}"
     )
+    if val_acc >= evidence.probe_val_acc:
+        return settled, False, f"{figures}: the fine-tune is kept"
+    return settled, True, f"{figures}: the probe's head on frozen features is kept"
 
 
 def _rule_of_thumb(
@@ -143,24 +139,27 @@ def measure(
     config: TrainConfig,
     cache_dir: Path,
     model_sha256: str,
-    num_blocks: int,
     confidence: float | None,
     log: Callable[[str], None] = print,
 ) -> AutoEvidence:
-    """The probe and, budget allowing, a short fine-tune, both scored on the validation split.
+    """The probe, scored on the validation split.
 
-    Works on copies of `adapted` and on a split without its test part.
+    Works on a copy of `adapted` and on a split without its test part.
     """
     from pipeline import fastpath
-    from pipeline.solve import fit_linear, is_linear_head
+    from pipeline.solve import LINEAR_MAX_EVALUATIONS, fit_linear, is_linear_head
     from pipeline.surgery.plan import make_plan
-    from pipeline.train import fit
 
     blind = dataclasses.replace(split, test=[])  # nothing below can read the test split
     per_class = len(split.train) / max(1, len(split.class_names))
     quiet: Callable[[str], None] = lambda _: None  # noqa: E731
-    common = dict(
+    probe_model = copy.deepcopy(adapted)
+    setup = fastpath.prepare(
+        strategy="feature",
+        augment="none",
         imported=imported,
+        adapted=probe_model,
+        plan=make_plan(probe_model, "feature"),
         split=blind,
         preprocess=preprocess,
         config=config,
@@ -168,20 +167,12 @@ def measure(
         model_sha256=model_sha256,
         log=quiet,
     )
-    probe_model = copy.deepcopy(adapted)
-    setup = fastpath.prepare(
-        strategy="feature",
-        augment="none",
-        adapted=probe_model,
-        plan=make_plan(probe_model, "feature"),
-        **common,
-    )
     if setup.head_features is None:  # no cacheable feature tensor: the rule of thumb decides
         probe_acc = float("nan")
     else:
         from torch import nn
 
-        # The probe is a linear head; a --hidden head keeps its own initial weights for the fine-tune.
+        # The probe is a linear head, whatever head the run trains (--hidden).
         linear = (
             probe_model.head[0]
             if is_linear_head(probe_model.head)
@@ -191,38 +182,14 @@ def measure(
             linear,
             train=setup.head_features[0],
             val=setup.head_features[1],
-            max_evaluations=1000,
+            max_evaluations=LINEAR_MAX_EVALUATIONS,
             log=quiet,
         )
         probe_acc = max(c.val_acc for c in solved.candidates)
-    evidence = AutoEvidence(
+    log(f"auto: probe validation accuracy {probe_acc:.3f}")
+    return AutoEvidence(
         per_class=per_class,
         probe_val_acc=probe_acc,
         confidence=confidence,
         head_classes=imported.probe.num_classes,
     )
-    if len(split.train) > MEASURE_MAX_TRAIN or not split.val or probe_acc != probe_acc:
-        return evidence
-    k = measured_blocks(per_class, num_blocks)
-    tuned = copy.deepcopy(probe_model)  # starts from the probe's head: head first, then unfreeze
-    plan = make_plan(tuned, "finetune", unfreeze=k)
-    short = dataclasses.replace(config, epochs=MEASURE_EPOCHS, patience=MEASURE_EPOCHS)
-    setup = fastpath.prepare(
-        strategy="finetune", augment="none", adapted=tuned, plan=plan, **{**common, "config": short}
-    )
-    log(
-        f"auto: probe validation accuracy {probe_acc:.3f}; measuring a short fine-tune of the top {k} blocks"
-    )
-    with tempfile.TemporaryDirectory(prefix="zoo-auto-") as scratch:
-        state = fit(
-            setup.model,
-            setup.plan,
-            make_train_loader=setup.make_train_loader,
-            val_loader=setup.val_loader,
-            config=short,
-            run_dir=Path(scratch),
-            saved_model=tuned,
-            log=quiet,
-        )
-    tuned_acc = state.history[state.best_epoch - 1].val_acc if state.best_epoch else probe_acc
-    return dataclasses.replace(evidence, finetune_val_acc=tuned_acc, finetune_blocks=k)
