@@ -538,9 +538,8 @@ def _adapt(
     state = _train(run, setup, adapted, config, record, progress=progress)
     if pretrained is not None:
         choice, keep_probe = _settle(run, choice, state, record)
-        if (
-            keep_probe
-        ):  # the probe's head on the pretrained weights: solved again on cached features
+        # The probe's head on the pretrained weights, solved again on the cached features.
+        if keep_probe:
             adapted = pretrained
             plan = _freeze_plan(run, adapted, choice, preprocess)
             config = _train_config(options, "feature", device, train_images=len(split.train))
