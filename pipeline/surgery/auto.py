@@ -52,7 +52,7 @@ class AutoEvidence:
         return dataclasses.asdict(self)
 
 
-def measured_blocks(per_class: float, num_blocks: int) -> int:
+def blocks_to_tune(per_class: float, num_blocks: int) -> int:
     """Top blocks `auto` fine-tunes: a few for small data, more for large."""
     return max(1, num_blocks // 4) if per_class < SMALL_PER_CLASS else max(2, num_blocks // 2)
 
@@ -77,7 +77,7 @@ def choose_strategy(evidence: AutoEvidence, *, num_blocks: int) -> tuple[str, in
     then = "then keep it or the probe's head, whichever scores higher on validation"
     if not small and evidence.probe_val_acc < UNLIKE_PROBE:
         return "full", None, f"{measured}: the features fit badly, train every layer, {then}"
-    k = measured_blocks(evidence.per_class, num_blocks)
+    k = blocks_to_tune(evidence.per_class, num_blocks)
     return "finetune", k, f"{measured}: fine-tune the top {k} blocks, {then}"
 
 
@@ -108,7 +108,7 @@ def _rule_of_thumb(
     why = f"no validation images to measure on; {size}; {similarity}"
     if small and similar:
         return "feature", None, f"{why}: train only a new head on frozen features"
-    k = max(1, num_blocks // 4) if small else max(2, num_blocks // 2)
+    k = blocks_to_tune(evidence.per_class, num_blocks)
     if small or similar:
         return "finetune", k, f"{why}: fine-tune the top {k} blocks"
     return "full", None, f"{why}: fine-tune every layer from the pretrained start"
