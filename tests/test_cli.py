@@ -56,6 +56,18 @@ def test_errors_are_one_line_without_traceback(tmp_path) -> None:
     assert code == 1 and "zoo fetch efficientnet-lite0" in err
 
 
+@pytest.mark.parametrize("command", ["predict", "verify", "evaluate"])
+def test_an_image_given_as_the_model_is_named_as_one(tmp_path: Path, command: str) -> None:
+    from PIL import Image
+
+    photo = tmp_path / "daisy.jpg"
+    Image.new("RGB", (32, 32), "yellow").save(photo)
+    extra = {"predict": [str(photo)], "verify": [], "evaluate": ["--data", str(tmp_path)]}[command]
+    code, _, err = zoo(command, str(photo), *extra, models_dir=tmp_path / "m")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "daisy.jpg is a JPEG image, not an ONNX model" in err and "zoo fetch" not in err
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, bundled_workspace: Path) -> Path:
     models_dir = tmp_path_factory.mktemp("cli")

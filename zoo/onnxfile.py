@@ -33,6 +33,7 @@ def describe_non_model(head: bytes) -> str | None:
 
 # What a local file is when it is not a model, and what to do about it (a downloaded file is
 # judged by `describe_non_model`: there the server is to blame, here the way the file was saved).
+_IMAGES_GO = "pass the .onnx model file first (images go after it: zoo predict MODEL.onnx IMAGES..., or to --data)"
 _RAW_LINK = "download the raw file (on GitHub/Hugging Face: the 'raw'/'download' link)"
 _LOCAL_KINDS: tuple[tuple[tuple[bytes, ...], str, str], ...] = (
     ((b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml"), "an HTML page",
@@ -42,8 +43,8 @@ _LOCAL_KINDS: tuple[tuple[tuple[bytes, ...], str, str], ...] = (
     ((b"{", b"["), "a JSON file", "pass the .onnx model file itself"),
     ((b"PK\x03\x04",), "a zip archive (a PyTorch .pt/.pth checkpoint is one too)",
      "unzip it and pass the .onnx inside, or export the PyTorch model to ONNX first"),
-    ((b"\x89PNG",), "a PNG image", "pass the .onnx model file (images go to --data or zoo predict)"),
-    ((b"\xff\xd8\xff",), "a JPEG image", "pass the .onnx model file (images go to --data or zoo predict)"),
+    ((b"\x89PNG",), "a PNG image", _IMAGES_GO),
+    ((b"\xff\xd8\xff",), "a JPEG image", _IMAGES_GO),
     ((b"GIF8",), "a GIF image", "pass the .onnx model file"),
     ((b"%PDF",), "a PDF document", "pass the .onnx model file"),
     ((b"\x1f\x8b",), "gzip-compressed data",
@@ -129,6 +130,10 @@ def load_onnx(path: str | os.PathLike[str], *, load_external_data: bool = True) 
     what = describe_non_model(head)
     if what is not None:
         raise InvalidModelFile(f"{path} is {what}; fetch the model again (zoo fetch NAME --force)")
+    # A file no download turns into (an image, an archive, a document): the path, not the fetch, is wrong.
+    said = local_non_model(head, label=str(path))
+    if said is not None:
+        raise InvalidModelFile(said)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except RecursionError as exc:
