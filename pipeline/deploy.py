@@ -334,7 +334,7 @@ def predict(
     import numpy as np
 
     from pipeline.images import open_for, preprocess_image
-    from pipeline.runtimes import as_input_type, create_session, session_input_type
+    from pipeline.runtimes import as_input_type, create_session, run_fixed, session_input_type
 
     onnx_path = Path(onnx_path)
     labels, preprocess, input_name = _labels_and_preprocess(onnx_path, catalog, preprocess)
@@ -357,7 +357,9 @@ def predict(
         outputs = dict(
             zip(
                 output_names,
-                session.run(None, {input_name: as_input_type(batch, session_input_type(session))}),
+                run_fixed(
+                    session, None, {input_name: as_input_type(batch, session_input_type(session))}
+                ),
                 strict=True,
             )
         )
@@ -387,6 +389,7 @@ def evaluate_file(
 
     from pipeline.features import ort_session, run_batches
     from pipeline.report import compute_metrics, plot_confusion
+    from pipeline.runtimes import fixed_batch
     from pipeline.sources import load_source
     from zoo.onnxfile import load_runnable
 
@@ -402,8 +405,12 @@ def evaluate_file(
         )
     remap = [labels.index(name) for name in split.class_names]
     session = ort_session(load_runnable(onnx_path))
-    batches = (_images(samples[i : i + 64], preprocess) for i in range(0, len(samples), 64))
-    scores = run_batches(session, input_name=input_name, batches=batches)
+    # A file with a fixed batch (most zoo originals: 1) takes its images that many at a time; the
+    # last batch is filled up with copies of the last image, whose scores are dropped.
+    step = fixed_batch(session) or 64
+    padded = samples + samples[-1:] * (-len(samples) % step) if fixed_batch(session) else samples
+    batches = (_images(padded[i : i + step], preprocess) for i in range(0, len(padded), step))
+    scores = run_batches(session, input_name=input_name, batches=batches)[: len(samples)]
     truth = np.array([remap[s.label] for s in samples])
     metrics = compute_metrics(truth, scores.reshape(len(samples), -1), labels, split="all")
     if plot is not None:

@@ -159,20 +159,38 @@ def as_input_type(values: np.ndarray, dtype: str) -> np.ndarray:
     return np.asarray(values).astype(target, copy=False)
 
 
+def fixed_batch(session: Any) -> int | None:
+    """The batch size the graph's input fixes (most zoo originals: 1), or None when it is free."""
+    shape = session.get_inputs()[0].shape
+    return shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
+
+
+def run_fixed(
+    session: Any, names: list[str] | None, feed: dict[str, np.ndarray]
+) -> list[np.ndarray]:
+    """`session.run`, with a batch shorter than the graph's fixed batch filled up with copies of
+    its last input; the outputs of the copies are dropped."""
+    ((name, batch),) = feed.items()
+    size = fixed_batch(session)
+    if size is None or len(batch) == size:
+        return session.run(names, feed)
+    padded = np.concatenate([batch, np.repeat(batch[-1:], size - len(batch), axis=0)])
+    return [output[: len(batch)] for output in session.run(names, {name: padded})]
+
+
 def run_session(session: Any, inputs: np.ndarray) -> dict[str, np.ndarray]:
     """All outputs of `session` by name, at batch 1 for the first few inputs and batch N for all."""
-    graph_input = session.get_inputs()[0]
-    input_name = graph_input.name
+    input_name = session.get_inputs()[0].name
     inputs = as_input_type(inputs, session_input_type(session))  # a uint8/float64 input included
     names = [o.name for o in session.get_outputs()]
-    # A file with a fixed batch of 1 (most zoo originals) takes its inputs one at a time.
-    chunk = 1 if graph_input.shape and graph_input.shape[0] == 1 else CHUNK
+    # A file with a fixed batch (most zoo originals: 1) takes its inputs that many at a time.
+    chunk = fixed_batch(session) or CHUNK
     chunks: list[list[np.ndarray]] = []
     for start in range(0, len(inputs), chunk):
-        chunks.append(session.run(names, {input_name: inputs[start : start + chunk]}))
+        chunks.append(run_fixed(session, names, {input_name: inputs[start : start + chunk]}))
     batched = {name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(names)}
     singles = [
-        session.run(names, {input_name: inputs[i : i + 1]})
+        run_fixed(session, names, {input_name: inputs[i : i + 1]})
         for i in range(min(BATCH1_COUNT, len(inputs)))
     ]
     single = {name: np.concatenate([s[i] for s in singles]) for i, name in enumerate(names)}

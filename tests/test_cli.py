@@ -68,6 +68,47 @@ def test_an_image_given_as_the_model_is_named_as_one(tmp_path: Path, command: st
     assert "daisy.jpg is a JPEG image, not an ONNX model" in err and "zoo fetch" not in err
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_evaluate_and_predict_feed_a_fixed_batch_file_its_own_batch(
+    tmp_path: Path, batch: int
+) -> None:
+    from PIL import Image
+
+    from tests.onnx_builders import gemm_head, save
+
+    data = tmp_path / "data"
+    for label in range(3):  # 7 images: not a multiple of 3
+        (data / str(label)).mkdir(parents=True)
+        for i in range(2 + (label == 0)):
+            Image.new("RGB", (12, 12), (80 * label, 40 * i, 200)).save(
+                data / str(label) / f"{i}.png"
+            )
+    dynamic = save(gemm_head(), tmp_path / "dynamic.onnx")
+    fixed = save(gemm_head(batch=batch), tmp_path / "fixed.onnx")
+    results = []
+    for model in (dynamic, fixed):
+        code, out, err = zoo(
+            "evaluate", str(model), "--data", str(data), "--preprocess", "imagenet", "--json",
+            models_dir=tmp_path / "m",
+        )  # fmt: skip
+        assert code == 0, err
+        results.append(json.loads(out))
+    assert results[0]["num_images"] == results[1]["num_images"] == 7
+    # The scores of every image, in the data's order.
+    assert results[1]["confusion"] == results[0]["confusion"]
+    assert results[1]["roc_auc"] == pytest.approx(results[0]["roc_auc"])
+    predicted = [
+        zoo("predict", str(model), str(data / "1"), "--preprocess", "imagenet", "--json")
+        for model in (dynamic, fixed)
+    ]
+    assert predicted[0][0] == predicted[1][0] == 0, predicted[1][2]
+    probs = [
+        [{t["label"]: t["probability"] for t in p["top"]} for p in json.loads(out)["predictions"]]
+        for _, out, _ in predicted
+    ]
+    assert len(probs[1]) == 2 and all(f == pytest.approx(d) for f, d in zip(*probs, strict=True))
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, bundled_workspace: Path) -> Path:
     models_dir = tmp_path_factory.mktemp("cli")
