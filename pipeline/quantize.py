@@ -13,13 +13,16 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.runtimes import create_session, logits_of, run_session
 from pipeline.verify import VerifyInputs
 from zoo.errors import DataError, UnsupportedModel
+
+if TYPE_CHECKING:
+    import onnx
 
 CALIBRATION_BATCH = 16  # images per calibration step; min/max statistics do not depend on it
 MAX_ACCURACY_DROP = 1.0  # percentage points an INT8 file may lose against its fp32 source
@@ -121,10 +124,13 @@ def quantize_int8(
         except Exception:  # optional: quantising the plain graph still works
             shutil.copyfile(source, prepared)
         reader = _calibration_reader(calibration, input_name)
-        # Probabilities stay float: a quantised Softmax output no longer sums to 1.
-        softmax_nodes = [
-            n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "Softmax"
-        ]
+        # Probabilities stay float: a quantised Softmax output no longer sums to 1. So does the
+        # classifier: its input features are quantised with one scale for all of them, and a head
+        # solved on standardised features gives the low-variance ones the largest weights (the
+        # bundled Lite0's feature head on digits: 74% INT8 against 94% fp32, 93% with it float).
+        prepared_model = onnx.load(str(prepared))
+        softmax = [n.name for n in prepared_model.graph.node if n.op_type == "Softmax"]
+        keep_float = softmax + _head_nodes(prepared_model)
         staged = work / out.name
         try:
             quantize_static(
@@ -138,7 +144,7 @@ def quantize_int8(
                 # 2.1 ms against 5.5 ms for S8S8 and 4.7 ms for fp32; S8S8 was slower than fp32.
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
-                nodes_to_exclude=softmax_nodes,
+                nodes_to_exclude=keep_float,
             )
         except Exception as exc:
             raise UnsupportedModel(
@@ -159,6 +165,16 @@ def quantize_int8(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return QuantizeResult(path=out, size=out.stat().st_size, fp32_size=source.stat().st_size)
+
+
+def _head_nodes(model: onnx.ModelProto) -> list[str]:
+    """The classifier's last layer (pipeline.probe finds it), or nothing when no head is found."""
+    from pipeline.probe import probe
+
+    try:
+        return list(probe(model).head_nodes)
+    except UnsupportedModel:
+        return []
 
 
 def _logits(path: Path, batch: np.ndarray) -> np.ndarray:

@@ -292,6 +292,10 @@ def test_quantize_int8(tmp_path: Path) -> None:
     } <= ops  # static QDQ: activations are quantised too
     int8_weights = [t for t in quantized.graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert sum(np.prod(t.dims) for t in int8_weights) > 2_000_000
+    # The classifier stays float: its weight is a float initializer, not a DequantizeLinear output.
+    floats = {t.name for t in quantized.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    gemms = [n for n in quantized.graph.node if n.op_type in ("Gemm", "MatMul")]
+    assert len(gemms) == 1 and gemms[0].input[1] in floats, gemms
     metadata = read_metadata(result.path)
     assert metadata.labels == tuple(LABELS) and metadata.preprocess == PREPROCESS
     assert metadata.extra.get("quantization") == "int8-static-qdq"

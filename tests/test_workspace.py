@@ -79,3 +79,24 @@ def test_open_model_plain_file_and_damaged_card(tmp_path: Path) -> None:
     with pytest.raises(InvalidModelFile, match="zoo fetch mine --force"):
         open_model("mine", models_dir=models, catalog=catalog_of())
     assert list_workspace(models) == []  # a model without a readable card is not listed
+
+
+def test_open_model_names_a_run_directory_or_folder_given_as_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = tmp_path / "models"
+    run = tmp_path / "runs" / "flowers"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text("{}")
+    with pytest.raises(NotFound, match=r"is a run of `zoo adapt`, not a model: pass an \.onnx"):
+        open_model(str(run), models_dir=models, catalog=catalog_of())
+    (run / "model.onnx").write_bytes(MODEL)  # exported: that file is what to pass
+    with pytest.raises(NotFound, match=f"pass {run / 'model.onnx'}, or a fetched model's name"):
+        open_model(str(run), models_dir=models, catalog=catalog_of())
+    with pytest.raises(NotFound, match="runs/ is a folder, not a model"):
+        open_model(f"{tmp_path}/runs/", models_dir=models, catalog=catalog_of())
+    monkeypatch.chdir(
+        tmp_path
+    )  # a bare name is a model still to fetch, even beside a folder of that name
+    with pytest.raises(NotFound, match="run `zoo fetch runs` first"):
+        open_model("runs", models_dir=models, catalog=catalog_of())

@@ -130,6 +130,15 @@ def open_model(
                 "fetched_at": None,
             }
             return OpenedModel(path, card)
+        run = path / "run.json"
+        # A run directory or a folder named as a path: fetching it would not help.
+        if path.is_dir() and (run.is_file() or "/" in text or os.sep in text):
+            what = "a run of `zoo adapt`" if run.is_file() else "a folder"
+            exported = path / MODEL_FILE
+            instead = f"pass {exported}" if exported.is_file() else "pass an .onnx file"
+            raise NotFound(
+                f"{text} is {what}, not a model: {instead}, or a fetched model's name (zoo list)"
+            )
         raise NotFound(
             f"no model {text!r} in the workspace {models_dir}; run `zoo fetch {text}` first"
         )
