@@ -132,7 +132,7 @@ def run(scale: Scale, *, work: Path) -> Section:
     sizes = f"fp32 file {fp32.stat().st_size / 1e6:.1f} MB, INT8 file {int8.stat().st_size / 1e6:.1f} MB."
     body = [
         f"Adapted efficientnet-lite0 (10-class head) at {IMAGE_SIZE} px, exported with the verification gate, "
-        f"INT8 = static QDQ (uint8 activations, int8 per-channel weights) calibrated on {len(images)} "
+        f"INT8 = static QDQ (uint8 activations, int8 per-channel weights, the classifier float) calibrated on {len(images)} "
         "training images. Latency: median of "
         f"{scale.deploy_latency_calls} batch-1 calls per repetition; throughput: median of "
         f"{scale.deploy_batch_calls} batch-{scale.deploy_batch} calls per repetition; {scale.repetitions} interleaved repetitions after a warm-up. Ratios > 1 mean "
