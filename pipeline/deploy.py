@@ -405,13 +405,9 @@ def evaluate_file(
         )
     remap = [labels.index(name) for name in split.class_names]
     session = ort_session(load_runnable(onnx_path))
-    # A file with a fixed batch (most zoo originals: 1) takes its images that many at a time; the
-    # last batch is filled up with copies of the last image, whose scores are dropped.
-    fixed = fixed_batch(session)
-    step = fixed or 64
-    padded = samples + samples[-1:] * (-len(samples) % step) if fixed else samples
-    batches = (_images(padded[i : i + step], preprocess) for i in range(0, len(padded), step))
-    scores = run_batches(session, input_name=input_name, batches=batches)[: len(samples)]
+    step = fixed_batch(session) or 64  # a fixed-batch file (most zoo originals: 1) takes that many
+    batches = (_images(samples[i : i + step], preprocess) for i in range(0, len(samples), step))
+    scores = run_batches(session, input_name=input_name, batches=batches)
     truth = np.array([remap[s.label] for s in samples])
     metrics = compute_metrics(truth, scores.reshape(len(samples), -1), labels, split="all")
     if plot is not None:

@@ -85,11 +85,12 @@ def run_each(
     """
     import numpy as np
 
-    from pipeline.runtimes import as_input_type, session_input_type
+    from pipeline.runtimes import as_input_type, run_fixed, session_input_type
 
     dtype = session_input_type(session)  # a uint8 or float64 input, as some exports declare
     for batch in prefetched(batches):
-        yield session.run(None, {input_name: np.ascontiguousarray(as_input_type(batch, dtype))})[0]
+        feed = {input_name: np.ascontiguousarray(as_input_type(batch, dtype))}
+        yield run_fixed(session, None, feed)[0]  # a short batch for a fixed-batch file is filled
 
 
 def prefetched(items: Iterable[T]) -> Iterator[T]:
