@@ -95,8 +95,7 @@ def test_open_model_names_a_run_directory_or_folder_given_as_the_model(
         open_model(str(run), models_dir=models, catalog=catalog_of())
     with pytest.raises(NotFound, match="runs/ is a folder, not a model"):
         open_model(f"{tmp_path}/runs/", models_dir=models, catalog=catalog_of())
-    monkeypatch.chdir(
-        tmp_path
-    )  # a bare name is a model still to fetch, even beside a folder of that name
+    # A bare name is a model still to fetch, even beside a folder of that name.
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(NotFound, match="run `zoo fetch runs` first"):
         open_model("runs", models_dir=models, catalog=catalog_of())
