@@ -214,7 +214,7 @@ def rank_command(ctx: click.Context, models: tuple[str, ...], as_json: bool, **v
 @click.pass_context
 def adapt_command(ctx: click.Context, model: str | None, as_json: bool, **values: Any) -> None:
     """Fine-tune MODEL (default: the latest fetched) on your images; writes a run directory."""
-    from pipeline.distributed import launched_by_torch
+    from pipeline.core.distributed import launched_by_torch
 
     run = zoo.adapt(
         model,
@@ -305,7 +305,7 @@ def inspect_command(ctx: click.Context, name: str, as_json: bool) -> None:
     """Import a fetched model into PyTorch and show its input, head, feature tensor and blocks."""
     from rich.console import Console
 
-    from pipeline.inspect import render
+    from pipeline.surgery.inspect import render
 
     report = zoo.inspect(name, **_where(ctx))
     if as_json:

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pipeline.data import DataSplit
-    from pipeline.train import TrainConfig
+    from pipeline.data.split import DataSplit
+    from pipeline.train.loop import TrainConfig
     from zoo.catalog import Preprocess
 
 RUN_COMMAND = ".venv/bin/python -m bench.run"
@@ -255,7 +255,7 @@ def digits_split(*, images: int, seed: int = 0) -> DataSplit:
     """The first `images` train+val samples of builtin:digits as the training split (no val/test)."""
     import dataclasses
 
-    from pipeline.sources import load_source
+    from pipeline.data.sources import load_source
 
     split = load_source("builtin:digits", seed=seed)
     pool = [*split.train, *split.val]
@@ -283,7 +283,7 @@ def bundled_onnx(work: Path) -> Path:
 
 
 def train_config(*, epochs: int, batch_size: int = 32, **overrides: Any) -> TrainConfig:
-    from pipeline.train import TrainConfig
+    from pipeline.train.loop import TrainConfig
 
     return TrainConfig(epochs=epochs, batch_size=batch_size, device="cpu", **overrides)
 
@@ -318,10 +318,10 @@ def time_training_path(
     how batches reach the trainable part, and that is what is timed. The feature cache is keyed
     by the model's sha256; passing none disables it, so every run pays for its own features.
     """
-    from pipeline import fastpath
-    from pipeline.adapt import build_model
     from pipeline.surgery import make_plan
-    from pipeline.train import make_optimizer, train_one_epoch
+    from pipeline.surgery.build import build_model
+    from pipeline.train import fastpath
+    from pipeline.train.loop import make_optimizer, train_one_epoch
 
     imported, adapted = build_model(
         onnx_path, num_classes=len(split.class_names), hidden=None, dropout=0.0, seed=config.seed

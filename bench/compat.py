@@ -212,7 +212,7 @@ def _train_and_deploy(
 
 def _some_images(source: str, n: int = 3) -> list[str]:
     """A few image files of a folder source, for `zoo predict`."""
-    from pipeline.images import is_image_name
+    from pipeline.data.images import is_image_name
 
     found = sorted(p for p in Path(source).rglob("*") if p.is_file() and is_image_name(p.name))
     return [str(p) for p in found[:: max(1, len(found) // n)][:n]] or [source]

@@ -1,7 +1,7 @@
 """Benchmark 4: the exported model in onnxruntime against the PyTorch model it came from; INT8 against fp32.
 
 The adapted model (bundled efficientnet-lite0 with a new 10-class head) is exported by
-`pipeline.export.export_model` and quantised by `pipeline.quantize.quantize_int8`, as
+`pipeline.export.write.export_model` and quantised by `pipeline.export.quantize.quantize_int8`, as
 `zoo export --int8` does. Batch-1 latency and batch-N throughput, interleaved.
 """
 
@@ -43,7 +43,7 @@ def _torch_runner(model: Any) -> Callable[[Any], Any]:
 
 
 def _ort_runner(path: Path, provider: str = "CPUExecutionProvider") -> Callable[[Any], Any]:
-    from pipeline.runtimes import create_session
+    from pipeline.core.sessions import create_session
 
     session = create_session(path, provider)
     input_name = session.get_inputs()[0].name
@@ -62,10 +62,10 @@ def per_call_seconds(infer: Callable[[Any], Any], batch: Any, *, calls: int) -> 
 
 def exported_models(work: Path) -> tuple[Any, Path, Path, Any]:
     """(adapted torch model, fp32 ONNX path, INT8 ONNX path, a preprocessed image batch source)."""
-    from pipeline.adapt import build_model
-    from pipeline.export import export_model
-    from pipeline.fastpath import preprocessed_batch
-    from pipeline.quantize import quantize_int8
+    from pipeline.export.quantize import quantize_int8
+    from pipeline.export.write import export_model
+    from pipeline.surgery.build import build_model
+    from pipeline.train.fastpath import preprocessed_batch
 
     split = digits_split(images=CALIBRATION_IMAGES)
     preprocess = preprocess_at(IMAGE_SIZE)

@@ -36,22 +36,23 @@ IMAGE_SIZE = 224
 
 def floor_seconds(*, onnx_path: Path, split, preprocess) -> float:  # noqa: ANN001
     """One onnxruntime pass of the backbone (cut at the feature tensor) over the training images."""
-    from pipeline import fastpath, features
     from pipeline.convert import import_model
+    from pipeline.core import sessions
+    from pipeline.train import fastpath, features
 
     imported = import_model(onnx_path, check_fidelity=False)
     probe = imported.probe
     cut = features.cut_at(
         imported.onnx_model, input_name=probe.input_name, output_name=probe.feature_name
     )
-    session = features.ort_session(cut)
+    session = sessions.ort_session(cut)
     samples = split.train
     started = time.perf_counter()
     batches = (
         fastpath.preprocessed_batch(samples[i : i + fastpath.EVAL_BATCH], preprocess)
         for i in range(0, len(samples), fastpath.EVAL_BATCH)
     )
-    features.run_batches(session, input_name=probe.input_name, batches=batches)
+    sessions.run_batches(session, input_name=probe.input_name, batches=batches)
     return time.perf_counter() - started
 
 

@@ -94,7 +94,8 @@ def rows_for(scale: Scale) -> list[tuple[str, list[str]]]:
 def worker(mode: str, argv: Sequence[str]) -> None:
     """Run `zoo` in this process, as shipped or with exact decoding and float32 prefixes."""
     if mode == "exact":
-        from pipeline import fastpath, features, images
+        from pipeline.data import images
+        from pipeline.train import fastpath, features
 
         images.decode_size = lambda preprocess: None  # open_for decodes at full size
         fastpath.PREFIX_STORAGE = "float32"

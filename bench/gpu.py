@@ -95,7 +95,7 @@ def run(scale: Scale, *, work: Path) -> Section:
             [markdown_table(columns, [["all rows", "not run: no GPU", "", "", ""]])],
             command=scale.command(KEY),
         )
-    from pipeline.adapt import build_model
+    from pipeline.surgery.build import build_model
 
     _, adapted = build_model(bundled_onnx(work), num_classes=10, hidden=None, dropout=0.0, seed=0)
     rows = finetune_rows(

@@ -71,7 +71,7 @@ def worker(mode: str, *, onnx_path: Path, images: int, work: Path) -> None:
     """The measured work: one epoch of fine-tuning on `images` images, or only the set-up."""
     split = digits_split(images=images)
     if mode == "baseline":
-        from pipeline.adapt import build_model
+        from pipeline.surgery.build import build_model
 
         build_model(onnx_path, num_classes=10, hidden=None, dropout=0.0, seed=0)
         return

@@ -145,7 +145,7 @@ def zoo_worker(argv: Sequence[str]) -> int:
 
 def image_paths(folder: Path) -> list[str]:
     """The images of a class-folder data set, as zoo lists them."""
-    from pipeline.images import scan_class_folder, visible_dirs
+    from pipeline.data.images import scan_class_folder, visible_dirs
 
     return [path for d in visible_dirs(folder) for path in scan_class_folder(d, [])]
 
@@ -155,7 +155,7 @@ def floor(folder: Path, onnx_path: Path, *, batch: int = FLOOR_BATCH) -> int:
     import numpy as np
     import onnxruntime as ort
 
-    from pipeline.images import open_for, preprocess_image
+    from pipeline.data.images import open_for, preprocess_image
     from zoo.catalog import load_catalog
 
     preprocess = load_catalog().resolve(MODEL_NAME).preprocess

@@ -28,7 +28,7 @@ MARKER = ".complete"  # hidden: zoo's folder scan ignores it
 
 def class_sources(source: Path) -> dict[str, list[Path]]:
     """Image files of each class folder of `source`, sorted; classes without images left out."""
-    from pipeline.images import is_image_name, visible_dirs
+    from pipeline.data.images import is_image_name, visible_dirs
 
     classes = {
         folder.name: sorted(p for p in folder.iterdir() if p.is_file() and is_image_name(p.name))

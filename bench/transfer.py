@@ -2,7 +2,7 @@
 
 On each set (flowers5 and textures10 from ../shared/datasets, skipped with a note when absent, plus
 builtin:digits as the case unlike ImageNet) every row uses the same seeded split: the linear probe
-(`pipeline.rank.linear_probe` on frozen features, the bar a practitioner gets in a few lines),
+(`pipeline.train.rank.linear_probe` on frozen features, the bar a practitioner gets in a few lines),
 `zoo adapt` with each strategy, and `zoo adapt` with every option at its default. Then the same rows
 at fewer training images per class, for the plot. Accuracy is not a timing: one seeded run per cell.
 """
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from bench.common import MODEL_NAME, Scale, Section, markdown_table
 
 if TYPE_CHECKING:
-    from pipeline.data import DataSplit
+    from pipeline.data.split import DataSplit
 
 KEY = "transfer"
 TITLE = "5. Transfer learning on real photos: probe, every strategy, scratch, defaults"
@@ -73,7 +73,7 @@ def workspace(work: Path) -> Path:
 def _split(data: DataSet, scale: Scale, per_class: int | None) -> DataSplit:
     """The seed-0 split `zoo adapt --seed 0` makes; training (and in quick runs all) parts subsampled."""
     from pipeline.adapt import AdaptOptions, prepare_data
-    from pipeline.data import subsample_per_class
+    from pipeline.data.split import subsample_per_class
 
     split = prepare_data(
         AdaptOptions(data=data.source, train_per_class=per_class, seed=0), run_dir=None
@@ -100,8 +100,8 @@ class Row:
 
 def probe_row(split: DataSplit, *, models_dir: Path) -> Row:
     """The probe at the size `zoo adapt` uses by default on this data, on the same split."""
-    from pipeline.diskcache import features_dir
-    from pipeline.rank import native_preprocess, open_backbone, probe_split
+    from pipeline.core.diskcache import features_dir
+    from pipeline.train.rank import native_preprocess, open_backbone, probe_split
     from zoo.catalog import load_catalog
     from zoo.workspace import open_model
 
@@ -220,7 +220,7 @@ def run(scale: Scale, *, work: Path) -> Section:
     body = [
         f"Model: bundled {MODEL_NAME}. Each set's rows share one seeded split (`--seed 0`, 60/20/20); "
         "test accuracy, and wall time in seconds (context only: the machine is shared). Rows: **probe** = "
-        "`pipeline.rank.linear_probe`, scikit-learn LogisticRegression on standardised frozen features "
+        "`pipeline.train.rank.linear_probe`, scikit-learn LogisticRegression on standardised frozen features "
         "(C from 0.01/0.1/1 picked on validation), at the size `zoo adapt` uses by default (224 px for photos, "
         "64 px for digits); **feature** = `zoo adapt --strategy feature` with every other option at its default; "
         "**finetune/gradual/full/scratch** = `zoo adapt --strategy S` with the epochs and image size named per "

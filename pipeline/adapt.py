@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from pipeline import runs
-from pipeline.train import TrainConfig, TrainState, count_trainable
+from pipeline.core import runs
+from pipeline.surgery.build import build_model
+from pipeline.train.loop import TrainConfig, TrainState, count_trainable
 from zoo.catalog import Preprocess
 from zoo.errors import DataError, NotFound, UnsupportedModel, ZooError
 from zoo.files import write_json
@@ -24,10 +25,10 @@ from zoo.files import write_json
 if TYPE_CHECKING:
     from torch import nn
 
-    from pipeline.data import DataSplit
-    from pipeline.distributed import DistContext
-    from pipeline.report import Metrics
-    from pipeline.train import EvalResult
+    from pipeline.core.distributed import DistContext
+    from pipeline.data.split import DataSplit
+    from pipeline.report.metrics import Metrics
+    from pipeline.train.loop import EvalResult
     from zoo.catalog import Catalog
     from zoo.preprocess import PreprocessRequest
 
@@ -139,8 +140,8 @@ def _resolve_preprocess(native: Preprocess, split: DataSplit, image_size: int | 
 
 def prepare_data(options: AdaptOptions, *, run_dir: Path | None) -> DataSplit:
     """The split: reloaded from the run when resuming, else loaded, checked and maybe subsampled."""
-    from pipeline.data import DataSplit, subsample_per_class
-    from pipeline.sources import load_source
+    from pipeline.data.sources import load_source
+    from pipeline.data.split import DataSplit, subsample_per_class
 
     split_file = run_dir / runs.SPLIT_FILE if run_dir else None
     if split_file and split_file.exists():
@@ -164,30 +165,6 @@ def prepare_data(options: AdaptOptions, *, run_dir: Path | None) -> DataSplit:
             train=subsample_per_class(split.train, options.train_per_class, seed=options.seed),
         )
     return split
-
-
-def build_model(
-    onnx_path: Path,
-    *,
-    num_classes: int,
-    hidden: int | None,
-    dropout: float,
-    seed: int,
-    import_cache: Path | None = None,
-) -> tuple[Any, nn.Module]:
-    """Import the zoo model and give it a new head; returns (imported, adapted model).
-
-    `import_cache`: a workspace's cache of checked imports, reused by later runs.
-    """
-    import torch
-
-    from pipeline.convert import import_model
-    from pipeline.surgery import replace_head
-
-    imported = import_model(onnx_path, cache_dir=import_cache)
-    torch.manual_seed(seed)  # the new head's initial weights depend on the seed alone
-    adapted = replace_head(imported, imported.probe, num_classes, hidden=hidden, dropout=dropout)
-    return imported, adapted
 
 
 def _check_input_size(model: nn.Module, preprocess: Preprocess, model_name: str) -> None:
@@ -290,14 +267,14 @@ def _auto_strategy(
     cache_dir: Path,
     log: Callable[[str], None],
 ) -> StrategyChoice:
-    """`--strategy auto`: measured on the validation split (pipeline.surgery.auto), never on test."""
-    from pipeline.fastpath import preprocessed_batch
-    from pipeline.surgery.auto import (
+    """`--strategy auto`: measured on the validation split (pipeline.train.auto), never on test."""
+    from pipeline.train.auto import (
         IMAGENET_CLASSES,
         choose_strategy,
         imagenet_confidence,
         measure,
     )
+    from pipeline.train.fastpath import preprocessed_batch
 
     confidence = None
     if imported.probe.num_classes == IMAGENET_CLASSES:
@@ -358,7 +335,7 @@ def default_augment(strategy: str, split: DataSplit) -> str:
     `feature` solves its head on cached features of the unaugmented images (augmentation would
     defeat the cache); built-in sets like digits are not photos and stay unaugmented.
     """
-    from pipeline.images import BUILTIN_PREFIX
+    from pipeline.data.images import BUILTIN_PREFIX
 
     photos = not split.source.startswith(BUILTIN_PREFIX)
     return "light" if photos and strategy in AUGMENTED_STRATEGIES else "none"
@@ -366,7 +343,7 @@ def default_augment(strategy: str, split: DataSplit) -> str:
 
 def _flip(options: AdaptOptions, split: DataSplit, log: Callable[[str], None]) -> bool:
     """Horizontal flips in augmentation: as --flip/--no-flip says, else unless the data forbids them."""
-    from pipeline.sources import mirror_safe
+    from pipeline.data.sources import mirror_safe
 
     if options.flip is not None:
         return options.flip
@@ -382,8 +359,8 @@ def _calibrate_scratch(adapted: nn.Module, split: DataSplit, preprocess: Preproc
     """Scale the re-initialised layers to unit variance on up to 32 training images, spread over the split."""
     import torch
 
-    from pipeline.fastpath import preprocessed_batch
     from pipeline.surgery import calibrate_scales
+    from pipeline.train.fastpath import preprocessed_batch
 
     samples = split.train[:: max(1, len(split.train) // 32)][:32]
     return calibrate_scales(adapted, torch.from_numpy(preprocessed_batch(samples, preprocess)))
@@ -432,13 +409,13 @@ class _Run:
 
     @property
     def cache_dir(self) -> Path:
-        from pipeline.diskcache import features_dir
+        from pipeline.core.diskcache import features_dir
 
         return features_dir(self.models_dir)
 
     @property
     def import_cache_dir(self) -> Path:
-        from pipeline.diskcache import imports_dir
+        from pipeline.core.diskcache import imports_dir
 
         return imports_dir(self.models_dir)
 
@@ -471,8 +448,8 @@ def adapt(
     Under `dist` (a worker of a distributed run) the main worker alone touches the run directory
     and hands the others what they need from it.
     """
-    from pipeline.distributed import SINGLE
-    from pipeline.progress import showing
+    from pipeline.core.distributed import SINGLE
+    from pipeline.core.progress import showing
     from zoo.console import stage_bar_factory
 
     with showing(stage_bar_factory() if progress else None):
@@ -497,9 +474,9 @@ def _adapt(
     split: DataSplit | None,
     dist: DistContext,
 ) -> AdaptResult | None:
-    from pipeline.device import hold_freed_memory
+    from pipeline.core.device import hold_freed_memory
     from pipeline.surgery import discover_blocks
-    from pipeline.train import resolve_device
+    from pipeline.train.loop import resolve_device
 
     started = time.perf_counter()
     laps = _Laps(started)
@@ -767,8 +744,8 @@ def _training_setup(
     preprocess: Preprocess,
     config: TrainConfig,
 ) -> Any:
-    """Augmentation, then the fastest path for the batches (pipeline.fastpath)."""
-    from pipeline import fastpath
+    """Augmentation, then the fastest path for the batches (pipeline.train.fastpath)."""
+    from pipeline.train import fastpath
 
     options = run.options
     augment = options.augment or default_augment(strategy, run.split)
@@ -801,10 +778,10 @@ def _train(
     *,
     progress: bool,
 ) -> TrainState:
-    """Train by epochs (pipeline.train), or solve a head on cached features (pipeline.solve)."""
+    """Train by epochs (pipeline.train.loop), or solve a head on cached features (pipeline.train.solve)."""
     if setup.head_features is not None:
         # Only the head trains, on features that never change: solve it (seconds) instead.
-        from pipeline.solve import fit_head
+        from pipeline.train.solve import fit_head
 
         solved = fit_head(
             setup.model.head,
@@ -818,7 +795,7 @@ def _train(
         )
         record["head_fit"] = solved.to_dict()
         return solved.state
-    from pipeline.train import fit
+    from pipeline.train.loop import fit
     from zoo.console import epoch_bar_factory
 
     return fit(
@@ -851,8 +828,8 @@ def _settle(
     run: _Run, choice: StrategyChoice, state: TrainState, record: dict[str, Any]
 ) -> tuple[StrategyChoice, bool]:
     """`auto`'s fine-tune against the probe on validation: the choice that stands, and whether it
-    is the probe's head (pipeline.surgery.auto.settle). Every worker gets the main worker's word."""
-    from pipeline.surgery.auto import AutoEvidence, settle
+    is the probe's head (pipeline.train.auto.settle). Every worker gets the main worker's word."""
+    from pipeline.train.auto import AutoEvidence, settle
 
     settled = None
     if run.dist.is_main:
@@ -876,7 +853,7 @@ def final_evaluation(
     setup: Any, split: DataSplit, *, config: TrainConfig, log: Callable[[str], None]
 ) -> tuple[str, EvalResult]:
     """The best weights on the test split ("test"), or on validation when there is none ("val")."""
-    from pipeline.train import evaluate
+    from pipeline.train.loop import evaluate
 
     # Without a test split (train/ + val/ folders) the validation images are all there is to report.
     metrics_split = "test" if split.test else "val"
@@ -905,9 +882,9 @@ def _write_results(
     seconds: float,
 ) -> Metrics:
     """The plots, metrics, per-image predictions and report.html, and run.json marked done."""
-    from pipeline.predictions import PREDICTIONS_FILE, image_predictions, write_predictions
-    from pipeline.report import write_run_report
-    from pipeline.report_html import refresh_report
+    from pipeline.report.html import refresh_report
+    from pipeline.report.metrics import write_run_report
+    from pipeline.report.predictions import PREDICTIONS_FILE, image_predictions, write_predictions
 
     metrics = write_run_report(
         run.run_dir,

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import runs
 from pipeline.adapt import STRATEGIES, AdaptOptions, AdaptResult, adapt, prepare_data
+from pipeline.core import runs
 from zoo.errors import ZooError
 from zoo.files import write_json
 
@@ -71,8 +71,8 @@ def compare(
     progress: bool = False,
 ) -> ComparisonResult:
     """Train each strategy on the same split and write a comparison table and plot."""
-    from pipeline.report import plot_comparison
-    from pipeline.report_html import refresh_report
+    from pipeline.report.html import refresh_report
+    from pipeline.report.metrics import plot_comparison
 
     split = prepare_data(options, run_dir=None)
     model_name = options.model or "latest"

@@ -21,11 +21,12 @@ from click.testing import CliRunner
 from image_builders import build_awkward_folder, make_image_folder, write_rgb
 
 from cli import main
-from pipeline.adapt import AdaptOptions, AdaptResult, adapt, build_model
-from pipeline.data import DataSplit
-from pipeline.deploy import load_run
-from pipeline.surgery.auto import AutoEvidence, choose_strategy, settle
-from pipeline.train import RESUME_POINT
+from pipeline.adapt import AdaptOptions, AdaptResult, adapt
+from pipeline.data.split import DataSplit
+from pipeline.export.deploy import load_run
+from pipeline.surgery.build import build_model
+from pipeline.train.auto import AutoEvidence, choose_strategy, settle
+from pipeline.train.loop import RESUME_POINT
 from zoo.catalog import Catalog, load_catalog
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.adapt import build_model
-from pipeline.data import DataSplit, Sample, subsample_per_class
-from pipeline.sources import load_source
+from pipeline.data.sources import load_source
+from pipeline.data.split import DataSplit, Sample, subsample_per_class
 from pipeline.surgery import discover_blocks
-from pipeline.surgery.auto import AutoEvidence, choose_strategy, measure, settle
-from pipeline.train import TrainConfig
+from pipeline.surgery.build import build_model
+from pipeline.train.auto import AutoEvidence, choose_strategy, measure, settle
+from pipeline.train.loop import TrainConfig
 from zoo.catalog import Preprocess, load_catalog
 from zoo.workspace import open_model
 

@@ -314,7 +314,8 @@ def test_fidelity_exact_worker_decodes_full_size_and_keeps_float32(
 ) -> None:
     """The exact worker really switches off draft decoding and float16 before running the CLI."""
     from bench import fidelity
-    from pipeline import fastpath, features, images
+    from pipeline.data import images
+    from pipeline.train import fastpath, features
     from zoo.catalog import IMAGENET_PREPROCESS as preprocess
 
     seen: list[list[str]] = []

@@ -58,7 +58,7 @@ def test_bundled_onnx_ranks_a_cat_first_for_chelsea(
     from PIL import Image
     from skimage import data
 
-    from pipeline.images import preprocess_image
+    from pipeline.data.images import preprocess_image
 
     path = bundled_onnx_of(name)
     preprocess = load_catalog().resolve(name).preprocess

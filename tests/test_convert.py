@@ -29,7 +29,7 @@ from pipeline.convert import (
     unconvertible_ops,
     weight_initializers,
 )
-from pipeline.probe import HEAD_KINDS, head_kind, probe, register_head_kind
+from pipeline.convert.probe import HEAD_KINDS, head_kind, probe, register_head_kind
 from zoo.errors import ImportFidelityError, InvalidModelFile, UnsupportedModel
 
 # Every architecture at opsets 13 and 17; a few also at 9 and 12 (older exporter paths).
@@ -302,7 +302,7 @@ def test_inspect_bundled_efficientnet_lite0(bundled_onnx: Path) -> None:
 
     from rich.console import Console
 
-    from pipeline.inspect import inspect_model, render
+    from pipeline.surgery.inspect import inspect_model, render
 
     report = inspect_model(bundled_onnx, name="efficientnet-lite0")
     found = report.probe

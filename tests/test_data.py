@@ -1,4 +1,4 @@
-"""Tests of pipeline/data.py and pipeline/images.py: sources, splits, decoding, preprocessing."""
+"""Tests of pipeline/data/: sources, splits, decoding, preprocessing."""
 
 from __future__ import annotations
 
@@ -27,21 +27,21 @@ from image_builders import (
 )
 from PIL import Image
 
-from pipeline.data import (
-    DataSplit,
-    ImageDataset,
-    Sample,
-    stratified_split,
-    subsample_per_class,
-)
-from pipeline.images import (
+from pipeline.data.images import (
     UnreadableImage,
     build_augmentation,
     find_unreadable,
     open_image,
     preprocess_image,
 )
-from pipeline.sources import load_source, mirror_safe
+from pipeline.data.sources import load_source, mirror_safe
+from pipeline.data.split import (
+    DataSplit,
+    ImageDataset,
+    Sample,
+    stratified_split,
+    subsample_per_class,
+)
 from zoo.catalog import IMAGENET_PREPROCESS, Preprocess
 from zoo.errors import DataError
 
@@ -172,7 +172,7 @@ def test_split_json_round_trip(tmp_path: Path) -> None:
 
 def test_awkward_folder_skips_bad_files_and_uses_the_rest(tmp_path: Path, caplog) -> None:
     expected = build_awkward_folder(tmp_path / "awk")
-    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.split"):
         split = load_source(str(tmp_path / "awk"))
     assert split.class_names == ["café au lait", "plain", "猫"]
     used = sorted(s.ref for part in (split.train, split.val, split.test) for s in part)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from pipeline.images import decode_size, open_for, open_image, preprocess_image
+from pipeline.data.images import decode_size, open_for, open_image, preprocess_image
 from zoo.preprocess import PRESETS
 
 pytestmark = pytest.mark.slow  # full decodes of 2400 x 1800 JPEGs
@@ -100,7 +100,7 @@ def test_checking_whole_jpegs_and_pngs_reads_headers_only(
     """Validation decodes nothing of a whole JPEG or PNG; a cut file is still decoded and refused."""
     from PIL import Image
 
-    from pipeline import images
+    from pipeline.data import images
 
     whole_jpeg, whole_png = tmp_path / "a.jpg", tmp_path / "b.png"
     Image.new("RGB", (640, 480), (10, 200, 30)).save(whole_jpeg, quality=90)

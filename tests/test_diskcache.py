@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import diskcache, features
+from pipeline.core import diskcache
+from pipeline.train import features
 
 
 def _store(models_dir: Path, key: str, rows: int, *, used: float) -> Path:

@@ -18,8 +18,8 @@ import torch
 from click.testing import CliRunner
 
 from cli import _argv_of, main
-from pipeline import distributed
-from pipeline.distributed import DistContext, Launch, interleave
+from pipeline.core import distributed
+from pipeline.core.distributed import DistContext, Launch, interleave
 from zoo.errors import TrainingError, ZooError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -127,7 +127,7 @@ def test_the_training_loop_sees_no_ranks() -> None:
     counted = {"rank", "world_size", "local_rank", "enabled", "backend"}
     names = {m for m in vars(distributed.Workers) if not m.startswith("_")}
     assert names <= set(dir(DistContext)), "DistContext lacks a method of the Workers interface"
-    for module in ("train", "fastpath", "checkpoint"):
+    for module in ("train/loop", "train/fastpath", "core/checkpoint"):
         tree = ast.parse((REPO / "pipeline" / f"{module}.py").read_text())
         read = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} & counted
         assert not read, f"pipeline/{module}.py reads {sorted(read)} of the distributed context"
@@ -196,7 +196,7 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def initial_head(workspace: Path) -> dict[str, torch.Tensor]:
     """The new head's weights before any step (they depend on the seed alone)."""
-    from pipeline.adapt import build_model
+    from pipeline.surgery.build import build_model
 
     onnx_path = workspace / "efficientnet-lite0" / "model.onnx"
     _, adapted = build_model(onnx_path, num_classes=3, hidden=None, dropout=0.0, seed=0)

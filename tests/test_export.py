@@ -23,7 +23,10 @@ from test_verify import (
     tiny_cnn,
 )
 
-from pipeline.export import (
+from pipeline.core.sessions import create_session
+from pipeline.export.quantize import Int8Report, compare_int8, default_int8_path, quantize_int8
+from pipeline.export.verify import VerifyInputs, verify
+from pipeline.export.write import (
     REPORT_NAME,
     ExportResult,
     decode_metadata,
@@ -31,9 +34,6 @@ from pipeline.export import (
     export_model,
     read_metadata,
 )
-from pipeline.quantize import Int8Report, compare_int8, default_int8_path, quantize_int8
-from pipeline.runtimes import create_session
-from pipeline.verify import VerifyInputs, verify
 from zoo.catalog import IMAGENET_PREPROCESS, Preprocess
 from zoo.errors import UnsupportedModel, VerificationFailed
 from zoo.onnxfile import load_onnx

@@ -19,10 +19,10 @@ import pytest
 from onnx_builders import TORCHVISION_ARCHS, input_size
 
 from pipeline.adapt import AdaptOptions, AdaptResult, adapt
-from pipeline.data import DataSplit, subsample_per_class
-from pipeline.deploy import export_run, gate_inputs, load_run
-from pipeline.runtimes import runtime_check
-from pipeline.sources import load_source
+from pipeline.data.sources import load_source
+from pipeline.data.split import DataSplit, subsample_per_class
+from pipeline.export.deploy import export_run, gate_inputs, load_run
+from pipeline.export.runtimes import runtime_check
 from zoo.cache import fetch
 from zoo.catalog import BUNDLED_NAME, IMAGENET_PREPROCESS, Catalog, load_catalog
 from zoo.files import sha256_file

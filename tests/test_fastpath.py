@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import fastpath
-from pipeline.adapt import build_model
-from pipeline.data import DataSplit, subsample_per_class
-from pipeline.fastpath import prepare
-from pipeline.sources import load_source
+from pipeline.data.sources import load_source
+from pipeline.data.split import DataSplit, subsample_per_class
 from pipeline.surgery import make_plan
-from pipeline.train import TrainConfig, TrainState, fit
+from pipeline.surgery.build import build_model
+from pipeline.train import fastpath
+from pipeline.train.fastpath import prepare
+from pipeline.train.loop import TrainConfig, TrainState, fit
 from zoo.catalog import Preprocess, load_catalog
 from zoo.workspace import open_model
 
@@ -238,7 +238,7 @@ def test_feature_cache_key_follows_the_image_files(tmp_path: Path) -> None:
     """A photo replaced under the same name gets new features; an untouched one keeps its key."""
     import os
 
-    from pipeline.features import cache_key
+    from pipeline.train.features import cache_key
 
     photo = tmp_path / "a.jpg"
     photo.write_bytes(b"one")
@@ -253,7 +253,7 @@ def test_feature_cache_key_follows_the_image_files(tmp_path: Path) -> None:
 def test_prefetching_keeps_the_order_stays_one_ahead_and_raises_where_the_batch_failed() -> None:
     import time
 
-    from pipeline.features import prefetched
+    from pipeline.core.sessions import prefetched
 
     assert list(prefetched(iter(range(5)))) == [0, 1, 2, 3, 4]
     produced: list[int] = []

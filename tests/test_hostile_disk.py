@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from httpserver import LocalServer, http_server, no_proxy, tiny_model_bytes
 
 from cli import main
-from pipeline.checkpoint import load_weights, save_weights
+from pipeline.core.checkpoint import load_weights, save_weights
 from zoo import download as download_module
 from zoo.cache import fetch
 from zoo.catalog import Catalog

@@ -24,8 +24,8 @@ from image_builders import (
 )
 from PIL import Image, ImageFile
 
-from pipeline.images import UnreadableImage, find_unreadable, open_image
-from pipeline.sources import load_source
+from pipeline.data.images import UnreadableImage, find_unreadable, open_image
+from pipeline.data.sources import load_source
 
 BAD: dict[str, tuple[Callable[[Path], Path], str]] = {
     "zero-bytes": (lambda p: write_zero_bytes(p / "a.png"), "empty file"),

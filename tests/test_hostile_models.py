@@ -191,7 +191,7 @@ def test_external_data_past_the_end_of_its_file_is_refused(
 def test_export_writes_only_inside_its_output_folder(tmp_path: Path) -> None:
     import torch
 
-    from pipeline.export import export_model
+    from pipeline.export.write import export_model
 
     def tree() -> set[str]:
         return {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")}
@@ -456,7 +456,7 @@ _inspect_leaks: list[BaseException] = []  # non-ZooErrors out of `zoo inspect`, 
 def test_fuzzed_models_fetch_and_inspect_or_fail_with_a_zoo_error(
     edits: list[tuple[int, int]], cut: int | None
 ) -> None:
-    from pipeline.inspect import inspect_model
+    from pipeline.surgery.inspect import inspect_model
 
     data = bytearray(BASE_MODEL)
     for position, value in edits:

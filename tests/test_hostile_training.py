@@ -15,8 +15,8 @@ import pytest
 import torch
 from test_train import _data, _fit, _model
 
-from pipeline.checkpoint import load_resume_point, load_weights
-from pipeline.train import BEST_CHECKPOINT, RESUME_POINT
+from pipeline.core.checkpoint import load_resume_point, load_weights
+from pipeline.train.loop import BEST_CHECKPOINT, RESUME_POINT
 from zoo.errors import InvalidModelFile, TrainingError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,7 +45,7 @@ CHILD = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-import pipeline.checkpoint as checkpoint
+import pipeline.core.checkpoint as checkpoint
 from test_train import _fit
 
 real_write = checkpoint.atomic_write
@@ -114,7 +114,7 @@ def _fit_model(model: torch.nn.Module, tmp_path: Path, **config: object):
     from test_train import HeadOnlyPlan
     from torch.utils.data import DataLoader
 
-    from pipeline.train import TrainConfig, fit
+    from pipeline.train.loop import TrainConfig, fit
 
     train, val = _data(96, 0), _data(48, 1)
     return fit(

@@ -248,7 +248,7 @@ def test_fetch_with_flags_records_a_user_entry_and_adapt_uses_it(tmp_path: Path)
 
 
 def _with_zoo_metadata(model: onnx.ModelProto, preprocess: Preprocess) -> onnx.ModelProto:
-    from pipeline.export import encode_metadata
+    from pipeline.export.write import encode_metadata
 
     props = encode_metadata(
         {"labels": ["cat", "dog", "fox", "owl", "elk"], "preprocess": preprocess}

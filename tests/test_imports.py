@@ -5,15 +5,19 @@ circle, the two modules still depend on each other. Imports under `if TYPE_CHECK
 out (they never run). `import zoo.catalog` and `from zoo.catalog import X` are edges to
 `zoo.catalog` alone, not also to the package `zoo/__init__` that Python runs first: modelling that
 would make every package's `__init__` part of every circle through it, which is not a design fact.
-`from pipeline import runs` where `runs` is a submodule is an edge to `pipeline.runs`; `from zoo
+`from pipeline import runs` where `runs` is a submodule is an edge to `pipeline.core.runs`; `from zoo
 import fetch` (a name, not a submodule) is an edge to `zoo/__init__`.
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("zoo", "pipeline")
@@ -176,3 +180,77 @@ def test_zoo_and_pipeline_import_without_circles() -> None:
         edges = sorted(f"{m} -> {t}" for m in component for t in graph[m] if t in members)
         lines.append(f"{' <-> '.join(component)}: {'; '.join(edges)}")
     assert not found, "import circles:\n" + "\n".join(lines)
+
+
+# The pipeline's stages in the order data flows; a stage imports only itself and earlier ones.
+STAGES = ("core", "convert", "surgery", "data", "train", "export", "report")
+
+
+def stage_of(module: str) -> int | None:
+    """The rank of a `pipeline.<stage>...` module in STAGES; None for the conductor and `zoo`."""
+    parts = module.split(".")
+    if parts[0] != "pipeline" or len(parts) < 2 or parts[1] not in STAGES:
+        return None
+    return STAGES.index(parts[1])
+
+
+def backward_imports(graph: Mapping[str, Iterable[str]]) -> list[str]:
+    """Each import of a stage module that reaches a later stage, or the conductor above them all."""
+    found = []
+    for module, targets in sorted(graph.items()):
+        rank = stage_of(module)
+        if rank is None:
+            continue
+        for target in sorted(targets):
+            target_rank = stage_of(target)
+            above = target.startswith("pipeline.") and target_rank is None
+            if above or (target_rank is not None and target_rank > rank):
+                found.append(f"{module} -> {target}")
+    return found
+
+
+def test_backward_import_finder_flags_later_stages_only() -> None:
+    graph = {
+        "pipeline.core.runs": {"zoo.errors"},
+        "pipeline.train.loop": {
+            "pipeline.core.runs",
+            "pipeline.data.split",
+            "pipeline.train.solve",
+        },
+        "pipeline.data.split": {"pipeline.report.metrics"},  # a later stage
+        "pipeline.export.deploy": {"pipeline.adapt"},  # the conductor above every stage
+        "pipeline.adapt": {"pipeline.report.html", "pipeline.train.loop"},  # the conductor may
+    }
+    assert backward_imports(graph) == [
+        "pipeline.data.split -> pipeline.report.metrics",
+        "pipeline.export.deploy -> pipeline.adapt",
+    ]
+
+
+def test_stages_import_only_earlier_stages() -> None:
+    graph = import_graph()
+    assert {stage_of(m) for m in graph} >= set(range(len(STAGES))), "a stage folder is missing"
+    found = backward_imports(graph)
+    assert not found, "stage imports against the data flow:\n" + "\n".join(found)
+
+
+HEAVY = ("torch", "onnxruntime", "matplotlib")
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import zoo",
+        "import cli; from click.testing import CliRunner; CliRunner().invoke(cli.main, ['--help'])",
+        "import cli; from click.testing import CliRunner; CliRunner().invoke(cli.main, ['adapt', '--help'])",
+    ],
+    ids=["import-zoo", "zoo-help", "zoo-adapt-help"],
+)
+def test_start_up_imports_no_heavy_library(code: str) -> None:
+    """`import zoo` and `zoo --help` stay fast however imports move to the top of modules."""
+    probe = f"import sys; {code}; print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout

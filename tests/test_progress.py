@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline import progress
-from pipeline.images import find_unreadable
+from pipeline.core import progress
+from pipeline.data.images import find_unreadable
 
 
 class Recorder:

@@ -22,7 +22,7 @@ from onnx_builders import TINY_GRAPHS, save
 from cli import main
 from pipeline.convert import import_model
 from pipeline.convert.normalisation import normalise
-from pipeline.probe import probe
+from pipeline.convert.probe import probe
 from zoo.files import sha256_file
 
 # Preprocessing of each quirk's catalog entry (8 px digits): Caffe BGR 0-255 minus means for the

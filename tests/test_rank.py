@@ -13,7 +13,7 @@ from image_builders import write_solid
 from onnx_builders import SIZE, conv_head, gemm_head, save
 
 from cli import main
-from pipeline import rank
+from pipeline.train import rank
 from zoo.catalog import IMAGENET_PREPROCESS, load_catalog
 from zoo.errors import DataError
 from zoo.files import sha256_file
@@ -138,7 +138,7 @@ def test_rank_probes_each_candidate_and_gives_reasons(tiny_zoo, tmp_path, monkey
     assert result.best.name == result.models[0].name
     assert result.recommendation == f"adapt with: zoo adapt {result.best.name} --data {data}"
     # Only training and validation images are ever featurised: the test split stays untouched.
-    from pipeline.sources import load_source
+    from pipeline.data.sources import load_source
 
     split = load_source(str(data), seed=0)
     assert set(seen) == {s.ref for s in [*split.train, *split.val]}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.registry import Registry
+from pipeline.core.registry import Registry
 from zoo.errors import DataError, NotFound, UnsupportedModel
 
 
@@ -40,10 +40,10 @@ def test_registry_error_class_and_shown_names() -> None:
 
 
 def test_the_pipeline_registries_share_the_helper() -> None:
-    from pipeline.images import AUGMENTATIONS, BUILTIN_SETS, build_augmentation
-    from pipeline.probe import HEAD_KINDS, head_kind
-    from pipeline.runtimes import RUNTIME_CHECKS, runtime_check
-    from pipeline.sources import load_source
+    from pipeline.convert.probe import HEAD_KINDS, head_kind
+    from pipeline.data.images import AUGMENTATIONS, BUILTIN_SETS, build_augmentation
+    from pipeline.data.sources import load_source
+    from pipeline.export.runtimes import RUNTIME_CHECKS, runtime_check
     from pipeline.surgery import STRATEGIES, get_strategy
     from zoo.catalog import Preprocess
 

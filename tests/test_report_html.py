@@ -25,18 +25,18 @@ from image_builders import write_rgb
 from PIL import Image
 
 from cli import main
-from pipeline import report_html
-from pipeline.data import DataSplit, Sample
-from pipeline.predictions import (
+from pipeline.data.split import DataSplit, Sample
+from pipeline.report import html as report_html
+from pipeline.report.html import REPORT_FILE, gallery_items, refresh_report, write_report
+from pipeline.report.metrics import write_run_report
+from pipeline.report.predictions import (
     PREDICTIONS_FILE,
     ImagePrediction,
     image_predictions,
     read_predictions,
     write_predictions,
 )
-from pipeline.report import write_run_report
-from pipeline.report_html import REPORT_FILE, gallery_items, refresh_report, write_report
-from pipeline.train import EpochRecord
+from pipeline.train.loop import EpochRecord
 
 MODEL = "efficientnet-lite0"
 MAX_BYTES = 5 * 1024 * 1024
@@ -197,7 +197,7 @@ def test_page_has_every_section_and_embeds_everything(made_up_run: Path) -> None
     text = path.read_text(encoding="utf-8")
     for fact in ("probe 0.512 &lt; 0.9", "finetune", "cpu", "12.5 s", "efficientnet-lite0", "cat", "eel"):  # fmt: skip
         assert fact in text, fact
-    # The curves and the confusion matrix, drawn by pipeline.report.
+    # The curves and the confusion matrix, drawn by pipeline.report.metrics.
     assert text.count("data:image/png;base64") == 2
     assert "Not exported yet" in text
 

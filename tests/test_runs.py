@@ -22,8 +22,8 @@ from image_builders import make_image_folder, write_rgb
 from onnx_builders import SIZE, gemm_head, matmul_head, save
 
 from cli import main
-from pipeline import runs
-from pipeline.train import RESUME_POINT
+from pipeline.core import runs
+from pipeline.train.loop import RESUME_POINT
 from zoo.catalog import IMAGENET_PREPROCESS
 from zoo.files import sha256_file
 
@@ -341,7 +341,7 @@ def _check_val_run(run: Path, *, n_val: int, models_dir: Path, catalog: Path) ->
     assert f"checking it on {n_val} validation images" in one_line(err)
     code, out, err = zoo("verify", str(run / "model.onnx"), "--run", str(run), "--json", models_dir=models_dir, catalog=catalog)  # fmt: skip
     assert code == 0, err
-    from pipeline.export import read_metadata
+    from pipeline.export.write import read_metadata
 
     assert read_metadata(run / "model.onnx").metrics["split"] == "val"
 

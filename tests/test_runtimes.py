@@ -11,16 +11,16 @@ import torch
 from onnx import TensorProto, helper
 from test_verify import export_plain, image_inputs, mobilenet
 
-from pipeline.runtimes import (
+from pipeline.core.sessions import create_session
+from pipeline.export.runtimes import (
     RuntimeReport,
     check_runtime_opencv,
-    create_session,
     describe_cv2_error,
     register_runtime,
     run_session,
     runtime_check,
 )
-from pipeline.verify import VerifyInputs
+from pipeline.export.verify import VerifyInputs
 from zoo.errors import InvalidModelFile, NotFound
 
 

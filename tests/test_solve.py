@@ -10,12 +10,18 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.data import DataSplit, subsample_per_class
-from pipeline.fastpath import preprocessed_batch
-from pipeline.solve import FeatureSet, fit_head, fit_linear, fold_standardisation, is_linear_head
-from pipeline.sources import load_source
+from pipeline.data.sources import load_source
+from pipeline.data.split import DataSplit, subsample_per_class
 from pipeline.surgery import make_head
-from pipeline.train import BEST_CHECKPOINT, RESUME_POINT, TrainConfig
+from pipeline.train.fastpath import preprocessed_batch
+from pipeline.train.loop import BEST_CHECKPOINT, RESUME_POINT, TrainConfig
+from pipeline.train.solve import (
+    FeatureSet,
+    fit_head,
+    fit_linear,
+    fold_standardisation,
+    is_linear_head,
+)
 from zoo.catalog import Preprocess, load_catalog
 from zoo.workspace import open_model
 
@@ -29,9 +35,10 @@ def digit_features(bundled_workspace: Path) -> dict[str, FeatureSet]:
     """Frozen efficientnet-lite0 features (onnxruntime) of digits: 6 train, 3 val, 5 test per class."""
     import onnx
 
-    from pipeline import features
     from pipeline.convert.normalisation import normalise
-    from pipeline.probe import probe
+    from pipeline.convert.probe import probe
+    from pipeline.core import sessions
+    from pipeline.train import features
 
     path, card = open_model(
         "efficientnet-lite0", models_dir=bundled_workspace, catalog=load_catalog()
@@ -39,7 +46,7 @@ def digit_features(bundled_workspace: Path) -> dict[str, FeatureSet]:
     preprocess = Preprocess.from_dict(card["entry"]["preprocess"]).at_size(SIZE)
     model, _ = normalise(onnx.load(path))
     found = probe(model)
-    session = features.ort_session(
+    session = sessions.ort_session(
         features.cut_at(model, input_name=found.input_name, output_name=found.feature_name)
     )
     split: DataSplit = load_source("builtin:digits", seed=0)

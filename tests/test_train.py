@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.checkpoint import load_weights
-from pipeline.train import BEST_CHECKPOINT, RESUME_POINT, TrainConfig, fit, lr_factor
+from pipeline.core.checkpoint import load_weights
+from pipeline.train.loop import BEST_CHECKPOINT, RESUME_POINT, TrainConfig, fit, lr_factor
 from zoo.errors import Interrupted, TrainingError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,7 +181,7 @@ def test_warmup_then_cosine() -> None:
 
 _FAULTS_PROBE = """
 import ctypes, resource, sys
-from pipeline.device import hold_freed_memory
+from pipeline.core.device import hold_freed_memory
 held = hold_freed_memory() if sys.argv[1] == "hold" else False
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)

@@ -16,7 +16,7 @@ import torch
 import torchvision
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.verify import VerifyInputs, compare_logits, eval_on_cpu, verify, verify_file
+from pipeline.export.verify import VerifyInputs, compare_logits, eval_on_cpu, verify, verify_file
 from zoo.catalog import IMAGENET_PREPROCESS
 from zoo.errors import InvalidModelFile
 
@@ -115,7 +115,7 @@ def image_inputs(n: int = 6, *, shape: tuple[int, ...] = SHAPE, seed: int = 1) -
 
 def export_plain(model: torch.nn.Module, path: Path, *, opset: int = 17) -> Path:
     """An ONNX file with logits+probs outputs but no gate, made by export_model's own graph."""
-    from pipeline.export import export_model
+    from pipeline.export.write import export_model
 
     export_model(model, path, input_name="input", layout="NCHW", input_shape=SHAPE, opset=opset,
                  metadata={"labels": LABELS, "preprocess": IMAGENET_PREPROCESS.at_size(SIZE)},
@@ -297,7 +297,7 @@ def test_verify_file_flags_missing_metadata(tmp_path: Path) -> None:
 def test_verify_file_takes_the_graphs_shape_and_the_metadatas_where_the_graph_has_none(
     exported: tuple[torch.nn.Module, Path], tmp_path: Path
 ) -> None:
-    from pipeline.export import encode_metadata
+    from pipeline.export.write import encode_metadata
 
     _, path = exported
     model = onnx.load(str(path))

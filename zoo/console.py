@@ -85,7 +85,7 @@ class _EpochBar:
 
 
 def epoch_bar_factory():  # noqa: ANN201
-    """A factory of per-epoch progress bars, for pipeline.train.fit."""
+    """A factory of per-epoch progress bars, for pipeline.train.loop.fit."""
     return _EpochBar
 
 
@@ -123,5 +123,5 @@ class _StageBar:
 
 
 def stage_bar_factory():  # noqa: ANN201
-    """A factory of progress bars for the long stages (pipeline.progress.showing)."""
+    """A factory of progress bars for the long stages (pipeline.core.progress.showing)."""
     return _StageBar

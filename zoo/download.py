@@ -232,28 +232,33 @@ def _content_range_start(value: str | None) -> int | None:
     return int(start) if start.isdigit() else None
 
 
-def _stream_http(
-    url: str,
-    sink: _Sink,
-    *,
-    connect_timeout: float,
-    read_timeout: float,
-    expected_size: int | None,
-    bar: _Progress,
-) -> None:
-    """One request: append to `sink`, resuming with Range if it already holds bytes.
+@dataclass(frozen=True)
+class _HttpPolicy:
+    """How long to wait for a server, and how often to try it again."""
 
-    Raises _Dropped when the body ends early (resumable), _UrlFailed otherwise.
-    """
+    connect_timeout: float
+    read_timeout: float
+    retries: int  # attempts after the first that gain no bytes before a URL is given up
+    backoff: float  # seconds before the first retry; doubled for each failure in a row
+
+
+def _request(url: str, sink: _Sink) -> urllib.request.Request:
+    """The GET for `url`, asking only for the bytes `sink` lacks when it already holds some."""
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
     if sink.written:
         headers["Range"] = f"bytes={sink.written}-"
         if sink.validator:
             # If the file changed on the server since the first request, it answers 200 with all of it.
             headers["If-Range"] = sink.validator
-    request = urllib.request.Request(url, headers=headers)
+    return urllib.request.Request(url, headers=headers)
+
+
+def _open(
+    request: urllib.request.Request, sink: _Sink, policy: _HttpPolicy
+) -> http.client.HTTPResponse:
+    """Send `request`, turning each way it can fail into _Dropped or _UrlFailed."""
     try:
-        response = _opener(read_timeout).open(request, timeout=connect_timeout)
+        return _opener(policy.read_timeout).open(request, timeout=policy.connect_timeout)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and sink.written:
             sink.restart()  # our partial file no longer lines up with the server's
@@ -263,69 +268,82 @@ def _stream_http(
         raise _describe_connect_error(exc.reason) from exc
     except (OSError, http.client.HTTPException) as exc:
         raise _UrlFailed(f"connection failed before the response ({exc!r})", retry=True) from exc
-    with response:
-        status = response.status
-        if status == 206:
-            if _content_range_start(response.headers.get("Content-Range")) != sink.written:
-                sink.restart()  # resumed somewhere else than asked: start over without Range
-                raise _Dropped("server resumed at the wrong byte")
-        elif status == 200:
-            if sink.written:
-                sink.restart()  # Range was ignored: the body is the whole file again
-        else:
-            raise _UrlFailed(f"unexpected HTTP {status} answer", retry=True)
-        length = response.headers.get("Content-Length")
-        total = sink.written + int(length) if length and length.isdigit() else None
-        if status == 200:
-            sink.validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
+
+
+def _line_up(response: http.client.HTTPResponse, sink: _Sink) -> int | None:
+    """Make `sink` match where the answer's body starts; the file's full size if announced."""
+    status = response.status
+    if status == 206:
+        if _content_range_start(response.headers.get("Content-Range")) != sink.written:
+            sink.restart()  # resumed somewhere else than asked: start over without Range
+            raise _Dropped("server resumed at the wrong byte")
+    elif status == 200:
+        if sink.written:
+            sink.restart()  # Range was ignored: the body is the whole file again
+    else:
+        raise _UrlFailed(f"unexpected HTTP {status} answer", retry=True)
+    length = response.headers.get("Content-Length")
+    total = sink.written + int(length) if length and length.isdigit() else None
+    if status == 200:
+        sink.validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
+    return total
+
+
+def _read_body(
+    response: http.client.HTTPResponse,
+    sink: _Sink,
+    *,
+    total: int | None,
+    expected_size: int | None,
+    bar: _Progress,
+) -> None:
+    """Append the body to `sink` chunk by chunk; _Dropped if it ends before `total` bytes."""
+    while True:
+        try:
+            # read1: what has arrived, so a stall loses nothing already received.
+            chunk = response.read1(CHUNK_SIZE)
+        except (OSError, http.client.HTTPException) as exc:
+            raise _Dropped(f"connection lost after {sink.written} bytes ({exc!r})") from exc
+        if not chunk:
+            break
+        sink.write(chunk)
+        if (
+            sink.head_checked
+            and total is not None
+            and expected_size is not None
+            and total != expected_size
+        ):
+            raise _UrlFailed(
+                f"server announces {total} bytes, expected {expected_size}", mismatch=True
+            )
         bar.update(completed=sink.written, total=total or expected_size)
-        while True:
-            try:
-                # read1: what has arrived, so a stall loses nothing already received.
-                chunk = response.read1(CHUNK_SIZE)
-            except (OSError, http.client.HTTPException) as exc:
-                raise _Dropped(f"connection lost after {sink.written} bytes ({exc!r})") from exc
-            if not chunk:
-                break
-            sink.write(chunk)
-            if (
-                sink.head_checked
-                and total is not None
-                and expected_size is not None
-                and total != expected_size
-            ):
-                raise _UrlFailed(
-                    f"server announces {total} bytes, expected {expected_size}", mismatch=True
-                )
-            bar.update(completed=sink.written, total=total or expected_size)
-        if total is not None and sink.written < total:
-            raise _Dropped(f"connection closed after {sink.written} of {total} bytes")
+    if total is not None and sink.written < total:
+        raise _Dropped(f"connection closed after {sink.written} of {total} bytes")
+
+
+def _stream_http(
+    url: str, sink: _Sink, *, policy: _HttpPolicy, expected_size: int | None, bar: _Progress
+) -> None:
+    """One request: append to `sink`, resuming with Range if it already holds bytes.
+
+    Raises _Dropped when the body ends early (resumable), _UrlFailed otherwise.
+    """
+    response = _open(_request(url, sink), sink, policy)
+    with response:
+        total = _line_up(response, sink)
+        bar.update(completed=sink.written, total=total or expected_size)
+        _read_body(response, sink, total=total, expected_size=expected_size, bar=bar)
 
 
 def _fetch_http(
-    url: str,
-    sink: _Sink,
-    *,
-    connect_timeout: float,
-    read_timeout: float,
-    retries: int,
-    backoff: float,
-    expected_size: int | None,
-    bar: _Progress,
+    url: str, sink: _Sink, *, policy: _HttpPolicy, expected_size: int | None, bar: _Progress
 ) -> None:
     """Fetch one URL into `sink`, retrying transient failures and resuming dropped bodies."""
     failures_in_a_row = 0
     while True:
         before = sink.written
         try:
-            _stream_http(
-                url,
-                sink,
-                connect_timeout=connect_timeout,
-                read_timeout=read_timeout,
-                expected_size=expected_size,
-                bar=bar,
-            )
+            _stream_http(url, sink, policy=policy, expected_size=expected_size, bar=bar)
             return
         except _Dropped as exc:
             failure = _UrlFailed(str(exc), retry=True)
@@ -335,9 +353,9 @@ def _fetch_http(
             raise failure
         # Bytes gained since the last attempt mean the link works, just flakily: keep resuming.
         failures_in_a_row = 0 if sink.written > before else failures_in_a_row + 1
-        if failures_in_a_row > retries:
-            raise _UrlFailed(f"{failure.reason}, after {retries + 1} attempts")
-        delay = backoff * (2 ** max(failures_in_a_row - 1, 0))
+        if failures_in_a_row > policy.retries:
+            raise _UrlFailed(f"{failure.reason}, after {policy.retries + 1} attempts")
+        delay = policy.backoff * (2 ** max(failures_in_a_row - 1, 0))
         time.sleep(min(max(delay, failure.wait or 0.0), MAX_RETRY_AFTER))
 
 
@@ -384,6 +402,40 @@ def _host(url: str) -> str:
     return urllib.parse.urlparse(url).netloc.lower()
 
 
+def _download_one(
+    url: str,
+    dest: Path,
+    *,
+    policy: _HttpPolicy,
+    sha256: str | None,
+    size: int | None,
+    progress: bool,
+    label: str,
+) -> DownloadResult:
+    """Fetch `url` into a temporary file beside `dest`, check it, and move it into place."""
+    with disk_errors(dest):
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    bar = _Progress(progress, label)
+    try:
+        with os.fdopen(fd, "w+b") as handle:
+            sink = _Sink(handle, tmp)
+            source = _local_path(url)
+            if source is None:
+                _fetch_http(url, sink, policy=policy, expected_size=size, bar=bar)
+            else:
+                _copy_local(source, sink, bar)
+            sink.finish()
+            actual = _check(sink, sha256=sha256, size=size)
+            written = sink.written
+        os.replace(tmp, dest)
+        return DownloadResult(url=url, sha256=actual, size=written)
+    finally:
+        bar.close()
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
 def download(
     urls: Sequence[str] | str,
     dest: str | os.PathLike[str],
@@ -406,6 +458,7 @@ def download(
     dest = Path(dest)
     label = label or dest.name
     dest.parent.mkdir(parents=True, exist_ok=True)
+    policy = _HttpPolicy(connect_timeout, read_timeout, retries, backoff)
     failures: list[tuple[str, _UrlFailed]] = []
     unreachable: set[str] = set()
     for url in urls:
@@ -413,42 +466,14 @@ def download(
         if host and host in unreachable:
             failures.append((url, _UrlFailed(f"skipped, {host} was unreachable")))
             continue
-        with disk_errors(dest):
-            fd, tmp_name = tempfile.mkstemp(
-                dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"
-            )
-        tmp = Path(tmp_name)
-        bar = _Progress(progress, label)
         try:
-            with os.fdopen(fd, "w+b") as handle:
-                sink = _Sink(handle, tmp)
-                source = _local_path(url)
-                if source is None:
-                    _fetch_http(
-                        url,
-                        sink,
-                        connect_timeout=connect_timeout,
-                        read_timeout=read_timeout,
-                        retries=retries,
-                        backoff=backoff,
-                        expected_size=size,
-                        bar=bar,
-                    )
-                else:
-                    _copy_local(source, sink, bar)
-                sink.finish()
-                actual = _check(sink, sha256=sha256, size=size)
-                written = sink.written
-            os.replace(tmp, dest)
-            return DownloadResult(url=url, sha256=actual, size=written)
+            return _download_one(
+                url, dest, policy=policy, sha256=sha256, size=size, progress=progress, label=label
+            )
         except _UrlFailed as exc:
             failures.append((url, exc))
             if exc.unreachable and host:
                 unreachable.add(host)
-        finally:
-            bar.close()
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
     raise _all_failed(label, failures)
 
 

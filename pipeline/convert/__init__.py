@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import onnx
     from torch import fx
 
-    from pipeline.probe import ProbeResult
+    from pipeline.convert.probe import ProbeResult
 
 __all__ = [
     "BATCH_DIM_PARAM",
@@ -254,7 +254,7 @@ def _from_cache(
     normalised: onnx.ModelProto, verdict: dict[str, Any], *, name: str
 ) -> ImportedModel:
     """A checked import again, from its stored normalised graph: converted, not re-checked."""
-    from pipeline.probe import probe
+    from pipeline.convert.probe import probe
 
     return ImportedModel(
         convert_onnx(normalised),
@@ -303,7 +303,7 @@ def _import_file(
 def _import_checked(
     model: onnx.ModelProto, *, name: str, check_fidelity: bool, sample_inputs: np.ndarray | None
 ) -> ImportedModel:
-    from pipeline.probe import probe
+    from pipeline.convert.probe import probe
 
     normalised, notes = normalise(model)
     missing = unconvertible_ops(normalised)

@@ -57,7 +57,7 @@ def load(cache_dir: Path, key: str) -> tuple[onnx.ModelProto, dict[str, Any]] | 
     """The normalised graph stored under `key` and its verdict; None if absent or damaged."""
     import onnx
 
-    from pipeline.diskcache import touch
+    from pipeline.core.diskcache import touch
 
     path = Path(cache_dir) / f"{key}{SUFFIX}"
     if not path.exists():
@@ -74,7 +74,7 @@ def load(cache_dir: Path, key: str) -> tuple[onnx.ModelProto, dict[str, Any]] | 
 
 def store(cache_dir: Path, key: str, model: onnx.ModelProto, verdict: dict[str, Any]) -> None:
     """Keep a normalised graph and its verdict; a cache that cannot be written only costs time."""
-    from pipeline.diskcache import keep_within_budget
+    from pipeline.core.diskcache import keep_within_budget
     from zoo.files import atomic_write
 
     entry = model.metadata_props.add(key=VERDICT_KEY, value=json.dumps(verdict))

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from pipeline.registry import Registry
+from pipeline.core.registry import Registry
 from pipeline.surgery.head import AdaptedModel
 
 TARGET_BLOCKS = 6  # split name groups until at least this many blocks...

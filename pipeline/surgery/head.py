@@ -13,7 +13,7 @@ from zoo.errors import UnsupportedModel
 if TYPE_CHECKING:
     import onnx
 
-    from pipeline.probe import ProbeResult
+    from pipeline.convert.probe import ProbeResult
 
 
 class GlobalPool(nn.Module):

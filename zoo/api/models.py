@@ -22,9 +22,9 @@ from zoo.api._common import (
 from zoo.cache import FetchResult
 
 if TYPE_CHECKING:
-    from pipeline.diskcache import CacheEntry
-    from pipeline.inspect import InspectReport
-    from pipeline.rank import RankResult
+    from pipeline.core.diskcache import CacheEntry
+    from pipeline.surgery.inspect import InspectReport
+    from pipeline.train.rank import RankResult
     from zoo.catalog import ModelEntry
 
 
@@ -91,7 +91,7 @@ def inspect(
 
     >>> zoo.inspect("efficientnet-lite0").head  # doctest: +SKIP
     """
-    from pipeline.inspect import inspect_model
+    from pipeline.surgery.inspect import inspect_model
     from zoo.workspace import open_model
 
     reference = name.name if isinstance(name, Model) else name
@@ -119,8 +119,8 @@ def rank(
     >>> zoo.rank(data="photos/").best.name  # doctest: +SKIP
     'efficientnet-lite0'
     """
-    from pipeline.progress import showing
-    from pipeline.rank import rank_models
+    from pipeline.core.progress import showing
+    from pipeline.train.rank import rank_models
     from zoo.console import stage_bar_factory
 
     with showing(stage_bar_factory() if progress else None):
@@ -168,7 +168,7 @@ def cache_entries(*, models_dir: PathLike | None = None, clear: bool = False) ->
     >>> sum(entry.bytes for entry in zoo.cache_entries())  # doctest: +SKIP
     24117248
     """
-    from pipeline import diskcache
+    from pipeline.core import diskcache
 
     where = models_dir_of(models_dir)
     found = diskcache.entries(where)

@@ -25,10 +25,10 @@ from zoo.errors import DataError, NotFound
 
 if TYPE_CHECKING:
     from pipeline.adapt import AdaptResult
-    from pipeline.deploy import ExportSummary, Prediction
-    from pipeline.report import Metrics
-    from pipeline.train import EpochRecord
-    from pipeline.verify import FileReport
+    from pipeline.export.deploy import ExportSummary, Prediction
+    from pipeline.export.verify import FileReport
+    from pipeline.report.metrics import Metrics
+    from pipeline.train.loop import EpochRecord
 
 EXPORTED = "model.onnx"  # where Run.export writes and Run.predict reads
 REPORT = "report.html"
@@ -72,14 +72,14 @@ class Run:
     @property
     def record(self) -> dict[str, Any]:
         """run.json: options, model, strategy, hyperparameters, split sizes, status."""
-        from pipeline.runs import read_run
+        from pipeline.core.runs import read_run
 
         return read_run(self.dir)
 
     @property
     def metrics(self) -> Metrics:
         """Accuracy, macro F1, per-class figures and the confusion matrix on the held-out split."""
-        from pipeline.report import Metrics
+        from pipeline.report.metrics import Metrics
 
         path = self.dir / "metrics.json"
         if not path.is_file():
@@ -90,7 +90,7 @@ class Run:
     @property
     def history(self) -> list[EpochRecord]:
         """One record per epoch (per L-BFGS pass for the solved `feature` head), from history.csv."""
-        from pipeline.train import EpochRecord
+        from pipeline.train.loop import EpochRecord
 
         path = self.dir / "history.csv"
         if not path.is_file():
@@ -152,7 +152,7 @@ def open_run(
     >>> run.metrics.macro_f1  # doctest: +SKIP
     0.93
     """
-    from pipeline.runs import read_run
+    from pipeline.core.runs import read_run
 
     read_run(Path(path))  # a clear error now, not at the first property
     return Run(path, models_dir=models_dir, catalog=catalog)
@@ -181,9 +181,10 @@ def export(
     >>> summary.path, summary.verified  # doctest: +SKIP
     (PosixPath('models/efficientnet-lite0-digits-10c/model.onnx'), True)
     """
-    from pipeline.deploy import export_run
+    from pipeline.export.deploy import export_run
+    from pipeline.report.html import record_export
 
-    return export_run(
+    summary = export_run(
         _run_dir(run),
         models_dir=models_dir_of(models_dir),
         catalog=catalog_of(catalog),
@@ -195,6 +196,8 @@ def export(
         quantize=quantize,
         log=logger(log),
     )
+    record_export(summary.run_dir, summary, log=logger(log))  # export.json; report.html reads it
+    return summary
 
 
 def verify(
@@ -213,22 +216,27 @@ def verify(
     >>> report.passed  # doctest: +SKIP
     True
     """
-    from pipeline.deploy import verify_file
+    from pipeline.export.deploy import verify_file
+    from pipeline.report.html import record_verification
 
     if isinstance(runtimes, str):
         runtimes = runtimes.split(",")
     if isinstance(run, Run):  # the workspace the run was opened with, unless told otherwise
         models_dir = models_dir if models_dir is not None else run.models_dir
         catalog = catalog if catalog is not None else run.catalog
-    return verify_file(
+    run_dir = _run_dir(run)
+    report = verify_file(
         Path(path),
-        run_dir=_run_dir(run),
+        run_dir=run_dir,
         models_dir=models_dir_of(models_dir),
         catalog=catalog_of(catalog),
         runtimes=[r.strip() for r in runtimes if r.strip()],
         atol=atol,
         rtol=rtol,
     )
+    if run_dir is not None:  # verification.json; report.html reads it
+        record_verification(run_dir, report)
+    return report
 
 
 def predictions(
@@ -245,7 +253,7 @@ def predictions(
     >>> [p.top[0] for p in zoo.predictions("run/model.onnx", "photos/")]  # doctest: +SKIP
     [('cat', 0.97), ('dog', 0.88)]
     """
-    from pipeline.deploy import predict as predict_file
+    from pipeline.export.deploy import predict as predict_file
 
     return predict_file(
         Path(path),
@@ -293,7 +301,7 @@ def evaluate(
     >>> zoo.evaluate("run/model.onnx", "builtin:digits").accuracy  # doctest: +SKIP
     0.91
     """
-    from pipeline.deploy import evaluate_file
+    from pipeline.report.evaluate import evaluate_file
 
     return evaluate_file(
         Path(path),
@@ -310,6 +318,6 @@ def report(run: Run | PathLike) -> Path:
     >>> zoo.report("models/efficientnet-lite0-digits-10c")  # doctest: +SKIP
     PosixPath('models/efficientnet-lite0-digits-10c/report.html')
     """
-    from pipeline.report_html import write_report
+    from pipeline.report.html import write_report
 
     return write_report(_run_dir(run))  # a run or a comparison; NotFound for anything else

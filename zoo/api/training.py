@@ -28,7 +28,7 @@ from zoo.options import ADAPT, COMPARE, LAUNCH, PREPROCESS, checked, command_lin
 if TYPE_CHECKING:
     from pipeline.adapt import AdaptOptions
     from pipeline.compare import ComparisonResult
-    from pipeline.distributed import Launch
+    from pipeline.core.distributed import Launch
 
 
 def _model_ref(model: Model | PathLike | None) -> str | None:
@@ -67,7 +67,7 @@ def adapt(
     0.87
     """
     from pipeline.adapt import AdaptOptions
-    from pipeline.distributed import Launch
+    from pipeline.core.distributed import Launch
 
     given = dict(data=data, classes=classes, strategy=strategy, epochs=epochs, out=out, **options)
     values = checked(given, ADAPT, command="zoo.adapt")
@@ -100,8 +100,8 @@ def _adapted_here(
 
     Only rank 0 holds the result; the Run of another worker has no directory to give.
     """
-    from pipeline import distributed
     from pipeline.adapt import adapt as adapt_run
+    from pipeline.core import distributed
 
     dist = distributed.init_from_env(device=options.device, sync_bn=sync_bn)
     try:
@@ -129,7 +129,7 @@ def _launched(
     catalog: CatalogLike,
 ) -> Run:
     """Start the workers, wait for them, and open the run that rank 0 wrote (when it is here)."""
-    from pipeline import distributed, runs
+    from pipeline.core import distributed, runs
 
     before = set(runs.list_runs(models_dir))
     distributed.launch(launch, argv=list(argv), out=options.out)

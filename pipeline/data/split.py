@@ -1,0 +1,235 @@
+"""Labelled samples, their train/val/test split, and the torch Dataset that feeds training.
+
+Where samples come from (folders, CSV files, built-in sets) is `pipeline.data.sources`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from pipeline.data.images import (
+    MAX_PIXELS,
+    augmented_tensor,
+    build_augmentation,
+    open_for,
+    preprocess_image,
+)
+from zoo.catalog import Preprocess
+from zoo.errors import DataError
+
+SPLIT_JSON_VERSION = 1
+
+
+class Sample(NamedTuple):
+    """One labelled image: a file path, or "builtin:<set>#<index>"."""
+
+    ref: str
+    label: int
+
+
+@dataclass
+class DataSplit:
+    """A data source split into train/val/test, with the files it skipped and why."""
+
+    class_names: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+    source_name: str  # short slug for run folder names, e.g. "digits"
+    recommended_size: int | None = None  # built-in sets only: input size used unless given
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    source: str = ""  # what the user passed, absolute where it is a path
+
+    def counts(self, split: str) -> list[int]:
+        """Images per class in one of "train", "val", "test"."""
+        per_class = [0] * len(self.class_names)
+        for sample in getattr(self, split):
+            per_class[sample.label] += 1
+        return per_class
+
+    def to_json(self) -> str:
+        """The split as JSON, exact enough for `from_json` to rebuild it."""
+        payload = {
+            "version": SPLIT_JSON_VERSION,
+            **{
+                k: v
+                for k, v in dataclasses.asdict(self).items()
+                if k not in ("train", "val", "test")
+            },
+            **{name: [list(s) for s in getattr(self, name)] for name in ("train", "val", "test")},
+        }
+        return json.dumps(payload, ensure_ascii=False, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> DataSplit:
+        """Rebuild a split written by `to_json`."""
+        try:
+            raw = json.loads(text)
+            if raw.get("version") != SPLIT_JSON_VERSION:
+                raise ValueError(f"version {raw.get('version')!r}")
+            return cls(
+                class_names=[str(c) for c in raw["class_names"]],
+                **{
+                    k: [Sample(str(r), int(y)) for r, y in raw[k]] for k in ("train", "val", "test")
+                },
+                source_name=str(raw["source_name"]),
+                recommended_size=raw.get("recommended_size"),
+                skipped=[(str(p), str(r)) for p, r in raw.get("skipped", [])],
+                source=str(raw.get("source", "")),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(
+                f"split file is malformed ({type(exc).__name__}: {exc}); start a new run with `zoo adapt`"
+            ) from exc
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the split as JSON (UTF-8), atomically."""
+        from zoo.files import atomic_write
+
+        text = self.to_json()
+        atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> DataSplit:
+        """Read a split written by `save`."""
+        try:
+            return cls.from_json(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise DataError(f"split file {path} does not exist; check the run folder") from exc
+
+
+# ----------------------------------------------------------------------------- splitting
+
+
+def stratified_split(
+    labels: Sequence[int], *, seed: int, val_fraction: float, test_fraction: float
+) -> tuple[list[int], list[int], list[int]]:
+    """Indices of a per-class shuffled train/val/test split (exactly stratified, seeded).
+
+    Tiny classes degrade gracefully: 1 image -> train only; 2 -> train + val; 3 or more -> at
+    least one image in each part whose fraction is non-zero.
+    """
+    rng = np.random.default_rng(seed)
+    parts: tuple[list[int], list[int], list[int]] = ([], [], [])
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    for label in sorted(by_class):
+        members = [by_class[label][i] for i in rng.permutation(len(by_class[label]))]
+        n = len(members)
+        n_val = round(n * val_fraction)
+        n_test = round(n * test_fraction)
+        if n >= 2 and val_fraction > 0:
+            n_val = max(1, n_val)
+        if n >= 3 and test_fraction > 0:
+            n_test = max(1, n_test)
+        while n - n_val - n_test < 1:  # keep at least one training image
+            if n_test > 0:
+                n_test -= 1
+            else:
+                n_val -= 1
+        parts[2].extend(members[:n_test])
+        parts[1].extend(members[n_test : n_test + n_val])
+        parts[0].extend(members[n_test + n_val :])
+    return sorted(parts[0]), sorted(parts[1]), sorted(parts[2])
+
+
+def split_samples(
+    samples: list[Sample], *, seed: int, val_fraction: float, test_fraction: float
+) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """`stratified_split` applied to samples: (train, val, test)."""
+    idx = stratified_split(
+        [s.label for s in samples],
+        seed=seed,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+    )
+    return tuple([samples[i] for i in part] for part in idx)  # type: ignore[return-value]
+
+
+def subsample_per_class(samples: Sequence[Sample], n: int, *, seed: int) -> list[Sample]:
+    """At most `n` samples of each class, chosen at random with `seed`, in their original order."""
+    if n < 1:
+        raise DataError(f"--train-per-class must be at least 1, not {n}")
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[int]] = {}
+    for index, sample in enumerate(samples):
+        by_class.setdefault(sample.label, []).append(index)
+    keep: list[int] = []
+    for label in sorted(by_class):
+        members = by_class[label]
+        keep.extend(
+            members if len(members) <= n else rng.choice(members, n, replace=False).tolist()
+        )
+    return [samples[i] for i in sorted(keep)]
+
+
+# ----------------------------------------------------------------------------- torch dataset
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Samples -> (float32 tensor in the model's layout, label); augmentation on request.
+
+    With `seed`, augmentation replays exactly from run to run yet differs between epochs with no
+    help from the caller: each sample's k-th draw is seeded by (seed, k, index), and inside
+    DataLoader workers (fresh copies every epoch) by the loader's per-epoch base seed too.
+    `set_epoch` pins the draws of an epoch explicitly. Without `seed` the global torch RNG is used.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        preprocess: Preprocess,
+        *,
+        augment: str = "none",
+        flip: bool = True,
+        seed: int | None = None,
+        max_pixels: int = MAX_PIXELS,
+    ) -> None:
+        self.samples = list(samples)
+        self.preprocess = preprocess
+        self.augment = augment
+        self.transform = (
+            None if augment == "none" else build_augmentation(augment, preprocess, flip=flip)
+        )
+        self.seed = seed
+        self.epoch = 0
+        self.max_pixels = max_pixels
+        self._draws: dict[int, int] = {}  # index -> augmentations drawn so far in this process
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation draws of another epoch (only matters with `seed`)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        ref, label = self.samples[index]
+        img = open_for(ref, self.preprocess, max_pixels=self.max_pixels)
+        if self.transform is None:
+            return torch.from_numpy(preprocess_image(img, self.preprocess)), label
+        if self.seed is None:
+            return augmented_tensor(img, self.preprocess, self.transform), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self._draw_seed(index))
+            return augmented_tensor(img, self.preprocess, self.transform), label
+
+    def _draw_seed(self, index: int) -> int:
+        draw = self._draws.get(index, 0)
+        self._draws[index] = draw + 1
+        worker = torch.utils.data.get_worker_info()
+        # Workers start from a copy each epoch, so their draw counts restart; the loader's base
+        # seed (worker seed minus worker id) is what tells one epoch from the next there.
+        epoch_seed = 0 if worker is None else worker.seed - worker.id
+        # Tuples of ints hash the same in every process (no hash randomisation for ints).
+        return hash((self.seed, self.epoch, epoch_seed, draw, index)) & 0x7FFF_FFFF_FFFF_FFFF

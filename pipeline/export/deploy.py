@@ -1,0 +1,371 @@
+"""From a run to a deployable file and back: export with the gate, verify, predict, evaluate.
+
+`zoo export`, `zoo verify`, `zoo predict` and `zoo evaluate` each call one function here. The
+comparison itself is pipeline.export.verify's one oracle; the file format is pipeline.export.write's.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.core import runs
+from zoo.errors import DataError, NotFound, VerificationFailed, ZooError
+
+if TYPE_CHECKING:
+    import numpy as np
+    from torch import nn
+
+    from pipeline.data.split import DataSplit, Sample
+    from pipeline.export.verify import FileReport, VerifyInputs
+    from zoo.catalog import Catalog, Preprocess
+    from zoo.preprocess import PreprocessRequest
+
+MAX_VERIFY_IMAGES = 256  # the test split is used whole up to this many images
+
+
+@dataclass
+class LoadedRun:
+    """A run rebuilt: its record, split, preprocessing and the model with its best weights."""
+
+    run_dir: Path
+    record: dict[str, Any]
+    split: DataSplit
+    preprocess: Preprocess
+    model: nn.Module
+
+
+def load_run(run_dir: Path, *, models_dir: Path, catalog: Catalog) -> LoadedRun:
+    """Rebuild the adapted model of a run from its source model, run.json and best checkpoint."""
+    from pipeline.core.checkpoint import load_weights
+    from pipeline.data.split import DataSplit
+    from pipeline.surgery.build import build_model
+    from pipeline.train.loop import BEST_CHECKPOINT
+    from zoo.catalog import Preprocess
+
+    run_dir = Path(run_dir)
+    record = runs.read_run(run_dir)
+    checkpoint = run_dir / BEST_CHECKPOINT
+    if not checkpoint.exists():
+        raise NotFound(
+            f"{run_dir} has no {BEST_CHECKPOINT}: the run never finished an epoch; train it with zoo adapt"
+        )
+    onnx_path, _ = runs.open_source(
+        record.get("source") or {}, models_dir=models_dir, catalog=catalog, run_dir=run_dir
+    )
+    _, model = build_model(
+        onnx_path,
+        num_classes=record["num_classes"],
+        hidden=record["head"]["hidden"],
+        dropout=record["head"]["dropout"],
+        seed=record["seed"],
+    )
+    load_weights(model, checkpoint)
+    model.eval()
+    split = DataSplit.load(run_dir / runs.SPLIT_FILE)
+    return LoadedRun(run_dir, record, split, Preprocess.from_dict(record["preprocess"]), model)
+
+
+def _images(samples: Sequence[Sample], preprocess: Preprocess) -> np.ndarray:
+    from pipeline.train.fastpath import preprocessed_batch
+
+    return preprocessed_batch(samples, preprocess)
+
+
+def gate_split(split: DataSplit) -> tuple[str, list[Sample]]:
+    """The images a run is judged on: its test split, or its validation split when it has no test split."""
+    if split.test:
+        return "test", split.test
+    return "val", split.val
+
+
+def gate_inputs(loaded: LoadedRun, *, limit: int = MAX_VERIFY_IMAGES) -> VerifyInputs:
+    """The run's test split (or validation split) as real images, plus a few random tensors."""
+    from pipeline.export.verify import VerifyInputs
+
+    samples = gate_split(loaded.split)[1][:limit]
+    if not samples:
+        raise DataError(f"{loaded.run_dir} has no test or validation images to verify against")
+    return VerifyInputs.from_arrays(
+        _images(samples, loaded.preprocess), [s.label for s in samples], n_random=2
+    )
+
+
+@dataclass
+class ExportSummary:
+    """What `zoo export` prints."""
+
+    path: Path
+    verified: bool
+    report: Any
+    size: int
+    opset: int
+    int8: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+    run_dir: Path | None = None  # the run exported; not part of the record
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "verified": self.verified,
+            "size": self.size,
+            "opset": self.opset,
+            "verify": self.report.to_dict() if self.report is not None else None,
+            "int8": self.int8,
+            "notes": self.notes,
+        }
+
+
+def export_run(
+    run_dir: Path | None,
+    *,
+    models_dir: Path,
+    catalog: Catalog,
+    out: Path | None = None,
+    opset: int = 17,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    verify: bool = True,
+    quantize: str | None = None,
+    log: Callable[[str], None] = print,
+) -> ExportSummary:
+    """Export a run's model to ONNX with its metadata, gated by the verification oracle."""
+    from pipeline.export.write import export_model
+
+    run_dir = Path(run_dir) if run_dir else runs.latest_run(models_dir)
+    loaded = load_run(run_dir, models_dir=models_dir, catalog=catalog)
+    record = loaded.record
+    metrics_file = run_dir / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    inputs = gate_inputs(loaded)
+    split_name = {"test": "test", "val": "validation"}[gate_split(loaded.split)[0]]
+    log(
+        f"exporting {run_dir.name} (opset {opset}) and checking it on {inputs.n_images} {split_name} images"
+    )
+    result = export_model(
+        loaded.model,
+        out or run_dir / "model.onnx",
+        input_name=record["input_name"],
+        layout=loaded.preprocess.layout,
+        input_shape=loaded.preprocess.input_shape(),
+        opset=opset,
+        metadata={
+            "labels": loaded.split.class_names,
+            "preprocess": loaded.preprocess,
+            "source": record["source"],
+            "strategy": record["strategy"],
+            "metrics": {
+                k: metrics.get(k)
+                for k in ("accuracy", "macro_f1", "macro_precision", "macro_recall", "split")
+            },
+            "input_name": record["input_name"],
+            "layout": loaded.preprocess.layout,
+            "run": run_dir.name,
+        },
+        verify_inputs=inputs,
+        atol=atol,
+        rtol=rtol,
+        verify=verify,
+    )
+    summary = ExportSummary(
+        result.path, result.verified, result.report, result.size, result.opset, notes=result.notes
+    )
+    if quantize == "int8":
+        summary.int8 = _quantize(loaded, result.path, inputs, log=log)
+    summary.run_dir = run_dir  # the caller records the export in the run (report/)
+    return summary
+
+
+def _quantize(
+    loaded: LoadedRun, fp32_path: Path, inputs: VerifyInputs, *, log: Callable[[str], None]
+) -> dict[str, Any]:
+    from pipeline.export.quantize import compare_int8, quantize_int8
+
+    calibration = _images(loaded.split.train[:128], loaded.preprocess)
+    log(f"quantizing to INT8, calibrated on {len(calibration)} training images")
+    quantized = quantize_int8(
+        fp32_path, calibration=calibration, input_name=loaded.record["input_name"]
+    )
+    report = compare_int8(fp32_path, quantized.path, inputs)
+    summary = {
+        "path": str(quantized.path),
+        "size": quantized.size,
+        "fp32_size": quantized.fp32_size,
+        "ratio": round(quantized.ratio, 3),
+        **report.to_dict(),
+    }
+    if not report.passed:
+        quantized.path.unlink(missing_ok=True)
+        raise VerificationFailed(
+            f"INT8 accuracy {report.accuracy_int8:.2f}% is more than {report.max_drop} points below fp32 "
+            f"{report.accuracy_fp32:.2f}%; the INT8 file was removed. Calibrate on more images or keep fp32"
+        )
+    return summary
+
+
+def verify_file(
+    onnx_path: Path,
+    *,
+    run_dir: Path | None,
+    models_dir: Path,
+    catalog: Catalog,
+    runtimes: Sequence[str] = ("ort",),
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> FileReport:
+    """`zoo verify`: metadata and outputs, the gate against the run's torch model (with --run), other runtimes.
+
+    Without a run, random inputs of the file's own input shape stand in for images.
+    """
+    from pipeline.export.verify import verify_file as check_file
+
+    onnx_path = Path(onnx_path)
+    torch_model, inputs = None, None
+    if run_dir is not None:
+        loaded = load_run(Path(run_dir), models_dir=models_dir, catalog=catalog)
+        torch_model, inputs = loaded.model, gate_inputs(loaded)
+    report = check_file(
+        onnx_path, torch_model=torch_model, inputs=inputs, runtimes=runtimes, atol=atol, rtol=rtol
+    )
+    return report
+
+
+def expand_images(patterns: Sequence[str]) -> list[Path]:
+    """Files, folders (their images, recursively) and globs -> image paths, in a stable order."""
+    from pipeline.data.images import is_image_name
+
+    found: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            found += sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and is_image_name(p.name) and not p.name.startswith(".")
+            )
+        elif any(ch in pattern for ch in "*?["):
+            found += sorted(
+                Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file()
+            )
+        else:
+            found.append(path)
+    return found
+
+
+@dataclass
+class Prediction:
+    image: str
+    top: list[tuple[str, float]]  # (label, probability), best first
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.error:
+            return {"image": self.image, "error": self.error}
+        return {
+            "image": self.image,
+            "top": [{"label": label, "probability": p} for label, p in self.top],
+        }
+
+
+def _imagenet_or_numbered(count: int) -> list[str]:
+    """ImageNet's class names for a 1000-class head; otherwise the class numbers."""
+    if count == 1000:
+        path = Path(__file__).parents[1] / "zoo" / "data" / "imagenet_labels.txt"
+        return path.read_text().splitlines()
+    return [str(i) for i in range(count)]
+
+
+def labels_and_preprocess(
+    onnx_path: Path, catalog: Catalog, request: PreprocessRequest | None = None
+) -> tuple[list[str], Preprocess, str]:
+    """From the file's zoo metadata, else its catalog entry (card beside it, or sha256), then the flags."""
+    from pipeline.export.write import metadata_of
+    from zoo.files import sha256_file
+    from zoo.onnxfile import load_onnx
+    from zoo.preprocess import PreprocessRequest, input_signature, resolve_preprocess
+    from zoo.workspace import card_entry, read_card
+
+    request = request or PreprocessRequest()
+    model = load_onnx(onnx_path, load_external_data=False)
+    metadata = metadata_of(model)
+    input_name = metadata.input_name or model.graph.input[0].name
+    base, labels = metadata.preprocess, list(metadata.labels)
+    if not (labels and base):
+        card = read_card(onnx_path.parent) if onnx_path.name == "model.onnx" else None
+        card = card or {"sha256": sha256_file(onnx_path)}
+        entry = card_entry(card, catalog)
+        if entry is not None and entry.preprocess is not None:
+            base, labels = entry.preprocess, _imagenet_or_numbered(entry.num_classes)
+        elif not labels:
+            dims = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
+            labels = _imagenet_or_numbered(max(dims[1:], default=0))
+    if base is None and not request.says_normalisation:
+        raise ZooError(
+            f"{onnx_path} has no zoo metadata (labels, preprocessing) and the catalog does not know it; "
+            "pass --preprocess imagenet|inception|caffe|raw (or --mean/--std/--size), "
+            "or export it with `zoo export`"
+        )
+    if request.given:
+        signature = input_signature(model)
+        base = resolve_preprocess(
+            base, request, signature, name=onnx_path.name, commands="zoo predict or zoo evaluate"
+        )
+    return labels, base, input_name
+
+
+def predict(
+    onnx_path: Path,
+    images: Sequence[str],
+    *,
+    catalog: Catalog,
+    top_k: int = 5,
+    provider: str = "cpu",
+    preprocess: PreprocessRequest | None = None,
+) -> list[Prediction]:
+    """Top-K labels per image using only the ONNX file (and onnxruntime); `preprocess`: the user's flags."""
+    import numpy as np
+
+    from pipeline.core.sessions import as_input_type, create_session, run_fixed, session_input_type
+    from pipeline.data.images import open_for, preprocess_image
+
+    onnx_path = Path(onnx_path)
+    labels, preprocess, input_name = labels_and_preprocess(onnx_path, catalog, preprocess)
+    session = create_session(
+        onnx_path, "CUDAExecutionProvider" if provider == "cuda" else "CPUExecutionProvider"
+    )
+    paths = expand_images(images)
+    if not paths:
+        raise DataError(
+            f"no images found in {' '.join(images)}; pass image files, folders or globs"
+        )
+    predictions = []
+    output_names = [o.name for o in session.get_outputs()]
+    for path in paths:
+        try:
+            batch = preprocess_image(open_for(str(path), preprocess), preprocess)[None]
+        except (ZooError, OSError) as exc:
+            predictions.append(Prediction(str(path), [], error=str(exc)))
+            continue
+        outputs = dict(
+            zip(
+                output_names,
+                run_fixed(
+                    session, None, {input_name: as_input_type(batch, session_input_type(session))}
+                ),
+                strict=True,
+            )
+        )
+        if "probs" in outputs:
+            probs = outputs["probs"].reshape(-1)
+        else:
+            scores = next(iter(outputs.values())).reshape(-1).astype(np.float64)
+            probs = np.exp(scores - scores.max())
+            probs /= probs.sum()
+        order = np.argsort(-probs)[:top_k]
+        names = labels if len(labels) == len(probs) else [str(i) for i in range(len(probs))]
+        predictions.append(Prediction(str(path), [(names[i], float(probs[i])) for i in order]))
+    return predictions

@@ -1,0 +1,152 @@
+"""The "Export and verification" section of report.html, from what `zoo export` and `zoo verify`
+leave in a run: export.json, verification.json, and the gate's verify.json of a refused export.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.report.page import esc, fmt, key_values, percent, table, verdict, warning
+from zoo.errors import ZooError
+
+EXPORT_RECORD = "export.json"  # the last successful `zoo export` of the run
+VERIFY_RECORD = "verification.json"  # the last `zoo verify FILE --run RUN`
+GATE_REPORT = "verify.json"  # the export gate's own report, beside the exported file
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON file of the run, None when it is not there."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        raise ZooError(f"{path} is damaged ({exc}); re-run the command that wrote it") from exc
+
+
+def verification_section(run_dir: Path) -> str:
+    """The last export and verification of the run, or how to make them."""
+    export = read_json(run_dir / EXPORT_RECORD)
+    checked = read_json(run_dir / VERIFY_RECORD)
+    body = ""
+    gate = _failed_gate(run_dir, export)
+    if gate:
+        body += gate
+    if export:
+        body += _export_block(export)
+    if checked:
+        body += _verify_block(checked)
+    if not body:
+        body = warning(
+            "Not exported yet: <code>zoo export RUN</code> writes model.onnx once onnxruntime "
+            "matches PyTorch on the held-out images, and this page shows the result."
+        )
+    return body
+
+
+def _failed_gate(run_dir: Path, export: dict[str, Any] | None) -> str:
+    """The gate's report of an export that was refused after the last successful one, if any."""
+    path = run_dir / GATE_REPORT
+    report = read_json(path)
+    if not report or report.get("written", True):
+        return ""
+    if export and (run_dir / EXPORT_RECORD).stat().st_mtime >= path.stat().st_mtime:
+        return ""
+    failures = "".join(
+        f"<li>{esc(f)}</li>" for r in report.get("results", []) for f in r.get("failures", [])
+    )
+    return (
+        f"<h3>Last export: {verdict(False)}</h3><p>The exported ONNX did not match the PyTorch model, "
+        f"so it was not written.</p><ul>{failures}</ul>"
+    )
+
+
+def _provider_rows(report: dict[str, Any]) -> str:
+    rows, classes = [], []
+    for r in report.get("results", []):
+        acc = (
+            "–"
+            if r.get("accuracy_onnx") is None
+            else f"{percent(r['accuracy_onnx'])} / {percent(r['accuracy_torch'])}"
+        )
+        rows.append(
+            (
+                esc(str(r.get("provider", "")).replace("ExecutionProvider", "")),
+                fmt(r.get("n_inputs")),
+                f"{r.get('max_abs', float('nan')):.3g}",
+                percent(r.get("top1_agreement")),
+                percent(r.get("top5_agreement")),
+                acc,
+                "pass" if r.get("passed") else "FAIL",
+            )
+        )
+        classes.append("" if r.get("passed") else "fail")
+    headers = [
+        "provider",
+        "inputs",
+        "max |diff|",
+        "top-1 agreement",
+        "top-5 agreement",
+        "accuracy onnx / torch",
+        "verdict",
+    ]
+    return table(headers, rows, numeric=(1, 2, 3, 4, 5), row_classes=classes, raw=True)
+
+
+def _export_block(export: dict[str, Any]) -> str:
+    report = export.get("verify")
+    state = (
+        verdict(bool(report and report.get("passed"))) if export.get("verified") else "not verified"
+    )
+    body = f"<h3>Export: {state}</h3>" + key_values(
+        {
+            "file": export.get("path"),
+            "size": f"{export.get('size', 0) / 1e6:.2f} MB",
+            "opset": export.get("opset"),
+            "exported": export.get("exported"),
+        }
+    )
+    if report:
+        body += f"<p>onnxruntime against PyTorch (atol {esc(report.get('atol'))}, rtol {esc(report.get('rtol'))}):</p>"
+        body += _provider_rows(report)
+    elif not export.get("verified"):
+        body += warning("Exported with --no-verify: the file was not compared with PyTorch.")
+    int8 = export.get("int8")
+    if int8:
+        body += "<h3>INT8 copy</h3>" + key_values(
+            {
+                "file": int8.get("path"),
+                "size": f"{int8.get('size', 0) / 1e6:.2f} MB ({percent(int8.get('ratio'))} of fp32)",
+                "accuracy int8 / fp32": f"{int8.get('accuracy_int8')} / {int8.get('accuracy_fp32')}",
+                "top-1 agreement": int8.get("top1_agreement"),
+            }
+        )
+    notes = export.get("notes") or []
+    if notes:
+        body += "<ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>"
+    return body
+
+
+def _verify_block(checked: dict[str, Any]) -> str:
+    body = f"<h3><code>zoo verify</code>: {verdict(bool(checked.get('passed')))}</h3>"
+    body += key_values({"file": checked.get("path"), "checked": checked.get("checked")})
+    if checked.get("torch"):
+        body += _provider_rows(checked["torch"])
+    runtimes = checked.get("runtimes") or {}
+    if runtimes:
+        rows = [
+            (
+                esc(name),
+                "pass" if r.get("passed") else "FAIL",
+                percent(r.get("top1_agreement")),
+                esc(r.get("error") or ""),
+            )
+            for name, r in runtimes.items()
+        ]
+        body += table(["runtime", "verdict", "top-1 agreement", "error"], rows, raw=True)
+    problems = checked.get("problems") or []
+    if problems:
+        body += "<ul>" + "".join(f"<li>{esc(p)}</li>" for p in problems) + "</ul>"
+    return body
