@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pipeline.data.split import DataSplit
+    from pipeline.core.samples import DataSplit
     from pipeline.train.loop import TrainConfig
     from zoo.catalog import Preprocess
 

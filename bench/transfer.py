@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from bench.common import MODEL_NAME, Scale, Section, markdown_table
 
 if TYPE_CHECKING:
-    from pipeline.data.split import DataSplit
+    from pipeline.core.samples import DataSplit
 
 KEY = "transfer"
 TITLE = "5. Transfer learning on real photos: probe, every strategy, scratch, defaults"

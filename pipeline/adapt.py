@@ -8,56 +8,44 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from pipeline.core import runs
+from pipeline.core.record import RecordedChoice, RunRecord, SourceRecord
+from pipeline.core.results import write_predictions
+from pipeline.core.rundir import LiveRecord, RunDir
 from pipeline.surgery.build import build_model
+from pipeline.surgery.strategies import get_strategy, strategy_names
 from pipeline.train.loop import TrainConfig, TrainState, count_trainable
+from pipeline.train.strategy_choice import (
+    AUTO,
+    StrategyChoice,
+    calibrate_scratch,
+    default_augment,
+    default_epochs,
+    resolve_strategy,
+    settle_auto,
+    settles,
+)
 from zoo.catalog import Preprocess
 from zoo.errors import DataError, NotFound, UnsupportedModel, ZooError
-from zoo.files import write_json
 
 if TYPE_CHECKING:
     from torch import nn
 
     from pipeline.core.distributed import DistContext
-    from pipeline.data.split import DataSplit
-    from pipeline.report.metrics import Metrics
+    from pipeline.core.results import Metrics
+    from pipeline.core.samples import DataSplit
     from pipeline.train.loop import EvalResult
     from zoo.catalog import Catalog
     from zoo.preprocess import PreprocessRequest
 
-STRATEGIES = ("auto", "feature", "finetune", "gradual", "full", "scratch")
-# Learning-rate factor between neighbouring unfrozen blocks when --lr-decay is not given: the top
-# unfrozen block learns at lr*d, the next at lr*d^2 (not below lr/100). Measured on built-in digits
-# (64 px, 20 images per class, 15 epochs, finetune top 2 blocks): d=0.1 68% test accuracy, d=0.5 77%,
-# d=1 83%. `full` is for data unlike ImageNet, where every layer must move: one rate for all
-# (all digits, 20 epochs: 98% test accuracy).
-# Epochs when --epochs is not given: enough optimizer steps for the warm-up and cosine schedule
-# to run their course, within [10, 20] epochs for the strategies that start from pretrained
-# blocks. Measured (bench/RECIPE_NOTES.md): flowers5 (600 training images, 19 steps an epoch)
-# fine-tuning the top 4 blocks fits the training set by epoch 6 and peaks in validation loss at
-# epoch 7-8 whether the schedule runs 10 or 20 epochs (test 85.0% and 85.5%), while textures10
-# (240 images, 8 steps an epoch) lost 1.9 points on the mean of the seeds that fine-tune at 10
-# epochs (80 steps) against 20 (160). Scratch starts from nothing and keeps 20.
-DEFAULT_EPOCHS = {"finetune": 10, "gradual": 10, "full": 10, "scratch": 20, "feature": 20}
-MAX_DEFAULT_EPOCHS = 20
-MIN_DEFAULT_STEPS = 200
-
-
-def default_epochs(strategy: str, *, train_images: int, batch_size: int) -> int:
-    """--epochs when not given: the strategy's floor, raised until about 200 steps (at most 20)."""
-    floor = DEFAULT_EPOCHS[strategy]
-    steps_per_epoch = max(1, math.ceil(train_images / batch_size))
-    return max(floor, min(MAX_DEFAULT_EPOCHS, math.ceil(MIN_DEFAULT_STEPS / steps_per_epoch)))
-
-
-DEFAULT_LR_DECAY = {"finetune": 0.5, "gradual": 0.5, "full": 1.0, "scratch": 1.0, "feature": 1.0}
+# What --strategy takes: `auto`, then the registered strategies (zoo.options writes them out).
+STRATEGIES = (AUTO, *strategy_names())
 
 
 @dataclass(frozen=True)
@@ -70,11 +58,11 @@ class AdaptOptions:
     strategy: str = "auto"
     unfreeze: int | None = None
     unfreeze_every: int = 1
-    # None: DEFAULT_EPOCHS. The `feature` head on cached features is solved, not trained by epochs.
+    # None: by strategy (default_epochs). A `feature` head on cached features is solved instead.
     epochs: int | None = None
     batch_size: int = 32
     lr: float = 3e-4
-    lr_decay: float | None = None  # None: by strategy (DEFAULT_LR_DECAY)
+    lr_decay: float | None = None  # None: by strategy (its registered lr_decay)
     optimizer: str = "adam"
     patience: int = 10
     label_smoothing: float = 0.0
@@ -141,11 +129,10 @@ def _resolve_preprocess(native: Preprocess, split: DataSplit, image_size: int | 
 def prepare_data(options: AdaptOptions, *, run_dir: Path | None) -> DataSplit:
     """The split: reloaded from the run when resuming, else loaded, checked and maybe subsampled."""
     from pipeline.data.sources import load_source
-    from pipeline.data.split import DataSplit, subsample_per_class
+    from pipeline.data.split import subsample_per_class
 
-    split_file = run_dir / runs.SPLIT_FILE if run_dir else None
-    if split_file and split_file.exists():
-        return DataSplit.load(split_file)
+    if run_dir is not None and RunDir(run_dir).split_file.exists():
+        return RunDir(run_dir).split()
     split = load_source(options.data, seed=options.seed, strict=options.strict)
     if not split.val:  # the best epoch is chosen on it
         raise DataError(
@@ -199,15 +186,15 @@ def _open_source_model(
     return onnx_path, card, card.get("name", Path(model_ref).stem)
 
 
-def _resumed_options(options: AdaptOptions, previous: dict[str, Any]) -> AdaptOptions:
+def _resumed_options(options: AdaptOptions, previous: RunRecord) -> AdaptOptions:
     """The options a run was started with, for --resume (fields this version lacks are left out)."""
     known = {f.name for f in dataclasses.fields(AdaptOptions)} - {"out", "resume"}
-    recorded = {k: v for k, v in (previous.get("options") or {}).items() if k in known}
+    recorded = {k: v for k, v in previous.options.items() if k in known}
     return dataclasses.replace(options, **recorded, resume=True, out=options.out)
 
 
 def _open_resumed_model(
-    previous: dict[str, Any],
+    previous: RunRecord,
     *,
     run_dir: Path,
     models_dir: Path,
@@ -215,13 +202,13 @@ def _open_resumed_model(
     log: Callable[[str], None],
 ) -> tuple[Path, dict[str, Any], str]:
     """The model a run started from (its recorded sha256), never merely the latest fetched."""
-    source = previous.get("source") or {}
-    if not source:
+    source = previous.source
+    if not (source.name or source.path or source.sha256):
         raise ZooError(
-            f"{run_dir}/{runs.RUN_FILE} does not say which model the run trained; start a new run"
+            f"{RunDir(run_dir).record_file} does not say which model the run trained; start a new run"
         )
     opened = runs.open_source(source, models_dir=models_dir, catalog=catalog, run_dir=run_dir)
-    name = source.get("name") or opened.card.get("name") or Path(opened.path).stem
+    name = source.name or opened.card.get("name") or Path(opened.path).stem
     sha256 = opened.card.get("sha256") or ""
     where = (
         ""
@@ -250,55 +237,8 @@ def _claim_run(
         names = ", ".join(Path(p).name for p, _ in split.skipped[:3])
         more = " …" if len(split.skipped) > 3 else ""
         log(f"skipped {len(split.skipped)} unreadable file(s): {names}{more}")
-    split.save(run_dir / runs.SPLIT_FILE)
+    RunDir(run_dir).write_split(split)
     return run_dir, split
-
-
-def _auto_strategy(
-    imported: Any,
-    adapted: nn.Module,
-    split: DataSplit,
-    card: dict[str, Any],
-    *,
-    native: Preprocess,
-    preprocess: Preprocess,
-    config: TrainConfig,
-    num_blocks: int,
-    cache_dir: Path,
-    log: Callable[[str], None],
-) -> StrategyChoice:
-    """`--strategy auto`: measured on the validation split (pipeline.train.auto), never on test."""
-    from pipeline.train.auto import (
-        IMAGENET_CLASSES,
-        choose_strategy,
-        imagenet_confidence,
-        measure,
-    )
-    from pipeline.train.fastpath import preprocessed_batch
-
-    confidence = None
-    if imported.probe.num_classes == IMAGENET_CLASSES:
-        # Judge similarity at the model's own input size: at other sizes the ImageNet head is
-        # confidently wrong about almost anything (digits: 0.46 at 64 px, 0.09 at 224 px).
-        confidence = imagenet_confidence(
-            imported.onnx_model,
-            input_name=imported.probe.input_name,
-            batch=preprocessed_batch(split.train[:64], native),
-            output_kind=imported.probe.output_kind,
-        )
-    evidence = measure(
-        imported=imported,
-        adapted=adapted,
-        split=split,
-        preprocess=preprocess,
-        config=config,
-        cache_dir=cache_dir,
-        model_sha256=card.get("sha256") or "",
-        confidence=confidence,
-        log=log,
-    )
-    strategy, unfreeze, reason = choose_strategy(evidence, num_blocks=num_blocks)
-    return StrategyChoice(strategy, unfreeze, reason, evidence.to_dict())
 
 
 def _train_config(
@@ -312,7 +252,7 @@ def _train_config(
         epochs=epochs,
         batch_size=options.batch_size,
         lr=options.lr,
-        lr_decay=options.lr_decay if options.lr_decay is not None else DEFAULT_LR_DECAY[strategy],
+        lr_decay=get_strategy(strategy).lr_decay if options.lr_decay is None else options.lr_decay,
         optimizer=options.optimizer,
         patience=options.patience,
         label_smoothing=options.label_smoothing,
@@ -323,22 +263,6 @@ def _train_config(
         # EfficientNet-Lite0 on the 2-core CPU 1.7x at 224 px, 1.4x at 128 (batch 32).
         channels_last=device in ("cuda", "cpu"),
     )
-
-
-# Strategies whose convolution layers train: light augmentation by default on photo data.
-AUGMENTED_STRATEGIES = frozenset({"finetune", "gradual", "full", "scratch"})
-
-
-def default_augment(strategy: str, split: DataSplit) -> str:
-    """--augment when not given: light for photo data where convolution layers train, else none.
-
-    `feature` solves its head on cached features of the unaugmented images (augmentation would
-    defeat the cache); built-in sets like digits are not photos and stay unaugmented.
-    """
-    from pipeline.data.images import BUILTIN_PREFIX
-
-    photos = not split.source.startswith(BUILTIN_PREFIX)
-    return "light" if photos and strategy in AUGMENTED_STRATEGIES else "none"
 
 
 def _flip(options: AdaptOptions, split: DataSplit, log: Callable[[str], None]) -> bool:
@@ -355,17 +279,6 @@ def _flip(options: AdaptOptions, split: DataSplit, log: Callable[[str], None]) -
     return safe
 
 
-def _calibrate_scratch(adapted: nn.Module, split: DataSplit, preprocess: Preprocess) -> int:
-    """Scale the re-initialised layers to unit variance on up to 32 training images, spread over the split."""
-    import torch
-
-    from pipeline.surgery import calibrate_scales
-    from pipeline.train.fastpath import preprocessed_batch
-
-    samples = split.train[:: max(1, len(split.train) // 32)][:32]
-    return calibrate_scales(adapted, torch.from_numpy(preprocessed_batch(samples, preprocess)))
-
-
 @dataclass
 class OpenedSource:
     """The model a run adapts, and what is known of it before the run directory is claimed."""
@@ -373,25 +286,8 @@ class OpenedSource:
     onnx_path: Path
     card: dict[str, Any]
     name: str
-    record: dict[str, Any]  # run.json's "source": name, path, sha256, url
+    record: SourceRecord  # run.json's source: name, path, sha256, url
     native: Preprocess  # the model's own preprocessing (with --preprocess and friends applied)
-
-
-class StrategyChoice(NamedTuple):
-    """What trains, and why: given with --strategy, measured by `auto`, or kept by --resume."""
-
-    strategy: str
-    unfreeze: int | None
-    reason: str
-    evidence: dict[str, Any] | None  # what `auto` measured; None otherwise
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "strategy": self.strategy,
-            "strategy_reason": self.reason,
-            "unfreeze": self.unfreeze,
-            "auto": self.evidence,
-        }
 
 
 @dataclass(frozen=True)
@@ -399,7 +295,7 @@ class _Run:
     """What every stage of one run shares once the run directory and the split are settled."""
 
     options: AdaptOptions
-    previous: dict[str, Any]  # run.json of the run being resumed; {} for a new run
+    previous: RunRecord | None  # run.json of the run being resumed; None for a new run
     source: OpenedSource
     run_dir: Path
     split: DataSplit
@@ -500,7 +396,7 @@ def _adapt(
     )
     laps("choose")
     # `auto` compares its fine-tune with the probe's head on the pretrained weights, kept aside.
-    pretrained = copy.deepcopy(adapted) if _settles(choice) else None
+    pretrained = copy.deepcopy(adapted) if settles(choice) else None
     plan = _freeze_plan(run, adapted, choice, preprocess)
     config = _train_config(options, choice.strategy, device, train_images=len(split.train))
     record = _start_record(run, choice, [b.name for b in blocks], config, preprocess, imported)
@@ -509,7 +405,7 @@ def _adapt(
         run, record, choice.strategy, imported, adapted, plan, preprocess, config
     )
     laps("cache")
-    record["timings"] = laps.seconds  # filled as the run goes; run.json has them when done
+    record.update(timings=laps.seconds)  # filled as the run goes; run.json has them when done
     if not dist.is_main and not setup.dist.enabled:
         return None  # the features are shared out; the main worker trains the head on its own
     state = _train(run, setup, adapted, config, record, progress=progress)
@@ -520,7 +416,7 @@ def _adapt(
             adapted = pretrained
             plan = _freeze_plan(run, adapted, choice, preprocess)
             config = _train_config(options, "feature", device, train_images=len(split.train))
-            record["hyperparameters"] = dataclasses.asdict(config)
+            record.update(hyperparameters=dataclasses.asdict(config))
             setup = _training_setup(
                 run, record, "feature", imported, adapted, plan, preprocess, config
             )
@@ -564,19 +460,21 @@ def _import_libraries() -> None:
     import onnxruntime  # noqa: F401
 
 
-def _previous_run(options: AdaptOptions, dist: DistContext) -> tuple[AdaptOptions, dict[str, Any]]:
-    """With --resume: the run's options and its run.json (read by the main worker); else ({})."""
+def _previous_run(
+    options: AdaptOptions, dist: DistContext
+) -> tuple[AdaptOptions, RunRecord | None]:
+    """With --resume: the run's options and its run.json (read by the main worker); else None."""
     if not options.resume:
-        return options, {}
+        return options, None
     if options.out is None:
         raise ZooError("--resume needs --out RUN_DIR, the run to continue")
-    previous = dist.broadcast_object(runs.read_run(options.out) if dist.is_main else None)
+    previous = dist.broadcast_object(RunDir(options.out).record() if dist.is_main else None)
     return _resumed_options(options, previous), previous
 
 
 def _open_source(
     options: AdaptOptions,
-    previous: dict[str, Any],
+    previous: RunRecord | None,
     *,
     models_dir: Path,
     catalog: Catalog,
@@ -586,7 +484,7 @@ def _open_source(
     a model nobody said how to feed leaves nothing behind."""
     from zoo.preprocess import model_preprocess
 
-    if options.resume:
+    if previous is not None:
         onnx_path, card, name = _open_resumed_model(
             previous, run_dir=options.out, models_dir=models_dir, catalog=catalog, log=log
         )
@@ -615,15 +513,15 @@ def _shared_run_dir(
             options, split=split, models_dir=models_dir, model_name=source.name, log=log
         )
         if not options.resume:  # the model is on record before anything can interrupt the run
-            write_json(run_dir / runs.RUN_FILE, runs.first_record(options, source=source.record))
+            RunDir(run_dir).write_record(runs.first_record(options, source=source.record))
     return dist.broadcast_object((run_dir, split))
 
 
 def _build_checked_model(run: _Run) -> tuple[Any, nn.Module, Preprocess]:
     """The imported model, the adapted one (new head), and the preprocessing it trains with."""
     options, native = run.options, run.source.native
-    if run.previous.get("preprocess"):  # a resumed run keeps the preprocessing it trained with
-        preprocess = Preprocess.from_dict(run.previous["preprocess"])
+    if run.previous and run.previous.preprocess:  # a resumed run keeps what it trained with
+        preprocess = run.previous.preprocess
     else:
         preprocess = _resolve_preprocess(native, run.split, options.image_size)
     imported, adapted = build_model(
@@ -658,31 +556,23 @@ def _choose_strategy(
     *,
     num_blocks: int,
 ) -> StrategyChoice:
-    """--strategy as given; `auto` measured on the validation split; a resumed run's own choice."""
-    options, previous = run.options, run.previous
-    if previous.get("strategy"):  # a resumed run keeps its choice, even one `auto` made
-        return StrategyChoice(
-            previous["strategy"],
-            previous.get("unfreeze"),
-            previous.get("strategy_reason") or "chosen with --strategy",
-            previous.get("auto"),
-        )
-    if options.strategy != "auto":
-        return StrategyChoice(options.strategy, options.unfreeze, "chosen with --strategy", None)
-    choice = _auto_strategy(
-        imported,
-        adapted,
-        run.split,
-        run.source.card,
+    """--strategy as given, a resumed run's own choice, or `auto`'s (pipeline.train.strategy_choice)."""
+    options, split = run.options, run.split
+    return resolve_strategy(
+        strategy=options.strategy,
+        unfreeze=options.unfreeze,
+        previous=run.previous.to_dict() if run.previous else {},
+        imported=imported,
+        adapted=adapted,
+        split=split,
         native=run.source.native,
         preprocess=preprocess,
-        config=_train_config(options, "finetune", device, train_images=len(run.split.train)),
+        config=_train_config(options, "finetune", device, train_images=len(split.train)),
         num_blocks=num_blocks,
         cache_dir=run.cache_dir,
+        model_sha256=run.source.card.get("sha256") or "",
         log=run.log,
     )
-    run.log(f"strategy auto -> {choice.strategy}: {choice.reason}")
-    return choice
 
 
 def _freeze_plan(
@@ -695,7 +585,7 @@ def _freeze_plan(
         adapted, choice.strategy, unfreeze=choice.unfreeze, every=run.options.unfreeze_every
     )
     if plan.strategy.reinit:
-        scaled = _calibrate_scratch(adapted, run.split, preprocess)
+        scaled = calibrate_scratch(adapted, run.split, preprocess)
         run.log(
             f"scratch: random weights, {scaled} layers scaled to unit variance on training images"
         )
@@ -709,14 +599,14 @@ def _start_record(
     config: TrainConfig,
     preprocess: Preprocess,
     imported: Any,
-) -> dict[str, Any]:
+) -> LiveRecord:
     """run.json as training starts (written by the main worker), and the line that announces it."""
     split = run.split
-    record = runs.start_record(
+    started = runs.start_record(
         run.options,
         previous=run.previous,
         source=run.source.record,
-        choice=choice.to_dict(),
+        choice=RecordedChoice(*choice),
         blocks=blocks,
         config=config,
         preprocess=preprocess,
@@ -724,9 +614,9 @@ def _start_record(
         split=split,
     )
     if run.dist.enabled:
-        record["distributed"] = run.dist.to_dict()
-    if run.dist.is_main:
-        write_json(run.run_dir / runs.RUN_FILE, record)
+        started = dataclasses.replace(started, distributed=run.dist.to_dict())
+    record = LiveRecord(RunDir(run.run_dir), started, writes=run.dist.is_main)
+    record.save()
     run.log(
         f"adapting {run.source.name} to {len(split.class_names)} classes ({len(split.train)} train / {len(split.val)} val / "
         f"{len(split.test)} test images, {preprocess.crop} px) with {choice.strategy} on {config.device}; run: {run.run_dir}"
@@ -736,7 +626,7 @@ def _start_record(
 
 def _training_setup(
     run: _Run,
-    record: dict[str, Any],
+    record: LiveRecord,
     strategy: str,
     imported: Any,
     adapted: nn.Module,
@@ -751,7 +641,7 @@ def _training_setup(
     augment = options.augment or default_augment(strategy, run.split)
     if options.augment is None and augment != "none":
         run.log(f"{augment} augmentation of the training images (--augment none turns it off)")
-    record["augment"] = augment
+    record.update(augment=augment)
     return fastpath.prepare(
         strategy=strategy,
         augment=augment,
@@ -774,7 +664,7 @@ def _train(
     setup: Any,
     adapted: nn.Module,
     config: TrainConfig,
-    record: dict[str, Any],
+    record: LiveRecord,
     *,
     progress: bool,
 ) -> TrainState:
@@ -793,7 +683,7 @@ def _train(
             saved_model=adapted,
             log=run.log,
         )
-        record["head_fit"] = solved.to_dict()
+        record.update(head_fit=solved.to_dict())
         return solved.state
     from pipeline.train.loop import fit
     from zoo.console import epoch_bar_factory
@@ -813,40 +703,16 @@ def _train(
     )
 
 
-def _settles(choice: StrategyChoice) -> bool:
-    """Whether the run is `auto`'s fine-tune that settles against the probe once trained."""
-    evidence = choice.evidence
-    return (
-        evidence is not None
-        and choice.strategy != "feature"
-        and evidence.get("finetune_val_acc") is None
-        and not math.isnan(evidence["probe_val_acc"])
-    )
-
-
 def _settle(
-    run: _Run, choice: StrategyChoice, state: TrainState, record: dict[str, Any]
+    run: _Run, choice: StrategyChoice, state: TrainState, record: LiveRecord
 ) -> tuple[StrategyChoice, bool]:
-    """`auto`'s fine-tune against the probe on validation: the choice that stands, and whether it
-    is the probe's head (pipeline.train.auto.settle). Every worker gets the main worker's word."""
-    from pipeline.train.auto import AutoEvidence, settle
-
-    settled = None
-    if run.dist.is_main:
-        evidence = AutoEvidence(**choice.evidence)
-        val_acc = state.history[state.best_epoch - 1].val_acc if state.best_epoch else -1.0
-        evidence, keep_probe, why = settle(evidence, unfreeze=choice.unfreeze, val_acc=val_acc)
-        run.log(f"auto: {why}")
-        strategy, unfreeze = ("feature", None) if keep_probe else (choice.strategy, choice.unfreeze)
-        settled = (
-            StrategyChoice(strategy, unfreeze, f"{choice.reason}; {why}", evidence.to_dict()),
-            keep_probe,
-        )
-    settled = run.dist.broadcast_object(settled)
-    record.update(settled[0].to_dict())
+    """`auto`'s fine-tune against the probe (pipeline.train.strategy_choice), and run.json
+    updated with the choice that stands."""
+    choice, keep_probe = settle_auto(choice, state, dist=run.dist, log=run.log)
+    record.update(choice.to_dict())
     if run.dist.is_main:  # a resume after this point continues with what was kept
-        write_json(run.run_dir / runs.RUN_FILE, record)
-    return settled
+        record.save()
+    return choice, keep_probe
 
 
 def final_evaluation(
@@ -873,7 +739,7 @@ def final_evaluation(
 
 def _write_results(
     run: _Run,
-    record: dict[str, Any],
+    record: LiveRecord,
     state: TrainState,
     scored: EvalResult,
     metrics_split: str,
@@ -884,7 +750,7 @@ def _write_results(
     """The plots, metrics, per-image predictions and report.html, and run.json marked done."""
     from pipeline.report.html import refresh_report
     from pipeline.report.metrics import write_run_report
-    from pipeline.report.predictions import PREDICTIONS_FILE, image_predictions, write_predictions
+    from pipeline.report.predictions import image_predictions
 
     metrics = write_run_report(
         run.run_dir,
@@ -900,7 +766,8 @@ def _write_results(
     predictions = image_predictions(
         held_out, scored.logits, class_names=run.split.class_names, source=run.split.source
     )
-    write_predictions(run.run_dir / PREDICTIONS_FILE, predictions)  # the report's worst mistakes
+    # The report's worst mistakes.
+    write_predictions(RunDir(run.run_dir).predictions_file, predictions)
     record.update(
         status="done",
         best_epoch=state.best_epoch,
@@ -911,7 +778,7 @@ def _write_results(
         metrics_split=metrics.split,
         seconds=round(seconds, 2),
     )
-    write_json(run.run_dir / runs.RUN_FILE, record)
+    record.save()
     refresh_report(
         run.run_dir, log=run.log
     )  # report.html; a failure to draw it is logged, not raised

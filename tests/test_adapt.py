@@ -22,7 +22,7 @@ from image_builders import build_awkward_folder, make_image_folder, write_rgb
 
 from cli import main
 from pipeline.adapt import AdaptOptions, AdaptResult, adapt
-from pipeline.data.split import DataSplit
+from pipeline.core.samples import DataSplit
 from pipeline.export.deploy import load_run
 from pipeline.surgery.build import build_model
 from pipeline.train.auto import AutoEvidence, choose_strategy, settle
@@ -474,7 +474,7 @@ def test_bad_data_is_a_one_line_error(kind: str, workspace: Path, tmp_path: Path
 
 
 def test_default_epochs_give_small_data_enough_steps() -> None:
-    from pipeline.adapt import default_epochs
+    from pipeline.train.strategy_choice import default_epochs
 
     # flowers5: 600 images, 19 steps an epoch -> 11 epochs; textures10: 240 images -> capped at 20.
     assert default_epochs("finetune", train_images=600, batch_size=32) == 11

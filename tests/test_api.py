@@ -16,7 +16,7 @@ from click.testing import CliRunner
 import zoo
 from cli import main
 from pipeline.adapt import AdaptOptions
-from pipeline.train.loop import EpochRecord
+from pipeline.core.results import EpochRecord
 from zoo.errors import DataError, InvalidModelFile, InvalidOption, NotFound, ZooError
 from zoo.preprocess import PreprocessRequest
 
@@ -178,7 +178,7 @@ def test_adapt_open_export_predict_verify_evaluate(
     again = zoo.open_run(run.dir, models_dir=workspace)
     assert again.summary is None and again.metrics == metrics
     assert again.history == run.history and again.strategy == "feature"
-    assert again.record["class_names"] == CLASSES
+    assert again.record.class_names == CLASSES
 
     model = again.export()
     assert model == run.dir / "model.onnx" and model.is_file()

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.core.samples import DataSplit, Sample
 from pipeline.data.sources import load_source
-from pipeline.data.split import DataSplit, Sample, subsample_per_class
+from pipeline.data.split import subsample_per_class
 from pipeline.surgery import discover_blocks
 from pipeline.surgery.build import build_model
 from pipeline.train.auto import AutoEvidence, choose_strategy, measure, settle

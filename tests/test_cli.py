@@ -186,8 +186,8 @@ def test_adapt_export_predict_evaluate(workspace: Path, tmp_path: Path) -> None:
     assert verified["runtimes"]["opencv"]["passed"] and verified["torch"]["passed"]
     assert verified["problems"] == [] and verified["metadata"]["labels"]
 
+    from pipeline.core.samples import DataSplit
     from pipeline.data.images import open_image
-    from pipeline.data.split import DataSplit
 
     split = DataSplit.load(run / "split.json")
     images = []

@@ -27,6 +27,7 @@ from image_builders import (
 )
 from PIL import Image
 
+from pipeline.core.samples import DataSplit, Sample
 from pipeline.data.images import (
     UnreadableImage,
     build_augmentation,
@@ -35,13 +36,7 @@ from pipeline.data.images import (
     preprocess_image,
 )
 from pipeline.data.sources import load_source, mirror_safe
-from pipeline.data.split import (
-    DataSplit,
-    ImageDataset,
-    Sample,
-    stratified_split,
-    subsample_per_class,
-)
+from pipeline.data.split import ImageDataset, stratified_split, subsample_per_class
 from zoo.catalog import IMAGENET_PREPROCESS, Preprocess
 from zoo.errors import DataError
 

@@ -19,8 +19,9 @@ import pytest
 from onnx_builders import TORCHVISION_ARCHS, input_size
 
 from pipeline.adapt import AdaptOptions, AdaptResult, adapt
+from pipeline.core.samples import DataSplit
 from pipeline.data.sources import load_source
-from pipeline.data.split import DataSplit, subsample_per_class
+from pipeline.data.split import subsample_per_class
 from pipeline.export.deploy import export_run, gate_inputs, load_run
 from pipeline.export.runtimes import runtime_check
 from zoo.cache import fetch

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.core.samples import DataSplit
 from pipeline.data.sources import load_source
-from pipeline.data.split import DataSplit, subsample_per_class
+from pipeline.data.split import subsample_per_class
 from pipeline.surgery import make_plan
 from pipeline.surgery.build import build_model
 from pipeline.train import fastpath

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline.core.results import EpochRecord
 from pipeline.report.metrics import compute_metrics, plot_comparison, write_run_report
-from pipeline.train.loop import EpochRecord
 
 
 def _history(n: int = 3) -> list[EpochRecord]:

@@ -25,18 +25,19 @@ from image_builders import write_rgb
 from PIL import Image
 
 from cli import main
-from pipeline.data.split import DataSplit, Sample
-from pipeline.report import html as report_html
-from pipeline.report.html import REPORT_FILE, gallery_items, refresh_report, write_report
-from pipeline.report.metrics import write_run_report
-from pipeline.report.predictions import (
-    PREDICTIONS_FILE,
+from pipeline.core import rundir
+from pipeline.core.results import (
+    EpochRecord,
     ImagePrediction,
-    image_predictions,
     read_predictions,
     write_predictions,
 )
-from pipeline.train.loop import EpochRecord
+from pipeline.core.rundir import PREDICTIONS_FILE, RunDir
+from pipeline.core.samples import DataSplit, Sample
+from pipeline.report import html as report_html
+from pipeline.report.html import REPORT_FILE, gallery_items, refresh_report, write_report
+from pipeline.report.metrics import write_run_report
+from pipeline.report.predictions import image_predictions
 
 MODEL = "efficientnet-lite0"
 MAX_BYTES = 5 * 1024 * 1024
@@ -275,8 +276,7 @@ def test_moved_images_leave_a_placeholder_not_an_error(made_up_run: Path) -> Non
 
 def test_most_confused_pairs_are_listed_by_count(tmp_path: Path) -> None:
     run = build_run(tmp_path, ["a", "b", "c"], per_class=6, accuracy=0.5)
-    metrics = json.loads((run / "metrics.json").read_text())
-    pairs = report_html.confused_pairs(metrics)
+    pairs = report_html.confused_pairs(RunDir(run).metrics())
     # Every mistake of class i went to class i+1: three pairs of three images, half of each class.
     assert pairs == [("a", "b", 3, 0.5), ("b", "c", 3, 0.5), ("c", "a", 3, 0.5)]
     text = write_report(run).read_text(encoding="utf-8")
@@ -411,13 +411,13 @@ def test_adapt_writes_predictions_and_the_report(digits_run: Path) -> None:
 def test_export_and_verify_refresh_the_report(digits_run: Path, workspace: Path) -> None:
     code, _, err = zoo("export", str(digits_run), models_dir=workspace)
     assert code == 0, err
-    exported = json.loads((digits_run / report_html.EXPORT_RECORD).read_text())
+    exported = json.loads((digits_run / rundir.EXPORT_RECORD).read_text())
     assert exported["verified"] and exported["verify"]["passed"]
     text = (digits_run / REPORT_FILE).read_text(encoding="utf-8")
     assert 'Export: <span class="verdict pass">PASSED' in text and "Not exported yet" not in text
     code, _, err = zoo("verify", str(digits_run / "model.onnx"), "--run", str(digits_run), models_dir=workspace)  # fmt: skip
     assert code == 0, err
-    assert json.loads((digits_run / report_html.VERIFY_RECORD).read_text())["passed"]
+    assert json.loads((digits_run / rundir.VERIFY_RECORD).read_text())["passed"]
     text = (digits_run / REPORT_FILE).read_text(encoding="utf-8")
     assert '<code>zoo verify</code>: <span class="verdict pass">PASSED' in text
 

@@ -6,6 +6,7 @@ The models are tiny built graphs fetched through a private catalog, so each run 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from onnx_builders import SIZE, gemm_head, matmul_head, save
 
 from cli import main
 from pipeline.core import runs
+from pipeline.core.record import SourceRecord
 from pipeline.train.loop import RESUME_POINT
 from zoo.catalog import IMAGENET_PREPROCESS
 from zoo.files import sha256_file
@@ -218,10 +220,10 @@ def test_open_source_refuses_a_same_named_file_with_another_sha256(
     models_dir, catalog_file = workspace
     catalog = load_catalog(catalog_file)
     path = models_dir / "tiny-a" / "model.onnx"
-    source = {"name": "tiny-a", "path": str(path), "sha256": "0" * 64}
+    source = SourceRecord(name="tiny-a", path=str(path), sha256="0" * 64)
     with pytest.raises(NotFound, match="no longer in"):
         runs.open_source(source, models_dir=models_dir, catalog=catalog, run_dir=tmp_path)
-    source["sha256"] = sha256_file(path)
+    source = dataclasses.replace(source, sha256=sha256_file(path))
     assert (
         runs.open_source(source, models_dir=models_dir, catalog=catalog, run_dir=tmp_path).path
         == path

@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.core.samples import DataSplit
 from pipeline.data.sources import load_source
-from pipeline.data.split import DataSplit, subsample_per_class
+from pipeline.data.split import subsample_per_class
 from pipeline.surgery import make_head
 from pipeline.train.fastpath import preprocessed_batch
 from pipeline.train.loop import BEST_CHECKPOINT, RESUME_POINT, TrainConfig

@@ -103,6 +103,9 @@ class ModelEntry:
     archive: ArchiveSpec | None = None
     fixed_batch: bool | None = None
     source: str = "onnx-model-zoo"  # or "bundled:<package>", or "user" for a private catalog
+    # Name of the first graph output: with the input's name and shape, how an older revision of
+    # the file is recognised (`resembling`).
+    output_name: str | None = None
 
     @property
     def is_bundled(self) -> bool:
@@ -162,6 +165,7 @@ def _entry_from_dict(raw: Mapping[str, Any], *, source: str) -> ModelEntry:
             else None,
             fixed_batch=raw.get("fixed_batch"),
             source=raw.get("source", source),
+            output_name=(raw.get("output") or {}).get("name"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         name = raw.get("name", "?") if isinstance(raw, Mapping) else "?"
@@ -250,6 +254,40 @@ class Catalog(Mapping[str, ModelEntry]):
         raise NotFound(
             f"no model named {name!r} in the catalog{hint}; run `zoo list` to see them all"
         )
+
+
+def _same_dims(declared: tuple[int | None, ...] | None, actual: tuple[int | None, ...]) -> bool:
+    """Shapes agree where both say a size (a dynamic batch matches a fixed one)."""
+    if declared is None or len(declared) != len(actual):
+        return False
+    return all(a is None or b is None or a == b for a, b in zip(declared, actual, strict=True))
+
+
+def resembling(
+    catalog: Catalog,
+    *,
+    input_name: str,
+    input_shape: tuple[int | None, ...],
+    output_name: str,
+    output_shape: tuple[int | None, ...],
+    opset: int,
+) -> list[ModelEntry]:
+    """Entries with known preprocessing whose graph has these input/output names and shapes.
+
+    Nearest opset first: a file the catalog does not know by its sha256 that matches is most
+    likely another revision of that model (the zoo re-exported its files at several opsets).
+    """
+    classes = max((d for d in output_shape[1:] if d), default=None)
+    found = [
+        entry
+        for entry in catalog.values()
+        if entry.preprocess is not None
+        and entry.input_name == input_name
+        and entry.output_name == output_name
+        and _same_dims(entry.input_shape, input_shape)
+        and (classes is None or entry.num_classes == classes)
+    ]
+    return sorted(found, key=lambda entry: (abs((entry.opset or 0) - opset), -(entry.opset or 0)))
 
 
 @lru_cache(maxsize=1)

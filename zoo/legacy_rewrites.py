@@ -6,7 +6,7 @@ Each takes the model in place and returns the phrases that say what it changed, 
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from zoo.errors import UnupgradableModel
 
@@ -129,6 +129,16 @@ def name_nodes(model: onnx.ModelProto) -> list[str]:
     )
 
 
+class _SoftmaxDetour(NamedTuple):
+    """The converter's Flatten -> Softmax -> Reshape(Shape(source)) around one Softmax."""
+
+    flatten: onnx.NodeProto
+    reshape: onnx.NodeProto
+    shape_node: onnx.NodeProto
+    source: str  # the tensor flattened, and whose shape the Reshape restores
+    axis: int  # the Flatten's axis: the axis a plain Softmax runs over
+
+
 def plain_softmax(model: onnx.ModelProto) -> list[str]:
     """Undo the converter's Flatten -> Softmax -> Reshape(Shape) where a plain Softmax is the same.
 
@@ -136,21 +146,10 @@ def plain_softmax(model: onnx.ModelProto) -> list[str]:
     Shape/Flatten/Reshape around a last-axis Softmax. When every axis after `a` has size 1 (a 4-D
     [N, K, 1, 1] SqueezeNet output), Softmax over axis `a` alone is the same and heads stay simple.
     """
-    import onnx
-
     graph = model.graph
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model).graph
-    except Exception:
+    shapes = _inferred_dims(model)
+    if shapes is None:
         return []
-    shapes = {
-        value.name: [
-            d.dim_value if d.HasField("dim_value") else None
-            for d in value.type.tensor_type.shape.dim
-        ]
-        for value in [*inferred.input, *inferred.value_info, *inferred.output]
-        if value.type.tensor_type.HasField("shape")
-    }
     producers = {out: node for node in graph.node for out in node.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
@@ -159,34 +158,15 @@ def plain_softmax(model: onnx.ModelProto) -> list[str]:
     removed: list[onnx.NodeProto] = []
     simplified = 0
     for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
-        flatten = producers.get(softmax.input[0])
-        users = consumers.get(softmax.output[0], [])
-        if flatten is None or flatten.op_type != "Flatten" or len(users) != 1:
+        detour = _softmax_detour(softmax, producers, consumers, shapes)
+        if detour is None:
             continue
-        reshape = users[0]
-        shape_node = producers.get(reshape.input[1]) if len(reshape.input) > 1 else None
-        if reshape.op_type != "Reshape" or shape_node is None or shape_node.op_type != "Shape":
-            continue
-        source = flatten.input[0]
-        axis = next((a.i for a in flatten.attribute if a.name == "axis"), 1)
-        dims = shapes.get(source)
-        if (
-            shape_node.input[0] != source
-            or dims is None
-            or any(d != 1 for d in dims[axis % len(dims) + 1 :])
-        ):
-            continue
-        if (
-            len(consumers.get(flatten.output[0], [])) != 1
-            or len(consumers.get(shape_node.output[0], [])) != 1
-        ):
-            continue
-        softmax.input[0] = source
-        softmax.output[0] = reshape.output[0]
+        softmax.input[0] = detour.source
+        softmax.output[0] = detour.reshape.output[0]
         for attr in softmax.attribute:
             if attr.name == "axis":
-                attr.i = axis
-        removed += [flatten, reshape, shape_node]
+                attr.i = detour.axis
+        removed += [detour.flatten, detour.reshape, detour.shape_node]
         simplified += 1
     if not simplified:
         return []
@@ -194,6 +174,56 @@ def plain_softmax(model: onnx.ModelProto) -> list[str]:
     del graph.node[:]
     graph.node.extend(kept)
     return [f"{simplified} Softmax over trailing 1x1 axes kept as one node"]
+
+
+def _inferred_dims(model: onnx.ModelProto) -> dict[str, list[int | None]] | None:
+    """Each tensor's dims after shape inference (None for an unknown dim); None if inference fails."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:
+        return None
+    return {
+        value.name: [
+            d.dim_value if d.HasField("dim_value") else None
+            for d in value.type.tensor_type.shape.dim
+        ]
+        for value in [*inferred.input, *inferred.value_info, *inferred.output]
+        if value.type.tensor_type.HasField("shape")
+    }
+
+
+def _softmax_detour(
+    softmax: onnx.NodeProto,
+    producers: dict[str, onnx.NodeProto],
+    consumers: dict[str, list[onnx.NodeProto]],
+    shapes: dict[str, list[int | None]],
+) -> _SoftmaxDetour | None:
+    """The detour around `softmax` when only trailing size-1 axes are flattened, else None."""
+    flatten = producers.get(softmax.input[0])
+    users = consumers.get(softmax.output[0], [])
+    if flatten is None or flatten.op_type != "Flatten" or len(users) != 1:
+        return None
+    reshape = users[0]
+    shape_node = producers.get(reshape.input[1]) if len(reshape.input) > 1 else None
+    if reshape.op_type != "Reshape" or shape_node is None or shape_node.op_type != "Shape":
+        return None
+    source = flatten.input[0]
+    axis = next((a.i for a in flatten.attribute if a.name == "axis"), 1)
+    dims = shapes.get(source)
+    if (
+        shape_node.input[0] != source
+        or dims is None
+        or any(d != 1 for d in dims[axis % len(dims) + 1 :])
+    ):
+        return None
+    if (
+        len(consumers.get(flatten.output[0], [])) != 1
+        or len(consumers.get(shape_node.output[0], [])) != 1
+    ):
+        return None
+    return _SoftmaxDetour(flatten, reshape, shape_node, source, axis)
 
 
 def broadcast_axes(model: onnx.ModelProto, opset: int) -> list[str]:
@@ -205,7 +235,6 @@ def broadcast_axes(model: onnx.ModelProto, opset: int) -> list[str]:
     converter's own rewrite unsqueezes to A's full rank whatever the axis, which is wrong for these.
     """
     import onnx
-    from onnx import helper, numpy_helper
 
     candidates = [
         (index, node)
@@ -223,35 +252,58 @@ def broadcast_axes(model: onnx.ModelProto, opset: int) -> list[str]:
     reshaped = unsqueezed = 0
     inserts: list[tuple[int, onnx.NodeProto]] = []
     for index, node in candidates:
-        axis = next(a.i for a in node.attribute if a.name == "axis")
-        rank_a, rank_b = ranks.get(node.input[0]), ranks.get(node.input[1])
-        if rank_a is None or rank_b is None:
-            raise UnupgradableModel(
-                opset, f"{node.op_type} broadcasts along axis {axis} of a tensor of unknown rank"
-            )
-        trailing = rank_a - (axis % rank_a if rank_a else 0) - rank_b
-        kept = [a for a in node.attribute if a.name != "axis"]
-        del node.attribute[:]
-        node.attribute.extend(kept)
+        trailing = _drop_axis(node, ranks, opset)
         if trailing <= 0:
             continue  # B already lines up with A's last axes
         bias = initializers.get(node.input[1])
         if bias is not None and uses[bias.name] == 1:
-            array = numpy_helper.to_array(bias)
-            shaped = array.reshape(*array.shape, *[1] * trailing)
-            bias.CopyFrom(numpy_helper.from_array(shaped, bias.name))
-            _set_input_shape(model, bias.name, list(bias.dims))
+            _append_ones(model, bias, trailing)
             reshaped += 1
             continue
-        aligned = f"{node.input[1]}__aligned{unsqueezed}"
-        axes = list(range(rank_b, rank_b + trailing))
-        inserts.append(
-            (index, helper.make_node("Unsqueeze", [node.input[1]], [aligned], axes=axes))
-        )
-        node.input[1] = aligned
+        inserts.append((index, _unsqueeze_b(node, ranks[node.input[1]], trailing, unsqueezed)))
         unsqueezed += 1
     if inserts:
         _insert_before(model, inserts)
+    return _broadcast_notes(reshaped=reshaped, unsqueezed=unsqueezed)
+
+
+def _drop_axis(node: onnx.NodeProto, ranks: dict[str, int], opset: int) -> int:
+    """Remove `node`'s axis attribute; how many trailing 1s B needs to line up as it did."""
+    axis = next(a.i for a in node.attribute if a.name == "axis")
+    rank_a, rank_b = ranks.get(node.input[0]), ranks.get(node.input[1])
+    if rank_a is None or rank_b is None:
+        raise UnupgradableModel(
+            opset, f"{node.op_type} broadcasts along axis {axis} of a tensor of unknown rank"
+        )
+    trailing = rank_a - (axis % rank_a if rank_a else 0) - rank_b
+    kept = [a for a in node.attribute if a.name != "axis"]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+    return trailing
+
+
+def _append_ones(model: onnx.ModelProto, bias: onnx.TensorProto, trailing: int) -> None:
+    """Give an initializer `trailing` axes of size 1, keeping its values."""
+    from onnx import numpy_helper
+
+    array = numpy_helper.to_array(bias)
+    shaped = array.reshape(*array.shape, *[1] * trailing)
+    bias.CopyFrom(numpy_helper.from_array(shaped, bias.name))
+    _set_input_shape(model, bias.name, list(bias.dims))
+
+
+def _unsqueeze_b(node: onnx.NodeProto, rank_b: int, trailing: int, number: int) -> onnx.NodeProto:
+    """Feed `node` its B through a new Unsqueeze adding `trailing` axes; that Unsqueeze."""
+    from onnx import helper
+
+    aligned = f"{node.input[1]}__aligned{number}"
+    axes = list(range(rank_b, rank_b + trailing))
+    unsqueeze = helper.make_node("Unsqueeze", [node.input[1]], [aligned], axes=axes)
+    node.input[1] = aligned
+    return unsqueeze
+
+
+def _broadcast_notes(*, reshaped: int, unsqueezed: int) -> list[str]:
     notes = []
     if reshaped:
         notes.append(

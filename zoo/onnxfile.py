@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from zoo.errors import InvalidModelFile, UnsafeFile
+from zoo.errors import InvalidModelFile, UnsafeFile, ZooError
 
 if TYPE_CHECKING:
     import onnx
 
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
+
+
+def lfs_pointer_entry(head: bytes) -> str | None:
+    """The catalog model a Git LFS pointer points at (its oid is the entry's sha256), else None."""
+    if not head.lstrip().startswith(LFS_POINTER_PREFIX):
+        return None
+    found = re.search(rb"^oid sha256:([0-9a-f]{64})\s*$", head, re.MULTILINE)
+    if found is None:
+        return None
+    from zoo.catalog import load_catalog
+
+    try:
+        entry = load_catalog().by_sha256(found.group(1).decode())
+    except ZooError:  # a broken private catalog: the pointer is still a pointer
+        return None
+    return entry.name if entry is not None else None
 
 
 def describe_non_model(head: bytes) -> str | None:
@@ -20,9 +37,9 @@ def describe_non_model(head: bytes) -> str | None:
     if not head:
         return "an empty file"
     if stripped.startswith(LFS_POINTER_PREFIX):
-        return (
-            "a Git LFS pointer, not the model itself (the server no longer serves the LFS object)"
-        )
+        target = lfs_pointer_entry(head)
+        to = f" to the catalog's {target} (`zoo fetch {target}` downloads it)" if target else ""
+        return f"a Git LFS pointer{to}, not the model itself (the server no longer serves the LFS object)"
     lowered = stripped[:512].lower()
     if lowered.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
         return "an HTML page (an error or login page), not a model"
@@ -56,6 +73,12 @@ def local_non_model(head: bytes, *, label: str) -> str | None:
     """One line saying what a local file is when it is clearly not an ONNX model, else None."""
     if not head:
         return f"{label} is an empty file, not an ONNX model: the download or copy did not finish; get the file again"
+    target = lfs_pointer_entry(head)
+    if target is not None:
+        return (
+            f"{label} is a Git LFS pointer to the catalog's {target}, not the model itself: "
+            f"run `zoo fetch {target}` to download it"
+        )
     stripped = head.lstrip()
     lowered = stripped[:512].lower()
     for prefixes, what, next_step in _LOCAL_KINDS:
@@ -127,6 +150,9 @@ def load_onnx(path: str | os.PathLike[str], *, load_external_data: bool = True) 
         raise InvalidModelFile(f"{path} is not a file; pass the path of an .onnx model")
     with open(path, "rb") as handle:
         head = handle.read(1024)
+    target = lfs_pointer_entry(head)
+    if target is not None:
+        raise InvalidModelFile(local_non_model(head, label=str(path)))
     what = describe_non_model(head)
     if what is not None:
         raise InvalidModelFile(f"{path} is {what}; fetch the model again (zoo fetch NAME --force)")

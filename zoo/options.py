@@ -63,6 +63,8 @@ DATA_HELP = "Class folders, train/val/test folders, a path,label CSV, or builtin
 STRICT = Option(
     "strict", flag=True, help="Fail on unreadable images instead of skipping them.", default=False
 )
+# `auto`, then the strategies registered in pipeline.surgery.strategies: written out, not imported,
+# so that `zoo --help` loads no torch. tests/test_strategies.py checks that the two agree.
 STRATEGIES = ("auto", "feature", "finetune", "gradual", "full", "scratch")
 
 # The training options shared by `zoo adapt` and `zoo compare`, in --help's order.
@@ -223,10 +225,16 @@ PREDICT = (
 PREPROCESS = (
     Option(
         "preset",
-        click.Choice(("imagenet", "inception", "caffe", "raw")),
+        click.Choice(("imagenet", "inception", "caffe", "raw", "auto")),
         flags="--preprocess",
         help="How the model expects images, for a file the zoo does not know: imagenet "
-        "(mean/std on [0,1]), inception ([-1,1]), caffe (BGR 0-255 minus means), raw ([0,1]).",
+        "(mean/std on [0,1]), inception ([-1,1]), caffe (BGR 0-255 minus means), raw ([0,1]); "
+        "auto measures them on sample photos and takes the clearly best.",
+    ),
+    Option(
+        "like",
+        click.STRING,
+        help="Take this catalog entry's preprocessing and labels (for another revision of it).",
     ),
     Option("mean", click.STRING, help="Per-channel mean after scaling, e.g. 0.485,0.456,0.406."),
     Option("std", click.STRING, help="Per-channel std, e.g. 0.229,0.224,0.225."),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 
     from zoo.catalog import Catalog
 
+log = logging.getLogger(__name__)
+
 PRESETS: dict[str, Preprocess] = {
     # RGB on [0,1], ImageNet mean/std; shorter side 256, centre crop 224 (torchvision, timm).
     "imagenet": IMAGENET_PREPROCESS,
@@ -37,10 +40,11 @@ PRESETS: dict[str, Preprocess] = {
     "raw": Preprocess(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), resize=224, resize_mode="direct"),
 }
 PRESET_NAMES = tuple(PRESETS)
+AUTO = "auto"  # --preprocess auto: measure the presets on sample photos (zoo.preprocess_auto)
 # Flags without a preset or a known entry start from this: [0,1] pixels, 256/224, nothing subtracted.
 _PLAIN = Preprocess(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 _FLAG = {"preset": "preprocess"}  # request field -> its command-line flag
-FLAGS_HINT = "--preprocess imagenet|inception|caffe|raw (or --mean/--std/--size)"
+FLAGS_HINT = "--preprocess imagenet|inception|caffe|raw|auto (or --mean/--std/--size)"
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class PreprocessRequest:
     bgr: bool | None = None  # True: channel 0 is blue
     layout: str | None = None  # NCHW or NHWC
     channels: int | None = None  # 1 or 3
+    like: str | None = None  # a catalog entry whose preprocessing (and labels) to take
 
     @property
     def given(self) -> bool:
@@ -65,7 +70,8 @@ class PreprocessRequest:
     @property
     def says_normalisation(self) -> bool:
         """True when the flags say how pixel values are normalised (not only sizes or layout)."""
-        return any(v is not None for v in (self.preset, self.mean, self.std, self.scale, self.bgr))
+        said = (self.preset, self.mean, self.std, self.scale, self.bgr, self.like)
+        return any(v is not None for v in said)
 
     def to_dict(self) -> dict[str, Any]:
         """The flags given, JSON-ready (stored in run.json's options)."""
@@ -95,9 +101,10 @@ class PreprocessRequest:
         bgr: bool | None = None,
         layout: str | None = None,
         channels: int | str | None = None,
+        like: str | None = None,
     ) -> PreprocessRequest:
         """A request from command-line text: `--mean 0.485,0.456,0.406`, `--scale 1/255`."""
-        if preset is not None and preset not in PRESETS:
+        if preset is not None and preset not in (*PRESETS, AUTO):
             raise ZooError(f"--preprocess {preset!r} is not a preset; choose one of {FLAGS_HINT}")
         return cls(
             preset=preset,
@@ -109,6 +116,7 @@ class PreprocessRequest:
             bgr=bgr,
             layout=layout.upper() if layout else None,
             channels=int(channels) if channels else None,
+            like=like or None,
         )
 
 
@@ -190,11 +198,73 @@ def exported_metadata(model: onnx.ModelProto) -> tuple[Preprocess | None, tuple[
     return preprocess, labels
 
 
-def unknown_preprocess(name: str, *, commands: str = "zoo fetch or zoo adapt") -> UnsupportedModel:
-    """The error for a model nobody said how to preprocess for."""
+class Resemblance(NamedTuple):
+    """Which catalog entry a file the zoo does not know looks like, and why it says so."""
+
+    entry: str  # the entry to pass to --like; "ENTRY" when several differ
+    why: str  # 'it resembles mnist-8 (same input ...)'
+
+
+def unknown_preprocess(
+    name: str, *, commands: str = "zoo fetch or zoo adapt", resembles: Resemblance | None = None
+) -> UnsupportedModel:
+    """The error for a model nobody said how to preprocess for, with the catalog look-alike if any."""
+    if resembles is not None:
+        return UnsupportedModel(
+            f"the zoo does not know how {name} preprocesses images, but {resembles.why}: pass "
+            f"--like {resembles.entry} to {commands} to use that entry's preprocessing and "
+            f"labels, or {FLAGS_HINT}"
+        )
     return UnsupportedModel(
         f"the zoo does not know how {name} preprocesses images: pass {FLAGS_HINT} to {commands}"
     )
+
+
+def resemblance(model: onnx.ModelProto, catalog: Catalog) -> Resemblance | None:
+    """The catalog entry the graph looks like an older revision of (names and shapes), if any."""
+    from zoo.catalog import resembling
+
+    weights = {init.name for init in model.graph.initializer}
+    inputs = [value for value in model.graph.input if value.name not in weights]
+    if not inputs or not model.graph.output:
+        return None
+    found = resembling(
+        catalog,
+        input_name=inputs[0].name,
+        input_shape=_dims(inputs[0]),
+        output_name=model.graph.output[0].name,
+        output_shape=_dims(model.graph.output[0]),
+        opset=next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0),
+    )
+    if not found:
+        return None
+    same = f"same input {inputs[0].name} and output {model.graph.output[0].name}, names and shapes"
+    if len({entry.preprocess for entry in found}) > 1:
+        names = ", ".join(entry.name for entry in found[:4])
+        why = f"it looks like several catalog entries that preprocess differently ({names}; {same})"
+        return Resemblance("ENTRY", why)
+    why = f"it resembles {found[0].name} ({same}; another sha256, so an older or other revision)"
+    return Resemblance(found[0].name, why)
+
+
+def _dims(value: onnx.ValueInfoProto) -> tuple[int | None, ...]:
+    return tuple(
+        d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+        for d in value.type.tensor_type.shape.dim
+    )
+
+
+def like_entry(like: str, catalog: Catalog | None = None) -> ModelEntry:
+    """The catalog entry `--like` names, refused when the zoo does not know its preprocessing."""
+    from zoo.catalog import load_catalog
+
+    entry = (catalog or load_catalog()).resolve(like)
+    if entry.preprocess is None:
+        raise ZooError(
+            f"--like {like}: the catalog does not know how {entry.name} preprocesses images "
+            f"either; pass {FLAGS_HINT}"
+        )
+    return entry
 
 
 def _per_channel(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
@@ -230,12 +300,21 @@ def resolve_preprocess(
     *,
     name: str,
     commands: str = "zoo fetch or zoo adapt",
+    catalog: Catalog | None = None,
 ) -> Preprocess:
     """The preprocessing to use: the preset or `base`, the flags over it, the graph's input for the rest.
 
     `base` is what is known for the model (catalog entry, exported metadata); when it is, its
-    layout, channels and size are kept unless a flag says otherwise.
+    layout, channels and size are kept unless a flag says otherwise. `--like ENTRY` makes that
+    entry's preprocessing the base.
     """
+    if request.preset == AUTO:
+        raise ZooError(
+            f"--preprocess auto is measured from a model file by zoo fetch or zoo adapt, not by "
+            f"{commands}; pass the preset it proposed"
+        )
+    if request.like is not None:
+        base = like_entry(request.like, catalog).preprocess
     if request.preset is not None:
         start, known_geometry = PRESETS[request.preset], False
     elif base is not None:
@@ -298,12 +377,19 @@ def fetched_entry(
     base = entry.preprocess if entry is not None and entry.preprocess else exported
     if base is None and not request.says_normalisation:
         return entry
+    given = " ".join(f"--{_FLAG.get(k, k)} {v}" for k, v in request.to_dict().items())
+    request, measured = settle_auto(request, model, name=name)
     signature = input_signature(model)
     preprocess = resolve_preprocess(base, request, signature, name=name)
-    given = " ".join(f"--{_FLAG.get(k, k)} {v}" for k, v in request.to_dict().items())
     note = (
         f"given to zoo fetch: {given}" if given else "read from the file's zoo.preprocess metadata"
-    )
+    ) + (f"; {measured}" if measured else "")
+    if request.like is not None and entry is None:
+        # The look-alike's record (classes, output kind, labels) for a file with its own sha256.
+        entry = dataclasses.replace(
+            like_entry(request.like), name=name, aliases=(), urls=(), sha256=sha256, size=size,
+            path=None, archive=None, source="user", preprocess_confidence="user",
+        )  # fmt: skip
     if entry is not None:
         return dataclasses.replace(
             entry, preprocess=preprocess, layout=preprocess.layout, preprocess_note=note
@@ -357,8 +443,10 @@ def model_preprocess(
         base, _ = exported_metadata(model)
     name = str(card.get("name") or Path(model_path).stem)
     try:
+        if request.preset == AUTO:
+            request, _ = settle_auto(request, load_onnx(Path(model_path)), name=name)
         return resolve_preprocess(
-            base, request, input_signature(model), name=name, commands=commands
+            base, request, input_signature(model), name=name, commands=commands, catalog=catalog
         )
     except UnsupportedModel:
         from zoo.quantized import refuse_quantized
@@ -367,7 +455,39 @@ def model_preprocess(
         refuse_quantized(
             model, label=name, sha256=card.get("sha256"), path=model_path, catalog=catalog
         )
+        found = None if request.says_normalisation else resemblance(model, catalog)
+        if found is not None:
+            raise unknown_preprocess(name, commands=commands, resembles=found) from None
         raise
+
+
+def settle_auto(
+    request: PreprocessRequest, model: onnx.ModelProto, *, name: str
+) -> tuple[PreprocessRequest, str]:
+    """`--preprocess auto` replaced by the preset measured best, and the line of figures saying so.
+
+    A request without `auto` comes back as it is. Where no preset is clearly best, or the model
+    is not one photos can measure, UnsupportedModel says why, with the figures.
+    """
+    if request.preset != AUTO:
+        return request, ""
+    from zoo.legacy import runnable
+    from zoo.preprocess_auto import measure_presets
+
+    signature = input_signature(model)
+    fitted = {
+        preset: resolve_preprocess(
+            None, dataclasses.replace(request, preset=preset), signature, name=name
+        )
+        for preset in PRESETS
+    }
+    measured = measure_presets(model, runnable(model).SerializeToString(), fitted, name=name)
+    if measured.best is None:
+        raise UnsupportedModel(
+            f"--preprocess auto cannot tell how {name} preprocesses images: {measured.summary()}"
+        )
+    log.warning("%s: %s", name, measured.summary())
+    return dataclasses.replace(request, preset=measured.best), measured.summary()
 
 
 __all__ = [
@@ -376,6 +496,9 @@ __all__ = [
     "PRESET_NAMES",
     "InputSignature",
     "PreprocessRequest",
+    "Resemblance",
+    "resemblance",
+    "settle_auto",
     "exported_metadata",
     "fetched_entry",
     "input_signature",

@@ -290,14 +290,36 @@ def _import_file(
         raise refusal(exc, name=name) from exc
     except ZooError:
         raise
-    except (
-        Exception
-    ) as exc:  # a damaged graph breaks onnx, onnx2torch or torch.fx in many ways: say so once
+    except Exception as exc:  # onnx, onnx2torch or torch.fx fail in many ways: say so once
         detail = str(exc).splitlines()[0][:160] if str(exc) else ""
+        if _onnxruntime_opens(onnx_path):
+            # The file is sound: what failed is zoo's rewrite of it, and fetching again won't help.
+            raise UnsupportedModel(
+                f"model {name!r} runs in onnxruntime, but normalising it for PyTorch failed "
+                f"({type(exc).__name__}: {detail}); the file is not damaged: report this model "
+                "with that line, or pick another model"
+            ) from exc
         raise UnsupportedModel(
             f"model {name!r} could not be imported ({type(exc).__name__}: {detail}); "
             "the file may be damaged: fetch it again with --force, or pick another model"
         ) from exc
+
+
+def _onnxruntime_opens(onnx_path: str | os.PathLike[str]) -> bool:
+    """True when onnxruntime loads the original file (its own opset upgrade aside)."""
+    import onnxruntime as ort
+
+    from zoo.onnxfile import runnable_source
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # its complaints are the question asked, not news
+    try:
+        ort.InferenceSession(
+            runnable_source(onnx_path), options, providers=["CPUExecutionProvider"]
+        )
+    except Exception:  # any refusal means: not a file onnxruntime takes as it is
+        return False
+    return True
 
 
 def _import_checked(

@@ -349,8 +349,7 @@ def _keep_batch_in_reductions(
     like the others). Other cases are left alone; the import refuses a model that still mixes
     the images of a batch (pipeline.convert).
     """
-    import numpy as np
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     ranks = {
         value.name: len(value.type.tensor_type.shape.dim)
@@ -366,43 +365,65 @@ def _keep_batch_in_reductions(
         data = node.input[0] if node.input else ""
         if node.op_type not in REDUCTIONS or leading.get(data) is None or data not in ranks:
             continue
-        rank = ranks[data]
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        from_input = len(node.input) > 1 and node.input[1] != ""
-        if from_input and node.input[1] not in by_name:
-            continue  # axes computed at run time: nothing to rewrite safely
-        axes = (
-            numpy_helper.to_array(by_name[node.input[1]]).tolist()
-            if from_input
-            else list(attrs.get("axes", []))
+        axes = _reduced_axes(node, by_name, ranks[data])
+        if axes is None or 0 not in axes:
+            continue
+        keepdims = {a.name: helper.get_attribute_value(a) for a in node.attribute}.get(
+            "keepdims", 1
         )
-        if not axes and attrs.get("noop_with_empty_axes", 0):
-            continue
-        axes = [a % rank for a in axes] if axes else list(range(rank))
-        if 0 not in axes:
-            continue
-        keepdims = attrs.get("keepdims", 1)
         users = consumers.get(node.output[0], [])
         if not keepdims and not all(_reshape_to_leading_one(user, by_name) for user in users):
             continue
-        rest = [a for a in axes if a != 0]
-        if not rest:  # it reduced only the batch of 1: the values pass through unchanged
-            node.op_type = "Identity"
-            del node.input[1:]
-            del node.attribute[:]
-        elif from_input:
-            fixed = model.graph.initializer.add()
-            fixed.CopyFrom(
-                numpy_helper.from_array(np.asarray(rest, dtype=np.int64), f"{node.input[1]}__batch")
-            )
-            node.input[1] = fixed.name
-        else:
-            for attribute in node.attribute:
-                if attribute.name == "axes":
-                    attribute.CopyFrom(helper.make_attribute("axes", rest))
+        _drop_axis_zero(model, node, [a for a in axes if a != 0], by_name)
         leading[node.output[0]] = 1
         kept += 1
     return kept
+
+
+def _reduced_axes(
+    node: onnx.NodeProto, by_name: dict[str, onnx.TensorProto], rank: int
+) -> list[int] | None:
+    """The axes a reduction reduces, non-negative; None when they are computed at run time or none."""
+    from onnx import helper, numpy_helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    from_input = len(node.input) > 1 and node.input[1] != ""
+    if from_input and node.input[1] not in by_name:
+        return None  # axes computed at run time: nothing to rewrite safely
+    axes = (
+        numpy_helper.to_array(by_name[node.input[1]]).tolist()
+        if from_input
+        else list(attrs.get("axes", []))
+    )
+    if not axes and attrs.get("noop_with_empty_axes", 0):
+        return None
+    return [a % rank for a in axes] if axes else list(range(rank))
+
+
+def _drop_axis_zero(
+    model: onnx.ModelProto,
+    node: onnx.NodeProto,
+    rest: list[int],
+    by_name: dict[str, onnx.TensorProto],
+) -> None:
+    """Make a reduction reduce `rest` only (its axes less the batch axis), in place."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    if not rest:  # it reduced only the batch of 1: the values pass through unchanged
+        node.op_type = "Identity"
+        del node.input[1:]
+        del node.attribute[:]
+    elif len(node.input) > 1 and node.input[1] in by_name:
+        fixed = model.graph.initializer.add()
+        fixed.CopyFrom(
+            numpy_helper.from_array(np.asarray(rest, dtype=np.int64), f"{node.input[1]}__batch")
+        )
+        node.input[1] = fixed.name
+    else:
+        for attribute in node.attribute:
+            if attribute.name == "axes":
+                attribute.CopyFrom(helper.make_attribute("axes", rest))
 
 
 def _reshape_to_leading_one(node: onnx.NodeProto, by_name: dict[str, onnx.TensorProto]) -> bool:
@@ -413,6 +434,31 @@ def _reshape_to_leading_one(node: onnx.NodeProto, by_name: dict[str, onnx.Tensor
         return False
     shape = numpy_helper.to_array(by_name[node.input[1]])
     return shape.ndim == 1 and len(shape) >= 2 and shape[0] == 1
+
+
+def _symbolic_dims(model: onnx.ModelProto, notes: list[str]) -> None:
+    """Name the dimensions written as -1 or 0 (older paddle2onnx, some tf2onnx), in place.
+
+    Such files mean "any size" but say it with a number: constant folding and shape inference
+    would then bake -1 or 0 into computed Reshape targets, which onnxruntime refuses ("Invalid
+    Target shape product of 0"). A named dimension says the same thing in ONNX's own words.
+    """
+    graph = model.graph
+    renamed = []
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if not value.type.tensor_type.HasField("shape"):
+            continue
+        for position, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value <= 0:
+                dim.Clear()
+                dim.dim_param = BATCH_DIM_PARAM if position == 0 else f"{value.name}_dim{position}"
+                renamed.append(value.name)
+    inputs = sorted({value.name for value in graph.input} & set(renamed))
+    if renamed:
+        notes.append(
+            f"named {len(renamed)} dimension(s) written as -1 or 0"
+            + (f" (inputs {', '.join(inputs)})" if inputs else "")
+        )
 
 
 def normalise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
@@ -433,6 +479,7 @@ def normalise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
         notes.append("removed initializers from the graph inputs")
     # Below IR 4 an initializer must also be an input: shape inference ignores the others.
     normalised.ir_version = max(normalised.ir_version, _ir_version_of(normalised))
+    _symbolic_dims(normalised, notes)
     to_float32(normalised, notes)
     normalised = fold_and_prune(normalised, notes) or normalised
     _fold_constants(normalised, notes)  # what onnxslim did not take, e.g. when it failed

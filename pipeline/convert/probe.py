@@ -21,6 +21,7 @@ PASSTHROUGH_OPS = frozenset(
 # Ops that may follow the classifier without changing which class wins (pooling, reshapes, activations).
 TRAILING_OPS = PASSTHROUGH_OPS | {"Softmax", "LogSoftmax", "Relu"} | {"GlobalAveragePool", "AveragePool", "ReduceMean"}  # fmt: skip
 OUTPUT_KINDS = ("logits", "probabilities", "relu_scores")
+CONV_KINDS = frozenset({"conv1x1", "conv_kxk"})  # heads whose feature tensor is a spatial map
 
 
 class HeadMatch(NamedTuple):
@@ -90,6 +91,7 @@ class GraphIndex:
     def __init__(self, model: onnx.ModelProto) -> None:
         graph = model.graph
         self.initializers = {init.name: init for init in graph.initializer}
+        self.outputs = {value.name for value in graph.output}
         self.producer = {out: node for node in graph.node for out in node.output}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in graph.node:
@@ -161,6 +163,41 @@ def _match_conv(index: GraphIndex, node: onnx.NodeProto) -> HeadMatch | None:
     return HeadMatch(node.input[0], (node.name,), dims[0], dims[1])
 
 
+# Ops after a k x k scoring conv that average its map over space: what makes it a classifier head.
+SPATIAL_POOLS = frozenset({"GlobalAveragePool", "AveragePool", "ReduceMean"})
+
+
+@register_head_kind("conv_kxk", layer="k x k Conv + global pool")
+def _match_conv_kxk(index: GraphIndex, node: onnx.NodeProto) -> HeadMatch | None:
+    """A k x k scoring conv averaged over space (all-convolutional nets, Keras via tf2onnx).
+
+    Its input is the feature tensor, pooled: a linear head on the pooled input equals the conv
+    followed by the average except at the borders, where the conv sees padding (zoo replaces it
+    so; the closing note of issue 27 measured both). A conv whose map is not averaged (a conv
+    acting as a dense layer over the whole map) is not matched: pooling first would be wrong.
+    """
+    if node.op_type != "Conv" or _attr(node, "group", 1) != 1:
+        return None
+    dims = index.weight_dims(node.input[1])
+    if dims is None or len(dims) != 4 or dims[2:] == [1, 1]:
+        return None
+    if not _pooled_downstream(index, node.output[0]):
+        return None
+    return HeadMatch(node.input[0], (node.name,), dims[0], dims[1])
+
+
+def _pooled_downstream(index: GraphIndex, value: str) -> bool:
+    """True when `value` reaches the graph output through trailing ops, one a spatial average."""
+    pooled = False
+    while value not in index.outputs:
+        users = index.consumers.get(value, [])
+        if len(users) != 1 or users[0].op_type not in TRAILING_OPS:
+            return False
+        pooled = pooled or users[0].op_type in SPATIAL_POOLS
+        value = users[0].output[0]
+    return pooled
+
+
 def _input_layout(index: GraphIndex, name: str, dims: list[int | str]) -> str:
     """NHWC when the last axis looks like channels or a leading Transpose moves it to NCHW."""
     pending, seen = [name], set()
@@ -222,7 +259,7 @@ def probe(model_or_imported: Any) -> ProbeResult:
         head_kind=kind.name,
         head_nodes=found.node_names,
         feature_name=found.feature_name,
-        feature_spatial=len(feature_shape) > 2 or kind.name == "conv1x1",
+        feature_spatial=len(feature_shape) > 2 or kind.name in CONV_KINDS,
         feature_dim=int(found.feature_dim),
         num_classes=int(found.num_classes),
         dynamic_batch=not isinstance(dims[0], int) or dims[0] == 0,

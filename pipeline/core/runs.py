@@ -1,26 +1,34 @@
-"""Run directories: naming without overwriting, finding the latest, run.json written and read back."""
+"""Run directories: naming without overwriting, finding the latest, the run's record as it starts.
+
+What a run directory holds, and how each file is read back, is `pipeline.core.rundir`; run.json's
+fields are `pipeline.core.record.RunRecord`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.core.record import (
+    DataRecord,
+    HeadRecord,
+    RecordedChoice,
+    RunRecord,
+    SourceRecord,
+)
+from pipeline.core.rundir import RUN_FILE, RunDir
 from zoo.errors import NotFound, ZooError
 
 if TYPE_CHECKING:
     from pipeline.adapt import AdaptOptions
-    from pipeline.data.split import DataSplit
+    from pipeline.core.samples import DataSplit
     from pipeline.train.loop import TrainConfig
     from zoo.catalog import Catalog, Preprocess
     from zoo.workspace import OpenedModel
-
-RUN_FILE = "run.json"
-SPLIT_FILE = "split.json"
 
 
 def slug(text: str) -> str:
@@ -47,7 +55,7 @@ def claim_out_dir(out: Path, *, resume: bool) -> Path:
     """The user's --out: must be new or empty unless resuming; with --resume it must be a run."""
     out = Path(out)
     if resume:
-        if not (out / RUN_FILE).exists():
+        if not RunDir(out).record_file.exists():
             raise NotFound(
                 f"{out} is not a run directory (no {RUN_FILE}); drop --resume to start a new run there"
             )
@@ -58,19 +66,6 @@ def claim_out_dir(out: Path, *, resume: bool) -> Path:
         )
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def read_run(run_dir: Path) -> dict[str, Any]:
-    """run.json of a run directory, with a clear error when it is not one."""
-    path = Path(run_dir) / RUN_FILE
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
-        raise NotFound(
-            f"{run_dir} is not a run of `zoo adapt` (no {RUN_FILE}); pass a run directory"
-        ) from exc
-    except ValueError as exc:
-        raise ZooError(f"{path} is damaged ({exc}); re-run `zoo adapt`") from exc
 
 
 def list_runs(models_dir: Path) -> list[Path]:
@@ -85,24 +80,21 @@ def list_runs(models_dir: Path) -> list[Path]:
 
 def latest_run(models_dir: Path) -> Path:
     """The most recent run in the workspace."""
-    runs = [r for r in list_runs(models_dir) if (r / "checkpoint.safetensors").exists()]
+    runs = [r for r in list_runs(models_dir) if RunDir(r).best_checkpoint.exists()]
     if not runs:
         raise NotFound(f"no finished run in {models_dir}; train one first with `zoo adapt`")
     return runs[-1]
 
 
-def source_record(path: Path, card: dict[str, Any], name: str) -> dict[str, Any]:
+def source_record(path: Path, card: dict[str, Any], name: str) -> SourceRecord:
     """run.json's `source`: the model file a run trains from, by workspace name, path and sha256."""
-    return {
-        "name": name,
-        "path": str(path),
-        "sha256": card.get("sha256"),
-        "url": card.get("source_url"),
-    }
+    return SourceRecord(
+        name=name, path=str(path), sha256=card.get("sha256"), url=card.get("source_url")
+    )
 
 
 def open_source(
-    source: dict[str, Any], *, models_dir: Path, catalog: Catalog, run_dir: Path
+    source: SourceRecord, *, models_dir: Path, catalog: Catalog, run_dir: Path
 ) -> OpenedModel:
     """The very file a run was trained from, whatever was fetched since.
 
@@ -115,7 +107,7 @@ def open_source(
     from zoo.workspace import BLOBS, OpenedModel, list_workspace, open_model
 
     models_dir = Path(models_dir).expanduser()
-    name, path, sha256 = source.get("name"), source.get("path"), source.get("sha256")
+    name, path, sha256 = source.name, source.path, source.sha256
     refs = [r for r in (name, path) if r]
     if sha256:
         refs[1:1] = [str(m.path.parent) for m in list_workspace(models_dir) if m.sha256 == sha256]
@@ -132,10 +124,10 @@ def open_source(
             "name": name or "model",
             "sha256": sha256,
             "entry": None,
-            "source_url": source.get("url"),
+            "source_url": source.url,
         }
         return OpenedModel(blob, card)
-    again = name if name and _in_catalog(name, catalog) else source.get("url") or path or name
+    again = name if name and _in_catalog(name, catalog) else source.url or path or name
     raise NotFound(
         f"the model {Path(run_dir).name} was trained from ({name or path}, sha256 {(sha256 or '?')[:12]}…) "
         f"is no longer in {models_dir}; fetch it again (zoo fetch {again}) and retry"
@@ -172,15 +164,14 @@ def versions() -> dict[str, str]:
     return found
 
 
-def first_record(options: AdaptOptions, *, source: dict[str, Any]) -> dict[str, Any]:
+def first_record(options: AdaptOptions, *, source: SourceRecord) -> RunRecord:
     """run.json as a run is claimed: its options and its model, so that --resume finds both."""
-    return {
-        "tool": "zoo",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "status": "starting",
-        "source": source,
-        "options": _options_record(options),
-    }
+    return RunRecord(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        status="starting",
+        source=source,
+        options=_options_record(options),
+    )
 
 
 def _options_record(options: AdaptOptions) -> dict[str, Any]:
@@ -194,40 +185,38 @@ def _options_record(options: AdaptOptions) -> dict[str, Any]:
 def start_record(
     options: AdaptOptions,
     *,
-    previous: dict[str, Any],
-    source: dict[str, Any],
-    choice: dict[str, Any],
+    previous: RunRecord | None,
+    source: SourceRecord,
+    choice: RecordedChoice,
     blocks: list[str],
     config: TrainConfig,
     preprocess: Preprocess,
     imported: Any,
     split: DataSplit,
-) -> dict[str, Any]:
+) -> RunRecord:
     """run.json as `zoo adapt` starts training: enough to export, resume or reproduce the run."""
-    return {
-        "tool": "zoo",
-        "created": previous.get("created")
-        or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "status": "training",
-        "source": source,
-        "options": _options_record(options),
-        **choice,
-        "blocks": blocks,
-        "hyperparameters": dataclasses.asdict(config),
-        "preprocess": preprocess.to_dict(),
-        "input_name": imported.probe.input_name,
-        "class_names": split.class_names,
-        "num_classes": len(split.class_names),
-        "head": {"hidden": options.hidden, "dropout": options.dropout},
-        "data": {
-            "source": split.source or options.data,
-            "train": len(split.train),
-            "val": len(split.val),
-            "test": len(split.test),
-            "skipped": len(split.skipped),
-        },
-        "seed": options.seed,
-        "device": config.device,
-        "versions": versions(),
-        "import_fidelity": dataclasses.asdict(imported.fidelity) if imported.fidelity else None,
-    }
+    created = previous.created if previous and previous.created else None
+    return RunRecord(
+        created=created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        status="training",
+        source=source,
+        options=_options_record(options),
+        blocks=blocks,
+        hyperparameters=dataclasses.asdict(config),
+        preprocess=preprocess,
+        input_name=imported.probe.input_name,
+        class_names=split.class_names,
+        num_classes=len(split.class_names),
+        head=HeadRecord(hidden=options.hidden, dropout=options.dropout),
+        data=DataRecord(
+            source=split.source or options.data,
+            train=len(split.train),
+            val=len(split.val),
+            test=len(split.test),
+            skipped=len(split.skipped),
+        ),
+        seed=options.seed,
+        device=config.device,
+        versions=versions(),
+        import_fidelity=dataclasses.asdict(imported.fidelity) if imported.fidelity else None,
+    ).with_choice(choice)

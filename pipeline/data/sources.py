@@ -21,9 +21,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
+from pipeline.core.samples import DataSplit, Sample
 from pipeline.data.images import (
     BUILTIN_PREFIX,
     BUILTIN_SETS,
@@ -33,7 +35,7 @@ from pipeline.data.images import (
     scan_class_folder,
     visible_dirs,
 )
-from pipeline.data.split import DataSplit, Sample, split_samples
+from pipeline.data.split import split_samples
 from zoo.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -296,6 +298,29 @@ def _finish(
     test_fraction: float,
 ) -> DataSplit:
     """Validate the listed images, apply the class rules, and split what is not yet split."""
+    readable = _readable(collected, source=source, strict=strict, max_pixels=max_pixels)
+    _check_classes(collected.class_names, readable.parts, source)
+    train, val, test = _train_val_test(
+        readable.parts, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction
+    )
+    counts = _per_class(train, len(collected.class_names))
+    small = [n for n, c in zip(collected.class_names, counts, strict=True) if c < 2]
+    if small:
+        log.warning("class(es) with fewer than 2 training images: %s", ", ".join(small[:5]))
+    return DataSplit(
+        collected.class_names, train, val, test, collected.name, None, readable.skipped, source
+    )
+
+
+class _Readable(NamedTuple):
+    """The samples whose images decode, per part, and every file left out with why."""
+
+    parts: dict[str, list[Sample]]
+    skipped: list[tuple[str, str]]
+
+
+def _readable(collected: _Collected, *, source: str, strict: bool, max_pixels: int) -> _Readable:
+    """Decode every listed image once; refuse (`strict`) or warn about the files that fail."""
     all_paths = [p for entries in collected.parts.values() for p, _ in entries]
     bad = find_unreadable(all_paths, max_pixels=max_pixels)
     skipped = collected.skipped + sorted(bad.items())
@@ -311,6 +336,11 @@ def _finish(
         part: [Sample(p, index[name]) for p, name in entries if p not in bad]
         for part, entries in collected.parts.items()
     }
+    return _Readable(parts, skipped)
+
+
+def _check_classes(class_names: list[str], parts: dict[str, list[Sample]], source: str) -> None:
+    """Refuse data without training images, a class without any, or fewer than two classes."""
     pool = parts.get("all", parts.get("train", []))
     present = {s.label for s in pool}
     if not pool and parts and "all" not in parts and "train" not in parts:
@@ -319,35 +349,33 @@ def _finish(
         )
     if not pool:
         raise DataError(f"no readable images found in {source}; put images in one folder per class")
-    for name, i in index.items():
+    for i, name in enumerate(class_names):
         if i not in present:
             raise DataError(
                 f"class {name!r} has no readable training images in {source}; "
                 "add images for it or remove it"
             )
-    if len(collected.class_names) < 2:
+    if len(class_names) < 2:
         raise DataError(
-            f"only one class ({collected.class_names[0]!r}) in {source}; a classifier needs at "
+            f"only one class ({class_names[0]!r}) in {source}; a classifier needs at "
             "least two: add a folder (or label) per class"
-            + _deeper_hint(Path(source), collected.class_names[0])
+            + _deeper_hint(Path(source), class_names[0])
         )
+
+
+def _train_val_test(
+    parts: dict[str, list[Sample]], *, seed: int, val_fraction: float, test_fraction: float
+) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """Split an unsplit source; carve validation from train when a split source has none."""
     if "all" in parts:
-        train, val, test = split_samples(
+        return split_samples(
             parts["all"], seed=seed, val_fraction=val_fraction, test_fraction=test_fraction
         )
-    else:
-        train, val, test = parts["train"], parts.get("val"), parts.get("test", [])
-        if val is None:  # carve validation from train, keeping train:val at 60:20 by default
-            share = val_fraction / (1 - test_fraction) if "test" in parts else val_fraction
-            train, val, _ = split_samples(train, seed=seed, val_fraction=share, test_fraction=0)
-    small = [
-        n
-        for n, c in zip(collected.class_names, _per_class(train, len(index)), strict=True)
-        if c < 2
-    ]
-    if small:
-        log.warning("class(es) with fewer than 2 training images: %s", ", ".join(small[:5]))
-    return DataSplit(collected.class_names, train, val, test, collected.name, None, skipped, source)
+    train, val, test = parts["train"], parts.get("val"), parts.get("test", [])
+    if val is None:  # carve validation from train, keeping train:val at 60:20 by default
+        share = val_fraction / (1 - test_fraction) if "test" in parts else val_fraction
+        train, val, _ = split_samples(train, seed=seed, val_fraction=share, test_fraction=0)
+    return train, val, test
 
 
 def _deeper_hint(source: Path, only_class: str) -> str:

@@ -6,21 +6,24 @@ comparison itself is pipeline.export.verify's one oracle; the file format is pip
 
 from __future__ import annotations
 
+import dataclasses
 import glob
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core import runs
+from pipeline.core.rundir import RunDir
 from zoo.errors import DataError, NotFound, VerificationFailed, ZooError
 
 if TYPE_CHECKING:
     import numpy as np
     from torch import nn
 
-    from pipeline.data.split import DataSplit, Sample
+    from pipeline.core.record import RunRecord
+    from pipeline.core.results import Metrics
+    from pipeline.core.samples import DataSplit, Sample
     from pipeline.export.verify import FileReport, VerifyInputs
     from zoo.catalog import Catalog, Preprocess
     from zoo.preprocess import PreprocessRequest
@@ -33,7 +36,7 @@ class LoadedRun:
     """A run rebuilt: its record, split, preprocessing and the model with its best weights."""
 
     run_dir: Path
-    record: dict[str, Any]
+    record: RunRecord
     split: DataSplit
     preprocess: Preprocess
     model: nn.Module
@@ -42,32 +45,30 @@ class LoadedRun:
 def load_run(run_dir: Path, *, models_dir: Path, catalog: Catalog) -> LoadedRun:
     """Rebuild the adapted model of a run from its source model, run.json and best checkpoint."""
     from pipeline.core.checkpoint import load_weights
-    from pipeline.data.split import DataSplit
     from pipeline.surgery.build import build_model
-    from pipeline.train.loop import BEST_CHECKPOINT
-    from zoo.catalog import Preprocess
 
-    run_dir = Path(run_dir)
-    record = runs.read_run(run_dir)
-    checkpoint = run_dir / BEST_CHECKPOINT
+    run = RunDir(run_dir)
+    record = run.record()
+    checkpoint = run.best_checkpoint
     if not checkpoint.exists():
         raise NotFound(
-            f"{run_dir} has no {BEST_CHECKPOINT}: the run never finished an epoch; train it with zoo adapt"
+            f"{run.path} has no {checkpoint.name}: the run never finished an epoch; train it with zoo adapt"
         )
+    if record.num_classes is None or record.head is None or record.preprocess is None:
+        raise ZooError(f"{run.record_file} does not say how the run was built; re-run `zoo adapt`")
     onnx_path, _ = runs.open_source(
-        record.get("source") or {}, models_dir=models_dir, catalog=catalog, run_dir=run_dir
+        record.source, models_dir=models_dir, catalog=catalog, run_dir=run.path
     )
     _, model = build_model(
         onnx_path,
-        num_classes=record["num_classes"],
-        hidden=record["head"]["hidden"],
-        dropout=record["head"]["dropout"],
-        seed=record["seed"],
+        num_classes=record.num_classes,
+        hidden=record.head.hidden,
+        dropout=record.head.dropout,
+        seed=record.seed,
     )
     load_weights(model, checkpoint)
     model.eval()
-    split = DataSplit.load(run_dir / runs.SPLIT_FILE)
-    return LoadedRun(run_dir, record, split, Preprocess.from_dict(record["preprocess"]), model)
+    return LoadedRun(run.path, record, run.split(), record.preprocess, model)
 
 
 def _images(samples: Sequence[Sample], preprocess: Preprocess) -> np.ndarray:
@@ -139,8 +140,7 @@ def export_run(
     run_dir = Path(run_dir) if run_dir else runs.latest_run(models_dir)
     loaded = load_run(run_dir, models_dir=models_dir, catalog=catalog)
     record = loaded.record
-    metrics_file = run_dir / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    metrics = RunDir(run_dir).metrics()
     inputs = gate_inputs(loaded)
     split_name = {"test": "test", "val": "validation"}[gate_split(loaded.split)[0]]
     log(
@@ -149,20 +149,17 @@ def export_run(
     result = export_model(
         loaded.model,
         out or run_dir / "model.onnx",
-        input_name=record["input_name"],
+        input_name=record.input_name,
         layout=loaded.preprocess.layout,
         input_shape=loaded.preprocess.input_shape(),
         opset=opset,
         metadata={
             "labels": loaded.split.class_names,
             "preprocess": loaded.preprocess,
-            "source": record["source"],
-            "strategy": record["strategy"],
-            "metrics": {
-                k: metrics.get(k)
-                for k in ("accuracy", "macro_f1", "macro_precision", "macro_recall", "split")
-            },
-            "input_name": record["input_name"],
+            "source": dataclasses.asdict(record.source),
+            "strategy": record.strategy,
+            "metrics": _exported_metrics(metrics),
+            "input_name": record.input_name,
             "layout": loaded.preprocess.layout,
             "run": run_dir.name,
         },
@@ -180,6 +177,17 @@ def export_run(
     return summary
 
 
+def _exported_metrics(metrics: Metrics | None) -> dict[str, Any]:
+    """The run's headline figures, for the exported file's metadata (None each before the run is done)."""
+    return {
+        "accuracy": metrics.accuracy if metrics else None,
+        "macro_f1": metrics.macro_f1 if metrics else None,
+        "macro_precision": metrics.macro_precision if metrics else None,
+        "macro_recall": metrics.macro_recall if metrics else None,
+        "split": metrics.split if metrics else None,
+    }
+
+
 def _quantize(
     loaded: LoadedRun, fp32_path: Path, inputs: VerifyInputs, *, log: Callable[[str], None]
 ) -> dict[str, Any]:
@@ -188,7 +196,7 @@ def _quantize(
     calibration = _images(loaded.split.train[:128], loaded.preprocess)
     log(f"quantizing to INT8, calibrated on {len(calibration)} training images")
     quantized = quantize_int8(
-        fp32_path, calibration=calibration, input_name=loaded.record["input_name"]
+        fp32_path, calibration=calibration, input_name=loaded.record.input_name
     )
     report = compare_int8(fp32_path, quantized.path, inputs)
     summary = {

@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.convert.probe import probe
 from pipeline.core.sessions import create_session
 from pipeline.export.runtimes import logits_of, run_session
 from pipeline.export.verify import VerifyInputs
 from zoo.errors import DataError, UnsupportedModel
+from zoo.onnxfile import load_onnx
 
 if TYPE_CHECKING:
     import onnx
@@ -101,12 +103,6 @@ def quantize_int8(
     per_channel: bool = True,
 ) -> QuantizeResult:
     """Write a static INT8 (QDQ) copy of `fp32_path`, calibrated on preprocessed training images."""
-    import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from zoo.onnxfile import load_onnx
-
     source = Path(fp32_path)
     out = Path(out_path) if out_path is not None else default_int8_path(source)
     calibration = np.ascontiguousarray(calibration, dtype=np.float32)
@@ -118,60 +114,86 @@ def quantize_int8(
     work = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
     work.mkdir(parents=True)
     try:
-        prepared = work / "prepared.onnx"
-        try:
-            # Shape inference and graph optimisation first, as onnxruntime recommends for QDQ.
-            quant_pre_process(str(source), str(prepared))
-        except Exception:  # optional: quantising the plain graph still works
-            shutil.copyfile(source, prepared)
+        prepared = _prepare(source, work / "prepared.onnx")
         reader = _calibration_reader(calibration, input_name)
-        # Probabilities stay float: a quantised Softmax output no longer sums to 1. So does the
-        # classifier: its input features are quantised with one scale for all of them, and a head
-        # solved on standardised features gives the low-variance ones the largest weights (the
-        # bundled Lite0's feature head on digits: 74% INT8 against 94% fp32, 93% with it float).
-        prepared_model = onnx.load(str(prepared))
-        softmax = [n.name for n in prepared_model.graph.node if n.op_type == "Softmax"]
-        keep_float = softmax + _head_nodes(prepared_model)
         staged = work / out.name
-        try:
-            quantize_static(
-                str(prepared),
-                str(staged),
-                reader,
-                quant_format=QuantFormat.QDQ,
-                per_channel=per_channel,
-                # U8S8: unsigned activations, signed weights, the pair x86 VNNI multiplies natively.
-                # Measured on this AMD EPYC (efficientnet-lite0, 224 px, onnxruntime 1.31): batch 1
-                # 2.1 ms against 5.5 ms for S8S8 and 4.7 ms for fp32; S8S8 was slower than fp32.
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                nodes_to_exclude=keep_float,
-            )
-        except Exception as exc:
-            raise UnsupportedModel(
-                f"INT8 quantisation failed ({type(exc).__name__}: {str(exc)[:300]}); use the fp32 file"
-            ) from exc
-        # quantize_static drops the zoo.* metadata; the INT8 file must describe itself too.
-        quantized = onnx.load(str(staged))
-        del quantized.metadata_props[:]
-        for prop in fp32.metadata_props:
-            quantized.metadata_props.add(key=prop.key, value=prop.value)
-        quantized.metadata_props.add(key="zoo.quantization", value="int8-static-qdq")
-        quantized.producer_name = fp32.producer_name or "zoo"
-        quantized.producer_version = fp32.producer_version
-        quantized.doc_string = fp32.doc_string
-        onnx.save(quantized, str(staged))
-        onnx.checker.check_model(str(staged))
+        _quantize_static(prepared, staged, reader, per_channel=per_channel)
+        _describe_like(staged, fp32)
         os.replace(staged, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return QuantizeResult(path=out, size=out.stat().st_size, fp32_size=source.stat().st_size)
 
 
+def _prepare(source: Path, prepared: Path) -> Path:
+    """Copy `source` to `prepared`, shape-inferred and optimised where onnxruntime manages to."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        # Shape inference and graph optimisation first, as onnxruntime recommends for QDQ.
+        quant_pre_process(str(source), str(prepared))
+    except Exception:  # optional: quantising the plain graph still works
+        shutil.copyfile(source, prepared)
+    return prepared
+
+
+def _float_nodes(prepared: Path) -> list[str]:
+    """The nodes quantisation must leave in float: every Softmax and the classifier head."""
+    import onnx
+
+    # Probabilities stay float: a quantised Softmax output no longer sums to 1. So does the
+    # classifier: its input features are quantised with one scale for all of them, and a head
+    # solved on standardised features gives the low-variance ones the largest weights (the
+    # bundled Lite0's feature head on digits: 74% INT8 against 94% fp32, 93% with it float).
+    prepared_model = onnx.load(str(prepared))
+    softmax = [n.name for n in prepared_model.graph.node if n.op_type == "Softmax"]
+    return softmax + _head_nodes(prepared_model)
+
+
+def _quantize_static(prepared: Path, staged: Path, reader: Any, *, per_channel: bool) -> None:
+    """Quantise `prepared` into `staged` as QDQ; UnsupportedModel when onnxruntime cannot."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    keep_float = _float_nodes(prepared)
+    try:
+        quantize_static(
+            str(prepared),
+            str(staged),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            # U8S8: unsigned activations, signed weights, the pair x86 VNNI multiplies natively.
+            # Measured on this AMD EPYC (efficientnet-lite0, 224 px, onnxruntime 1.31): batch 1
+            # 2.1 ms against 5.5 ms for S8S8 and 4.7 ms for fp32; S8S8 was slower than fp32.
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=keep_float,
+        )
+    except Exception as exc:
+        raise UnsupportedModel(
+            f"INT8 quantisation failed ({type(exc).__name__}: {str(exc)[:300]}); use the fp32 file"
+        ) from exc
+
+
+def _describe_like(staged: Path, fp32: onnx.ModelProto) -> None:
+    """Give the INT8 file its source's zoo.* metadata and producer, marked as quantised; check it."""
+    import onnx
+
+    # quantize_static drops the zoo.* metadata; the INT8 file must describe itself too.
+    quantized = onnx.load(str(staged))
+    del quantized.metadata_props[:]
+    for prop in fp32.metadata_props:
+        quantized.metadata_props.add(key=prop.key, value=prop.value)
+    quantized.metadata_props.add(key="zoo.quantization", value="int8-static-qdq")
+    quantized.producer_name = fp32.producer_name or "zoo"
+    quantized.producer_version = fp32.producer_version
+    quantized.doc_string = fp32.doc_string
+    onnx.save(quantized, str(staged))
+    onnx.checker.check_model(str(staged))
+
+
 def _head_nodes(model: onnx.ModelProto) -> list[str]:
     """The classifier's last layer (pipeline.convert.probe finds it), or nothing when no head is found."""
-    from pipeline.convert.probe import probe
-
     try:
         return list(probe(model).head_nodes)
     except UnsupportedModel:

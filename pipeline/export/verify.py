@@ -12,10 +12,12 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from pipeline.convert.cleanup import type_name
+from pipeline.core.metadata import ModelMetadata, metadata_of, metadata_problems
 from pipeline.core.sessions import as_input_type, create_session, default_providers
 from pipeline.export.runtimes import (
     CHUNK,
@@ -26,11 +28,10 @@ from pipeline.export.runtimes import (
     runtime_check,
 )
 from zoo.errors import InvalidModelFile, NotFound
+from zoo.onnxfile import load_onnx
 
 if TYPE_CHECKING:
     import torch
-
-    from pipeline.core.metadata import ModelMetadata
 
 PROBS_TOLERANCE = 1e-4  # how far the probs output may sum away from 1
 
@@ -182,6 +183,94 @@ def _topk(logits: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-logits, axis=1, kind="stable")[:, :k]
 
 
+class _Gap(NamedTuple):
+    """onnxruntime's logits against torch's, element by element (batch N, then batch 1)."""
+
+    diff: np.ndarray  # |onnx - torch|, in float64
+    bound: np.ndarray  # atol + rtol|torch|: how far each element may differ
+    torch_all: np.ndarray  # torch's logits, lined up with `diff`
+    finite: bool  # False when either side has a NaN or an infinity
+
+    @property
+    def max_abs(self) -> float:
+        return float(self.diff.max()) if self.finite else float("inf")
+
+    @property
+    def mean_abs(self) -> float:
+        return float(self.diff.mean()) if self.finite else float("inf")
+
+    @property
+    def max_rel(self) -> float:
+        if not self.finite:
+            return float("inf")
+        return float((self.diff / np.maximum(np.abs(self.torch_all), 1e-12)).max())
+
+    @property
+    def worst_excess(self) -> float:
+        return float((self.diff - self.bound).max()) if self.finite else float("inf")
+
+    def failure(self, n_inputs: int, *, atol: float, rtol: float) -> str | None:
+        """Why the logits break the tolerance (the worst element), or None when they keep it."""
+        if not self.finite:
+            return "non-finite logits"
+        if self.worst_excess <= 0:
+            return None
+        where = np.unravel_index(int(np.argmax(self.diff - self.bound)), self.diff.shape)
+        return (
+            f"|diff| {self.diff[where]:.3g} at input {where[0] % n_inputs} class {where[1]} exceeds "
+            f"atol {atol:g} + rtol {rtol:g}·|{self.torch_all[where]:.4g}|"
+        )
+
+
+def _gap(
+    batched: np.ndarray, single: np.ndarray, reference: np.ndarray, *, atol: float, rtol: float
+) -> _Gap:
+    onnx_all = np.concatenate([batched, single])
+    torch_all = np.concatenate([reference, reference[: len(single)]])
+    diff = np.abs(onnx_all.astype(np.float64) - torch_all)
+    bound = atol + rtol * np.abs(torch_all)
+    finite = bool(np.isfinite(onnx_all).all() and np.isfinite(torch_all).all())
+    return _Gap(diff, bound, torch_all, finite)
+
+
+class _Agreement(NamedTuple):
+    """How often onnxruntime's ranking of the classes matches torch's."""
+
+    top1: float  # at batch N
+    top1_single: float  # at batch 1 (1.0 when batch 1 was not run)
+    top5: float  # at batch N, the top-5 indices in order
+
+
+def _agreement(batched: np.ndarray, single: np.ndarray, reference: np.ndarray) -> _Agreement:
+    k = min(5, reference.shape[1])
+    top1 = float(np.mean(batched.argmax(1) == reference.argmax(1)))
+    top1_single = (
+        np.mean(single.argmax(1) == reference[: len(single)].argmax(1)) if len(single) else 1.0
+    )
+    top5 = float(np.mean((_topk(batched, k) == _topk(reference, k)).all(axis=1)))
+    return _Agreement(top1, top1_single, top5)
+
+
+def _probs_sum_error(onnx_outputs: dict[str, np.ndarray]) -> float | None:
+    """max |sum(probs) - 1| over the batch, None when the file has no probs output."""
+    probs = onnx_outputs.get("probs@batchN")
+    if probs is None:
+        return None
+    return float(np.abs(probs.reshape(len(probs), -1).sum(1) - 1.0).max())
+
+
+def _accuracies(
+    batched: np.ndarray, reference: np.ndarray, labels: np.ndarray | None
+) -> tuple[float | None, float | None]:
+    """(onnx, torch) accuracy on the labelled images, the first `len(labels)` inputs."""
+    if labels is None or not len(labels):
+        return None, None
+    n = len(labels)
+    acc_onnx = float(np.mean(batched[:n].argmax(1) == labels))
+    acc_torch = float(np.mean(reference[:n].argmax(1) == labels))
+    return acc_onnx, acc_torch
+
+
 def compare_logits(
     provider: str,
     onnx_outputs: dict[str, np.ndarray],
@@ -195,59 +284,32 @@ def compare_logits(
     batched = logits_of(onnx_outputs)
     single_key = "logits@batch1" if "logits@batch1" in onnx_outputs else None
     single = onnx_outputs[single_key].reshape(-1, batched.shape[1]) if single_key else batched[:0]
-    failures: list[str] = []
     if batched.shape != reference.shape:
         message = f"logits shape {batched.shape} differs from torch's {reference.shape}"
         return failed_result(provider, len(reference), message)
-    onnx_all = np.concatenate([batched, single])
-    torch_all = np.concatenate([reference, reference[: len(single)]])
-    diff = np.abs(onnx_all.astype(np.float64) - torch_all)
-    bound = atol + rtol * np.abs(torch_all)
-    finite = bool(np.isfinite(onnx_all).all() and np.isfinite(torch_all).all())
-    max_abs = float(diff.max()) if finite else float("inf")
-    worst_excess = float((diff - bound).max()) if finite else float("inf")
-    k = min(5, reference.shape[1])
-    top1 = float(np.mean(batched.argmax(1) == reference.argmax(1)))
-    top1_single = (
-        np.mean(single.argmax(1) == reference[: len(single)].argmax(1)) if len(single) else 1.0
-    )
-    top5 = float(np.mean((_topk(batched, k) == _topk(reference, k)).all(axis=1)))
-    if not finite:
-        failures.append("non-finite logits")
-    elif worst_excess > 0:
-        where = np.unravel_index(int(np.argmax(diff - bound)), diff.shape)
-        failures.append(
-            f"|diff| {diff[where]:.3g} at input {where[0] % len(reference)} class {where[1]} exceeds "
-            f"atol {atol:g} + rtol {rtol:g}·|{torch_all[where]:.4g}|"
-        )
-    if top1 < 1.0 or top1_single < 1.0:
-        failures.append(f"top-1 agreement {min(top1, float(top1_single)):.1%}, not 100%")
-    probs = onnx_outputs.get("probs@batchN")
-    probs_error = None
-    if probs is not None:
-        probs_error = float(np.abs(probs.reshape(len(probs), -1).sum(1) - 1.0).max())
-        if not probs_error <= PROBS_TOLERANCE:
-            failures.append(f"probs sum to 1 ± {probs_error:.3g}, not within {PROBS_TOLERANCE:g}")
-    acc_onnx = acc_torch = None
-    if labels is not None and len(labels):
-        n = len(labels)
-        acc_onnx = float(np.mean(batched[:n].argmax(1) == labels))
-        acc_torch = float(np.mean(reference[:n].argmax(1) == labels))
-        if acc_onnx != acc_torch:
-            failures.append(
-                f"test accuracy {acc_onnx:.2%} (onnx) differs from {acc_torch:.2%} (torch)"
-            )
+    gap = _gap(batched, single, reference, atol=atol, rtol=rtol)
+    agreement = _agreement(batched, single, reference)
+    probs_error = _probs_sum_error(onnx_outputs)
+    acc_onnx, acc_torch = _accuracies(batched, reference, labels)
+    failures: list[str] = []
+    if (too_far := gap.failure(len(reference), atol=atol, rtol=rtol)) is not None:
+        failures.append(too_far)
+    if agreement.top1 < 1.0 or agreement.top1_single < 1.0:
+        worst_top1 = min(agreement.top1, float(agreement.top1_single))
+        failures.append(f"top-1 agreement {worst_top1:.1%}, not 100%")
+    if probs_error is not None and not probs_error <= PROBS_TOLERANCE:
+        failures.append(f"probs sum to 1 ± {probs_error:.3g}, not within {PROBS_TOLERANCE:g}")
+    if acc_onnx is not None and acc_onnx != acc_torch:
+        failures.append(f"test accuracy {acc_onnx:.2%} (onnx) differs from {acc_torch:.2%} (torch)")
     return ProviderResult(
         provider=provider,
         n_inputs=len(reference),
-        max_abs=max_abs,
-        mean_abs=float(diff.mean()) if finite else float("inf"),
-        max_rel=float((diff / np.maximum(np.abs(torch_all), 1e-12)).max())
-        if finite
-        else float("inf"),
-        worst_excess=worst_excess,
-        top1_agreement=top1,
-        top5_agreement=top5,
+        max_abs=gap.max_abs,
+        mean_abs=gap.mean_abs,
+        max_rel=gap.max_rel,
+        worst_excess=gap.worst_excess,
+        top1_agreement=agreement.top1,
+        top5_agreement=agreement.top5,
         probs_max_sum_error=probs_error,
         accuracy_onnx=acc_onnx,
         accuracy_torch=acc_torch,
@@ -304,8 +366,6 @@ def verify(
 def _file_input_type(onnx_path: str | Path) -> str:
     """The numpy name of the element type the file's first input declares ('float32' if unreadable)."""
     import onnx
-
-    from pipeline.convert.cleanup import type_name
 
     try:
         graph = onnx.load(str(onnx_path), load_external_data=False).graph
@@ -384,9 +444,6 @@ def verify_file(
     rtol: float = 1e-3,
 ) -> FileReport:
     """Check a finished file: its metadata, torch agreement (if a model is given), other runtimes."""
-    from pipeline.core.metadata import metadata_of, metadata_problems
-    from zoo.onnxfile import load_onnx
-
     path = Path(onnx_path)
     model_file = load_onnx(path, load_external_data=False)  # weights are not needed here
     metadata = metadata_of(model_file)

@@ -160,6 +160,48 @@ def _serialized_size(model: onnx.ModelProto) -> int:
         return EXTERNAL_DATA_THRESHOLD + 1
 
 
+@dataclass(frozen=True)
+class _Staging:
+    """The target file, and the temporary folder beside it where the export is written and verified.
+
+    The external-data file must already carry its final name inside the graph, so both files are
+    written and verified in the folder before either moves.
+    """
+
+    out: Path
+    work: Path
+
+    @classmethod
+    def beside(cls, out: Path) -> _Staging:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
+        work.mkdir()
+        return cls(out, work)
+
+    @property
+    def data_name(self) -> str:
+        return f"{self.out.name}.data"
+
+    @property
+    def staged(self) -> Path:
+        return self.work / self.out.name
+
+    @property
+    def data_path(self) -> Path:
+        return self.out.parent / self.data_name
+
+    def publish(self, *, external: bool) -> int:
+        """Rename the staged file (and its data file) into place; their size on disk in bytes."""
+        with disk_errors(self.out, next_step="export to another folder"):
+            if external:
+                # The data file moves first: the graph that names it must never arrive before it.
+                os.replace(self.work / self.data_name, self.data_path)
+            os.replace(self.staged, self.out)
+        if not external:
+            self.data_path.unlink(missing_ok=True)  # a stale file from an earlier export
+        return self.out.stat().st_size + (self.data_path.stat().st_size if external else 0)
+
+
 def export_model(
     model: torch.nn.Module,
     out_path: str | os.PathLike[str],
@@ -183,50 +225,24 @@ def export_model(
     """
     if input_type is None:
         input_type = getattr(getattr(model, "probe", None), "input_type", "float32")
-    if layout not in ("NCHW", "NHWC"):
-        raise ValueError(f"layout must be NCHW or NHWC, not {layout!r}")
-    shape = tuple(int(d) for d in input_shape)
-    if verify_inputs is not None and verify_inputs.all_inputs.shape[1:] != shape:
-        raise ValueError(
-            f"verify inputs have shape {verify_inputs.all_inputs.shape[1:]}, the model takes {shape}"
-        )
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    data_name = f"{out.name}.data"
-    # A temporary folder beside the target: the external-data file must already carry its final
-    # name inside the graph, so both files are written and verified here before either moves.
-    work = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
-    work.mkdir()
+    shape = _checked_shape(layout, input_shape, verify_inputs)
+    staging = _Staging.beside(Path(out_path))
     notes: list[str] = []
     try:
-        graph, slimmed = _build_graph(model, work, input_name=input_name, input_shape=shape, opset=opset, notes=notes, input_type=input_type)  # fmt: skip
-        num_classes = graph.graph.output[0].type.tensor_type.shape.dim[1].dim_value
-        labels = metadata.get("labels") or metadata.get(PREFIX + "labels")
-        if labels is not None and len(labels) != num_classes:
-            raise ValueError(f"{len(labels)} labels for a model with {num_classes} outputs")
-        props = encode_metadata({"version": zoo_version(), "input_name": input_name, "layout": layout, **metadata})  # fmt: skip
-        _describe(graph, props, num_classes=num_classes)
-        notes += [f"metadata: {problem}" for problem in metadata_problems(decode_metadata(props), num_classes=num_classes, input_shape=shape)]  # fmt: skip
+        graph, slimmed = _build_graph(model, staging.work, input_name=input_name, input_shape=shape, opset=opset, notes=notes, input_type=input_type)  # fmt: skip
+        num_classes = _attach_metadata(graph, metadata, input_name=input_name, layout=layout, shape=shape, notes=notes)  # fmt: skip
         external = _serialized_size(graph) > external_data_threshold_bytes
-        staged = work / out.name
-        _save_checked(graph, staged, data_name=data_name if external else None)
+        _save_checked(graph, staging.staged, data_name=staging.data_name if external else None)
         report = report_path = None
         if verify:
-            report, report_path = _gate(model, staged, out, verify_inputs, shape, atol=atol, rtol=rtol, notes=notes)  # fmt: skip
+            report, report_path = _gate(model, staging.staged, staging.out, verify_inputs, shape, atol=atol, rtol=rtol, notes=notes)  # fmt: skip
         else:
             notes.append(
                 "verification skipped (verify=False): the file was not compared with torch"
             )
-        with disk_errors(out, next_step="export to another folder"):
-            if external:
-                # The data file moves first: the graph that names it must never arrive before it.
-                os.replace(work / data_name, out.parent / data_name)
-            os.replace(staged, out)
-        if not external:
-            (out.parent / data_name).unlink(missing_ok=True)  # a stale file from an earlier export
-        size = out.stat().st_size + ((out.parent / data_name).stat().st_size if external else 0)
+        size = staging.publish(external=external)
         return ExportResult(
-            path=out,
+            path=staging.out,
             size=size,
             opset=opset,
             input_name=input_name,
@@ -236,12 +252,46 @@ def export_model(
             verified=verify,
             report=report,
             report_path=report_path,
-            external_data=out.parent / data_name if external else None,
+            external_data=staging.data_path if external else None,
             slimmed=slimmed,
             notes=notes,
         )
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(staging.work, ignore_errors=True)
+
+
+def _checked_shape(
+    layout: str, input_shape: Sequence[int], verify_inputs: VerifyInputs | None
+) -> tuple[int, ...]:
+    """The input shape as ints, once the layout and the verify inputs' shape are known to fit."""
+    if layout not in ("NCHW", "NHWC"):
+        raise ValueError(f"layout must be NCHW or NHWC, not {layout!r}")
+    shape = tuple(int(d) for d in input_shape)
+    if verify_inputs is not None and verify_inputs.all_inputs.shape[1:] != shape:
+        raise ValueError(
+            f"verify inputs have shape {verify_inputs.all_inputs.shape[1:]}, the model takes {shape}"
+        )
+    return shape
+
+
+def _attach_metadata(
+    graph: onnx.ModelProto,
+    metadata: Mapping[str, Any],
+    *,
+    input_name: str,
+    layout: str,
+    shape: tuple[int, ...],
+    notes: list[str],
+) -> int:
+    """Describe the graph with `metadata` (noting what does not fit it); its number of classes."""
+    num_classes = graph.graph.output[0].type.tensor_type.shape.dim[1].dim_value
+    labels = metadata.get("labels") or metadata.get(PREFIX + "labels")
+    if labels is not None and len(labels) != num_classes:
+        raise ValueError(f"{len(labels)} labels for a model with {num_classes} outputs")
+    props = encode_metadata({"version": zoo_version(), "input_name": input_name, "layout": layout, **metadata})  # fmt: skip
+    _describe(graph, props, num_classes=num_classes)
+    notes += [f"metadata: {problem}" for problem in metadata_problems(decode_metadata(props), num_classes=num_classes, input_shape=shape)]  # fmt: skip
+    return num_classes
 
 
 def _build_graph(

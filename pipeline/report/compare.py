@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.results import Metrics
+from pipeline.core.rundir import CONFUSION_PLOT, RunDir
 from pipeline.report.page import REPORT_FILE, bar, embedded_png, esc, fmt, page, percent, table
 from zoo.errors import ZooError
 
@@ -34,10 +36,12 @@ def comparison_page(folder: Path) -> str:
     if not rows:
         raise ZooError(f"{folder / COMPARE_FILE} lists no runs; run `zoo compare` again")
     runs = [(row, _run_dir(folder, row)) for row in rows]
-    first = _json(runs[0][1] / "run.json")
-    model = (first.get("source") or {}).get("name") or "model"
-    source = (first.get("data") or {}).get("source") or "?"
-    metrics = {row["strategy"]: _json(run / "metrics.json") for row, run in runs}
+    first_run = RunDir(runs[0][1])
+    first = first_run.record() if first_run.is_run() else None
+    data = first.data if first else None
+    model = (first.source.name if first else None) or "model"
+    source = (data.source if data else None) or "?"
+    metrics = {row["strategy"]: RunDir(run).metrics() for row, run in runs}
     sections = [
         ("table", "Strategies", _table(folder, runs, metrics)),
         (
@@ -49,10 +53,10 @@ def comparison_page(folder: Path) -> str:
         ("per-class", "Per-class F1", _per_class(metrics)),
         ("confusion", "Confusion matrices", _confusions(runs)),
     ]
-    data = first.get("data") or {}
+    train, val, test = (data.train, data.val, data.test) if data else ("?", "?", "?")
     subtitle = (
-        f"{len(rows)} strategies on one split of {esc(source)}: {esc(data.get('train', '?'))} train / "
-        f"{esc(data.get('val', '?'))} val / {esc(data.get('test', '?'))} test images · {esc(folder)}"
+        f"{len(rows)} strategies on one split of {esc(source)}: {esc(train)} train / "
+        f"{esc(val)} val / {esc(test)} test images · {esc(folder)}"
     )
     return page(
         title=f"{model} → {Path(str(source)).name}: strategies compared",
@@ -61,16 +65,16 @@ def comparison_page(folder: Path) -> str:
     )
 
 
-def _mistakes(metrics: dict[str, Any]) -> str:
+def _mistakes(metrics: Metrics | None) -> str:
     """Misclassified held-out images, from the confusion matrix."""
-    matrix = metrics.get("confusion")
+    matrix = metrics.confusion if metrics else None
     if not matrix:
         return "–"
     return str(sum(sum(row) - row[i] for i, row in enumerate(matrix)))
 
 
 def _table(
-    folder: Path, runs: list[tuple[dict[str, Any], Path]], metrics: dict[str, dict[str, Any]]
+    folder: Path, runs: list[tuple[dict[str, Any], Path]], metrics: dict[str, Metrics | None]
 ) -> str:
     best = max((row.get("test_accuracy") or 0.0 for row, _ in runs), default=0.0)
     body = []
@@ -109,14 +113,15 @@ def _table(
     )
 
 
-def _per_class(metrics: dict[str, dict[str, Any]]) -> str:
+def _per_class(metrics: dict[str, Metrics | None]) -> str:
     strategies = list(metrics)
-    names = next((m.get("class_names") for m in metrics.values() if m.get("class_names")), [])
+    names = next((m.class_names for m in metrics.values() if m and m.class_names), [])
     rows = []
     for name in names:
         cells = [esc(name)]
         for strategy in strategies:
-            f1 = ((metrics[strategy].get("per_class") or {}).get(name) or {}).get("f1-score")
+            figures = metrics[strategy].per_class if metrics[strategy] else {}
+            f1 = (figures.get(name) or {}).get("f1-score")
             cells.append(f"{bar(f1, 50)}{fmt(f1, digits=3)}")
         rows.append(cells)
     return table(
@@ -127,7 +132,9 @@ def _per_class(metrics: dict[str, dict[str, Any]]) -> str:
 def _confusions(runs: list[tuple[dict[str, Any], Path]]) -> str:
     figures = []
     for row, run in runs:
-        image = embedded_png(run / "confusion.png", alt=f"confusion matrix of {row['strategy']}")
+        image = embedded_png(
+            RunDir(run).plot(CONFUSION_PLOT), alt=f"confusion matrix of {row['strategy']}"
+        )
         figures.append(
             f"<figure><figcaption>{esc(row['strategy'])}</figcaption>{image or 'missing'}</figure>"
         )

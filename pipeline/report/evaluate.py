@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.results import Metrics
 from pipeline.core.sessions import fixed_batch, ort_session, run_batches
 from pipeline.data.sources import load_source
 from pipeline.export.deploy import labels_and_preprocess
-from pipeline.report.metrics import Metrics, compute_metrics, plot_confusion
+from pipeline.report.metrics import compute_metrics, plot_confusion
 from pipeline.train.fastpath import preprocessed_batch
 from zoo.catalog import Catalog
 from zoo.errors import DataError

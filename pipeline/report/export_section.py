@@ -8,16 +8,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.rundir import RunDir
 from pipeline.report.page import esc, fmt, key_values, percent, table, verdict, warning
 from zoo.errors import ZooError
 
-EXPORT_RECORD = "export.json"  # the last successful `zoo export` of the run
-VERIFY_RECORD = "verification.json"  # the last `zoo verify FILE --run RUN`
 GATE_REPORT = "verify.json"  # the export gate's own report, beside the exported file
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON file of the run, None when it is not there."""
+    """A JSON file beside the run's files (the gate's report), None when it is not there."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -28,10 +27,11 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 def verification_section(run_dir: Path) -> str:
     """The last export and verification of the run, or how to make them."""
-    export = read_json(run_dir / EXPORT_RECORD)
-    checked = read_json(run_dir / VERIFY_RECORD)
+    run = RunDir(run_dir)
+    export = run.exported()
+    checked = run.verified()
     body = ""
-    gate = _failed_gate(run_dir, export)
+    gate = _failed_gate(run, export)
     if gate:
         body += gate
     if export:
@@ -46,13 +46,13 @@ def verification_section(run_dir: Path) -> str:
     return body
 
 
-def _failed_gate(run_dir: Path, export: dict[str, Any] | None) -> str:
+def _failed_gate(run: RunDir, export: dict[str, Any] | None) -> str:
     """The gate's report of an export that was refused after the last successful one, if any."""
-    path = run_dir / GATE_REPORT
+    path = run.path / GATE_REPORT
     report = read_json(path)
     if not report or report.get("written", True):
         return ""
-    if export and (run_dir / EXPORT_RECORD).stat().st_mtime >= path.stat().st_mtime:
+    if export and run.export_file.stat().st_mtime >= path.stat().st_mtime:
         return ""
     failures = "".join(
         f"<li>{esc(f)}</li>" for r in report.get("results", []) for f in r.get("failures", [])

@@ -1,10 +1,10 @@
 """report.html: one self-contained page per run, to open and show a colleague.
 
-It is drawn from what the run directory holds (run.json, split.json, metrics.json, history's
-plots from pipeline.report.metrics, predictions.csv, and export.json / verification.json once the run
-was exported or verified), so `zoo report RUN` can draw it again at any time. `zoo adapt`
-writes it, `zoo export` and `zoo verify --run` refresh it; a report that cannot be drawn never
-fails the command that asked for it (`refresh_report`).
+It is drawn from what the run directory holds (pipeline.core.rundir: run.json, split.json,
+metrics.json, history's plots from pipeline.report.metrics, predictions.csv, and export.json /
+verification.json once the run was exported or verified), so `zoo report RUN` can draw it again
+at any time. `zoo adapt` writes it, `zoo export` and `zoo verify --run` refresh it; a report that
+cannot be drawn never fails the command that asked for it (`refresh_report`).
 """
 
 from __future__ import annotations
@@ -15,14 +15,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipeline.core import runs
-from pipeline.report.compare import COMPARE_FILE, comparison_page
-from pipeline.report.export_section import (
-    EXPORT_RECORD,
-    VERIFY_RECORD,
-    read_json,
-    verification_section,
+from pipeline.core.record import RunRecord
+from pipeline.core.results import ImagePrediction, Metrics
+from pipeline.core.rundir import (
+    CONFUSION_PLOT,
+    CURVES_PLOT,
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    ROC_PLOT,
+    RunDir,
 )
+from pipeline.report.compare import COMPARE_FILE, comparison_page
+from pipeline.report.export_section import verification_section
 from pipeline.report.page import (
     REPORT_FILE,
     bar,
@@ -38,12 +42,7 @@ from pipeline.report.page import (
     thumbnail,
     warning,
 )
-from pipeline.report.predictions import (
-    PREDICTIONS_FILE,
-    ImagePrediction,
-    read_predictions,
-    resolve_ref,
-)
+from pipeline.report.predictions import resolve_ref
 from zoo.errors import NotFound
 from zoo.files import atomic_write, write_json
 
@@ -58,13 +57,13 @@ logger = logging.getLogger(__name__)
 def write_report(run_dir: Path) -> Path:
     """Write RUN/report.html (a comparison folder's page for `zoo compare` output) and return its path."""
     folder = Path(run_dir)
-    if (folder / COMPARE_FILE).is_file() and not (folder / runs.RUN_FILE).exists():
+    if (folder / COMPARE_FILE).is_file() and not RunDir(folder).record_file.exists():
         text = comparison_page(folder)
     else:
         if not folder.is_dir():
             what = "is a file" if folder.exists() else "does not exist"
             raise NotFound(f"{folder} {what}; pass a run directory written by `zoo adapt`")
-        text = run_page(folder, runs.read_run(folder))
+        text = run_page(folder, RunDir(folder).record())
     path = folder / REPORT_FILE
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return path
@@ -88,7 +87,7 @@ def _now() -> str:
 
 def record_export(run_dir: Path, summary: Any, *, log: Callable[[str], None] | None = None) -> None:
     """export.json in the run (an `ExportSummary`'s figures, with the time), then the page again."""
-    _record(Path(run_dir) / EXPORT_RECORD, {**summary.to_dict(), "exported": _now()}, log=log)
+    _record(RunDir(run_dir).export_file, {**summary.to_dict(), "exported": _now()}, log=log)
 
 
 def record_verification(
@@ -96,7 +95,7 @@ def record_verification(
 ) -> None:
     """verification.json in the run (a `FileReport` without its metadata), then the page again."""
     figures = {k: v for k, v in report.to_dict().items() if k != "metadata"}
-    _record(Path(run_dir) / VERIFY_RECORD, {**figures, "checked": _now()}, log=log)
+    _record(RunDir(run_dir).verification_file, {**figures, "checked": _now()}, log=log)
 
 
 def _record(path: Path, payload: dict[str, Any], *, log: Callable[[str], None] | None) -> None:
@@ -112,64 +111,57 @@ def _record(path: Path, payload: dict[str, Any], *, log: Callable[[str], None] |
 # ----------------------------------------------------------------------------- the run page
 
 
-def run_page(run_dir: Path, record: dict[str, Any]) -> str:
+def run_page(run_dir: Path, record: RunRecord) -> str:
     """The HTML of a run's report."""
-    metrics = read_json(run_dir / "metrics.json")
-    predictions = (
-        read_predictions(run_dir / PREDICTIONS_FILE)
-        if (run_dir / PREDICTIONS_FILE).exists()
-        else None
-    )
-    model = (record.get("source") or {}).get("name") or "model"
-    data = record.get("data") or {}
-    source = data.get("source") or (record.get("options") or {}).get("data") or "?"
-    strategy = record.get("strategy") or "?"
+    run = RunDir(run_dir)
+    metrics, predictions = run.metrics(), run.predictions()
+    model = record.source.name or "model"
+    source = record.data_source or "?"
     sections = [
-        ("model", "Model and data", _model_and_data(run_dir, record)),
+        ("model", "Model and data", _model_and_data(run, record)),
         ("strategy", "Strategy and training", _strategy(record)),
-        ("curves", "Loss and accuracy", _curves(run_dir, record)),
-        ("metrics", "Per-class metrics and confusion matrix", _metrics(run_dir, metrics)),
+        ("curves", "Loss and accuracy", _curves(run, record)),
+        ("metrics", "Per-class metrics and confusion matrix", _metrics(run, metrics)),
     ]
-    if metrics and len(metrics.get("class_names") or []) == 2:
-        sections.append(("roc", "ROC curve", _roc(run_dir, metrics)))
+    if metrics and len(metrics.class_names) == 2:
+        sections.append(("roc", "ROC curve", _roc(run, metrics)))
     sections += [
         ("mistakes", "Worst mistakes", _mistakes(predictions, source=source, metrics=metrics)),
         ("confused", "Most confused classes", _confused(metrics, predictions, source=source)),
         ("verification", "Export and verification", verification_section(run_dir)),
     ]
     subtitle = (
-        f"{esc(strategy)} on {esc(source)} · {esc(record.get('created', ''))} · "
-        f"status {esc(record.get('status', '?'))} · {esc(run_dir)}"
+        f"{esc(record.strategy or '?')} on {esc(source)} · {esc(record.created)} · "
+        f"status {esc(record.status)} · {esc(run_dir)}"
     )
     return page(
         title=f"{model} → {Path(str(source)).name or source}",
         subtitle=subtitle,
-        cards=_headline(record, metrics, predictions, export=read_json(run_dir / EXPORT_RECORD)),
+        cards=_headline(record, metrics, predictions, export=run.exported()),
         sections=sections,
     )
 
 
 def _headline(
-    record: dict[str, Any],
-    metrics: dict[str, Any] | None,
+    record: RunRecord,
+    metrics: Metrics | None,
     predictions: list[ImagePrediction] | None,
     *,
     export: dict[str, Any] | None,
 ) -> str:
     items = []
     if metrics:
-        split = metrics.get("split", "test")
         items += [
-            (percent(metrics.get("accuracy")), f"{split} accuracy"),
-            (fmt(metrics.get("macro_f1"), digits=3), "macro F1"),
-            (str(metrics.get("num_images", "–")), f"{split} images"),
+            (percent(metrics.accuracy), f"{metrics.split} accuracy"),
+            (fmt(metrics.macro_f1, digits=3), "macro F1"),
+            (str(metrics.num_images), f"{metrics.split} images"),
         ]
     if predictions is not None:
         items.append((str(sum(not p.correct for p in predictions)), "mistakes"))
     items += [
-        (str(record.get("num_classes", "–")), "classes"),
-        (str(record.get("strategy", "–")), "strategy"),
-        (f"{record['seconds']:.0f} s" if record.get("seconds") is not None else "–", "time"),
+        (str(_or_dash(record.num_classes)), "classes"),
+        (str(_or_dash(record.strategy)), "strategy"),
+        (f"{record.seconds:.0f} s" if record.seconds is not None else "–", "time"),
     ]
     if export is None:
         items.append(("–", "not exported yet"))
@@ -179,25 +171,32 @@ def _headline(
     return cards(items)
 
 
-def _model_and_data(run_dir: Path, record: dict[str, Any]) -> str:
-    source = record.get("source") or {}
-    data = record.get("data") or {}
-    preprocess = record.get("preprocess") or {}
+def _or_dash(value: Any) -> Any:
+    return "–" if value is None else value
+
+
+def _model_and_data(run: RunDir, record: RunRecord) -> str:
+    source, data, preprocess = record.source, record.data, record.preprocess
     model = key_values(
         {
-            "model": source.get("name"),
-            "file": source.get("path"),
-            "sha256": source.get("sha256"),
-            "from": source.get("url"),
-            "input": f"{preprocess.get('crop', '?')} px, {preprocess.get('layout', '?')}, "
-            f"mean {preprocess.get('mean')}, std {preprocess.get('std')}",
+            "model": source.name,
+            "file": source.path,
+            "sha256": source.sha256,
+            "from": source.url,
+            "input": f"{preprocess.crop} px, {preprocess.layout}, "
+            f"mean {list(preprocess.mean)}, std {list(preprocess.std)}"
+            if preprocess
+            else "? px, ?, mean None, std None",
         }
     )
-    class_names = record.get("class_names") or []
-    counts = _class_counts(run_dir, len(class_names))
+    class_names = record.class_names or []
+    counts = _class_counts(run, len(class_names))
     sizes = table(
         ["split", "images"],
-        [(name, data.get(name)) for name in ("train", "val", "test", "skipped")],
+        [
+            (name, getattr(data, name) if data else None)
+            for name in ("train", "val", "test", "skipped")
+        ],
         numeric=(1,),
     )
     if counts:
@@ -216,73 +215,73 @@ def _model_and_data(run_dir: Path, record: dict[str, Any]) -> str:
             + "</div>"
         )
     return columns(
-        f"{model}<h3>Data: {esc(data.get('source', '?'))}</h3>{sizes}",
+        f"{model}<h3>Data: {esc(data.source if data else '?')}</h3>{sizes}",
         f"<h3>{len(class_names)} classes</h3>{per_class}",
     )
 
 
-def _class_counts(run_dir: Path, num_classes: int) -> dict[str, list[int]] | None:
+def _class_counts(run: RunDir, num_classes: int) -> dict[str, list[int]] | None:
     """Images per class and split, from split.json (None when it is missing or does not fit)."""
-    split = read_json(run_dir / runs.SPLIT_FILE) or {}
-    if len(split.get("class_names") or []) != num_classes:
+    if not run.split_file.is_file():
+        return None
+    split = run.split()
+    if len(split.class_names) != num_classes:
         return None
     counts = {part: [0] * num_classes for part in ("train", "val", "test")}
     for part, per_class in counts.items():
-        for _, label in split.get(part) or []:
+        for _, label in getattr(split, part):
             if 0 <= label < num_classes:
                 per_class[label] += 1
     return counts
 
 
-def _strategy(record: dict[str, Any]) -> str:
-    options = record.get("options") or {}
-    hyper = dict(record.get("hyperparameters") or {})
-    head = record.get("head") or {}
+def _strategy(record: RunRecord) -> str:
+    head = record.head
     facts = {
-        "strategy": record.get("strategy"),
-        "why": record.get("strategy_reason"),
-        "unfrozen blocks": record.get("unfreeze"),
-        "training path": record.get("fast_path"),
-        "augmentation": record.get("augment"),
-        "device": record.get("device"),
-        "epochs run": record.get("epochs_run"),
-        "best epoch": record.get("best_epoch"),
-        "stopped": record.get("stopped"),
-        "time": f"{record['seconds']:.1f} s" if record.get("seconds") is not None else None,
-        "started": record.get("created"),
-        "train images per class (cap)": options.get("train_per_class"),
-        "head": f"hidden {head.get('hidden') or 'none'}, dropout {head.get('dropout', 0)}",
+        "strategy": record.strategy,
+        "why": record.strategy_reason,
+        "unfrozen blocks": record.unfreeze,
+        "training path": record.fast_path,
+        "augmentation": record.augment,
+        "device": record.device,
+        "epochs run": record.epochs_run,
+        "best epoch": record.best_epoch,
+        "stopped": record.stopped,
+        "time": f"{record.seconds:.1f} s" if record.seconds is not None else None,
+        "started": record.created or None,
+        "train images per class (cap)": record.train_per_class,
+        "head": f"hidden {head.hidden or 'none'}, dropout {head.dropout}"
+        if head
+        else "hidden none, dropout 0",
     }
     body = columns(
         key_values({k: v for k, v in facts.items() if v is not None}),
-        "<h3>Hyperparameters</h3>" + key_values(hyper),
+        "<h3>Hyperparameters</h3>" + key_values(dict(record.hyperparameters or {})),
     )
-    head_fit = record.get("head_fit")
-    if head_fit:
-        body += f'<p class="note">The head was solved on cached features, not trained by epochs: {esc(head_fit.get("summary") or head_fit.get("method"))}</p>'
-    auto = record.get("auto")
-    if auto:
-        body += "<h3>What <code>--strategy auto</code> measured</h3>" + key_values(auto)
-    versions = record.get("versions") or {}
-    if versions:
-        body += "<details><summary>Versions</summary>" + key_values(versions) + "</details>"
+    if record.head_fit:
+        solved = record.head_fit.get("summary") or record.head_fit.get("method")
+        body += f'<p class="note">The head was solved on cached features, not trained by epochs: {esc(solved)}</p>'
+    if record.auto:
+        body += "<h3>What <code>--strategy auto</code> measured</h3>" + key_values(record.auto)
+    if record.versions:
+        body += "<details><summary>Versions</summary>" + key_values(record.versions) + "</details>"
     return body
 
 
-def _curves(run_dir: Path, record: dict[str, Any]) -> str:
-    image = embedded_png(run_dir / "curves.png", alt="loss and accuracy per epoch")
+def _curves(run: RunDir, record: RunRecord) -> str:
+    image = embedded_png(run.plot(CURVES_PLOT), alt="loss and accuracy per epoch")
     if image is None:
-        return warning("No curves.png: the run recorded no epoch.")
+        return warning(f"No {CURVES_PLOT}: the run recorded no epoch.")
     note = ""
-    if record.get("head_fit"):
+    if record.head_fit:
         note = '<p class="muted">For a solved head an "epoch" is one pass of the solver over the cached features.</p>'
     return image + note
 
 
-def _metrics(run_dir: Path, metrics: dict[str, Any] | None) -> str:
+def _metrics(run: RunDir, metrics: Metrics | None) -> str:
     if not metrics:
-        return warning("No metrics.json: the run has not finished its final evaluation.")
-    split = metrics.get("split", "test")
+        return warning(f"No {METRICS_FILE}: the run has not finished its final evaluation.")
+    split = metrics.split
     body = ""
     if split == "val":
         body += warning(
@@ -291,16 +290,16 @@ def _metrics(run_dir: Path, metrics: dict[str, Any] | None) -> str:
         )
     body += key_values(
         {
-            f"{split} images": metrics.get("num_images"),
-            "accuracy": metrics.get("accuracy"),
-            "macro precision": metrics.get("macro_precision"),
-            "macro recall": metrics.get("macro_recall"),
-            "macro F1": metrics.get("macro_f1"),
+            f"{split} images": metrics.num_images,
+            "accuracy": metrics.accuracy,
+            "macro precision": metrics.macro_precision,
+            "macro recall": metrics.macro_recall,
+            "macro F1": metrics.macro_f1,
         }
     )
     rows = []
-    for name in metrics.get("class_names") or []:
-        figures = (metrics.get("per_class") or {}).get(name) or {}
+    for name in metrics.class_names:
+        figures = metrics.per_class.get(name) or {}
         f1 = figures.get("f1-score")
         rows.append(
             (
@@ -314,14 +313,13 @@ def _metrics(run_dir: Path, metrics: dict[str, Any] | None) -> str:
     body += table(
         ["class", "precision", "recall", "F1", "images"], rows, numeric=(1, 2, 4), raw=True
     )
-    confusion = embedded_png(run_dir / "confusion.png", alt="confusion matrix")
-    return columns(body, confusion or warning("No confusion.png in the run."))
+    confusion = embedded_png(run.plot(CONFUSION_PLOT), alt="confusion matrix")
+    return columns(body, confusion or warning(f"No {CONFUSION_PLOT} in the run."))
 
 
-def _roc(run_dir: Path, metrics: dict[str, Any]) -> str:
-    image = embedded_png(run_dir / "roc.png", alt="ROC curve")
-    auc = metrics.get("roc_auc")
-    caption = f"<p>Area under the curve: <b>{fmt(auc, digits=3)}</b> (positive class {esc(metrics['class_names'][1])}).</p>"
+def _roc(run: RunDir, metrics: Metrics) -> str:
+    image = embedded_png(run.plot(ROC_PLOT), alt="ROC curve")
+    caption = f"<p>Area under the curve: <b>{fmt(metrics.roc_auc, digits=3)}</b> (positive class {esc(metrics.class_names[1])}).</p>"
     if image is None:
         return warning("No ROC curve: the held-out images hold only one of the two classes.")
     return caption + image
@@ -337,13 +335,13 @@ def gallery_items(predictions: Sequence[ImagePrediction]) -> list[ImagePredictio
 
 
 def _mistakes(
-    predictions: list[ImagePrediction] | None, *, source: str, metrics: dict[str, Any] | None
+    predictions: list[ImagePrediction] | None, *, source: str, metrics: Metrics | None
 ) -> str:
     if predictions is None:
         return warning(
             f"No {PREDICTIONS_FILE}: this run predates per-image predictions; run `zoo adapt` again to see them."
         )
-    split = (metrics or {}).get("split", "test")
+    split = metrics.split if metrics else "test"
     wrong = sum(not p.correct for p in predictions)
     chosen = gallery_items(predictions)
     intro = (
@@ -378,13 +376,12 @@ def _thumbnail_figure(prediction: ImagePrediction, source: str) -> str:
 
 
 def confused_pairs(
-    metrics: dict[str, Any], limit: int = CONFUSED_PAIRS
+    metrics: Metrics, limit: int = CONFUSED_PAIRS
 ) -> list[tuple[str, str, int, float]]:
     """(true class, predicted class, count, share of the true class's images), most frequent first."""
-    names = metrics.get("class_names") or []
-    matrix = metrics.get("confusion") or []
+    names = metrics.class_names
     pairs = []
-    for row, counts in enumerate(matrix):
+    for row, counts in enumerate(metrics.confusion):
         total = sum(counts)
         for col, count in enumerate(counts):
             if row != col and count:
@@ -393,13 +390,13 @@ def confused_pairs(
 
 
 def _confused(
-    metrics: dict[str, Any] | None, predictions: list[ImagePrediction] | None, *, source: str
+    metrics: Metrics | None, predictions: list[ImagePrediction] | None, *, source: str
 ) -> str:
     if not metrics:
-        return warning("No metrics.json.")
+        return warning(f"No {METRICS_FILE}.")
     pairs = confused_pairs(metrics)
     if not pairs:
-        return f"<p>No confusion: every {esc(metrics.get('split', 'test'))} image is classified correctly.</p>"
+        return f"<p>No confusion: every {esc(metrics.split)} image is classified correctly.</p>"
     rows = [
         (
             esc(t),

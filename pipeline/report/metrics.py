@@ -2,44 +2,18 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.core.results import Metrics, write_history
+from pipeline.core.rundir import CONFUSION_PLOT, CURVES_PLOT, ROC_PLOT, RunDir
 from zoo.files import atomic_write, write_json
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from pipeline.train.loop import EpochRecord
-
-
-# The split that metrics are measured on: "test" when the data has one; "val" for train/ + val/
-# folders without test/ (the same images chose the best epoch, so the figures flatter the model);
-# "all" for `zoo evaluate`, which uses every image of a source.
-METRIC_SPLITS = ("test", "val", "all")
-
-
-@dataclass(frozen=True)
-class Metrics:
-    """Figures on one split (see METRIC_SPLITS), as written to metrics.json."""
-
-    accuracy: float
-    macro_precision: float
-    macro_recall: float
-    macro_f1: float
-    num_images: int
-    per_class: dict[str, dict[str, float]]
-    confusion: list[list[int]]
-    class_names: list[str]
-    roc_auc: float | None = None  # binary tasks only
-    split: str = "test"  # which images: one of METRIC_SPLITS
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    from pipeline.core.results import EpochRecord
 
 
 def compute_metrics(
@@ -94,18 +68,6 @@ def _softmax(scores: np.ndarray) -> np.ndarray:
     shifted = scores - scores.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=1, keepdims=True)
-
-
-def write_history(path: Path, history: Sequence[EpochRecord]) -> None:
-    """history.csv: one row per epoch."""
-    buffer = io.StringIO()
-    fields = list(asdict(history[0]).keys()) if history else ["epoch"]
-    writer = csv.DictWriter(buffer, fieldnames=fields)
-    writer.writeheader()
-    for record in history:
-        writer.writerow(asdict(record))
-    text = buffer.getvalue()
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _figure():  # noqa: ANN202 - matplotlib is imported lazily, with a backend that needs no screen
@@ -206,13 +168,14 @@ def write_run_report(
 ) -> Metrics:
     """history.csv, metrics.json, curves.png, confusion.png (and roc.png for two classes)."""
     metrics = compute_metrics(labels, scores, class_names, split=split)
-    write_history(run_dir / "history.csv", history)
-    write_json(run_dir / "metrics.json", {**metrics.to_dict(), **(extra or {})})
+    run = RunDir(run_dir)
+    write_history(run.history_file, history)
+    write_json(run.metrics_file, {**metrics.to_dict(), **(extra or {})})
     if history:
-        plot_curves(run_dir / "curves.png", history, title=title)
-    plot_confusion(run_dir / "confusion.png", metrics, title=title)
+        plot_curves(run.plot(CURVES_PLOT), history, title=title)
+    plot_confusion(run.plot(CONFUSION_PLOT), metrics, title=title)
     if metrics.roc_auc is not None:
-        plot_roc(run_dir / "roc.png", labels, scores, title=title, positive=class_names[1])
+        plot_roc(run.plot(ROC_PLOT), labels, scores, title=title, positive=class_names[1])
     return metrics
 
 

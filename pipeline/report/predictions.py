@@ -3,41 +3,21 @@
 One row per image of the split the metrics were measured on (test, or val without a test split),
 in split order: which image (its path relative to the data source, or a built-in ref such as
 `builtin:digits#12`), its true and predicted class, the confidence of the prediction and the
-image's cross-entropy loss. The report's gallery of worst mistakes is drawn from it.
+image's cross-entropy loss. The report's gallery of worst mistakes is drawn from it. The row
+(`ImagePrediction`) and the file's format are pipeline.core.results; this module makes the rows.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from zoo.errors import ZooError
-from zoo.files import atomic_write
+from pipeline.core.results import ImagePrediction
 
 if TYPE_CHECKING:
-    from pipeline.data.split import Sample
-
-PREDICTIONS_FILE = "predictions.csv"
-
-
-@dataclass(frozen=True)
-class ImagePrediction:
-    """One held-out image as the final model saw it."""
-
-    image: str  # path relative to the data source; absolute when outside it; or "builtin:<set>#<i>"
-    label: str  # the true class name
-    predicted: str  # the predicted class name
-    confidence: float  # softmax probability of the predicted class
-    loss: float  # cross-entropy of the true class: -log p(label)
-
-    @property
-    def correct(self) -> bool:
-        return self.label == self.predicted
+    from pipeline.core.samples import Sample
 
 
 def data_root(source: str) -> Path | None:
@@ -92,33 +72,3 @@ def image_predictions(
         )
         for sample, index, row in zip(samples, best, log_probs, strict=True)
     ]
-
-
-def write_predictions(path: Path, predictions: Sequence[ImagePrediction]) -> None:
-    """predictions.csv, written atomically."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow([f.name for f in fields(ImagePrediction)])
-    for record in predictions:
-        image, label, predicted, confidence, loss = astuple(record)
-        writer.writerow([image, label, predicted, f"{confidence:.6f}", f"{loss:.6f}"])
-    text = buffer.getvalue()
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", newline=""))
-
-
-def read_predictions(path: Path) -> list[ImagePrediction]:
-    """The records of a predictions.csv (written by `write_predictions`)."""
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            return [
-                ImagePrediction(
-                    image=row["image"],
-                    label=row["label"],
-                    predicted=row["predicted"],
-                    confidence=float(row["confidence"]),
-                    loss=float(row["loss"]),
-                )
-                for row in csv.DictReader(handle)
-            ]
-    except (KeyError, ValueError, TypeError) as exc:
-        raise ZooError(f"{path} is damaged ({exc}); re-run `zoo adapt`") from exc

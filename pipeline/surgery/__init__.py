@@ -8,21 +8,23 @@
     plan.frozen_prefix_end(epoch)         # ONNX value below the first trainable block, or None
     calibrate_scales(adapted, images)     # after "scratch": unit-variance layers (LSUV) on real images
 
+    get_strategy("finetune")              # one registered Strategy: schedule, default epochs, lr
+                                          # decay, augmentation, fast path, whether auto picks it
+
 `adapted.features(x)` is the ONNX value `probe.feature_name`; `adapted.head(adapted.pool(f))`
 turns such cached features into the same logits as `adapted(x)`.
 """
 
-from pipeline.surgery.freeze import (
+from pipeline.surgery.freeze import Block, discover_blocks
+from pipeline.surgery.head import AdaptedModel, GlobalPool, make_head, replace_head
+from pipeline.surgery.plan import FreezePlan, calibrate_scales, make_plan, reinitialise
+from pipeline.surgery.strategies import (
     STRATEGIES,
-    Block,
     Strategy,
-    discover_blocks,
     get_strategy,
     register_strategy,
     strategy_names,
 )
-from pipeline.surgery.head import AdaptedModel, GlobalPool, make_head, replace_head
-from pipeline.surgery.plan import FreezePlan, calibrate_scales, make_plan, reinitialise
 
 __all__ = [
     "STRATEGIES",

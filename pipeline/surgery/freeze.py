@@ -1,19 +1,19 @@
-"""Freezing plans: discover backbone blocks, and decide per epoch which of them train."""
+"""Backbone blocks: the ordered groups of layers a freezing plan trains or freezes.
+
+How many of them train at each epoch is the strategy's schedule (pipeline.surgery.strategies).
+"""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from pipeline.core.registry import Registry
 from pipeline.surgery.head import AdaptedModel
 
 TARGET_BLOCKS = 6  # split name groups until at least this many blocks...
 MAX_BLOCKS = 20  # ...without exceeding this many
 MIN_BLOCKS = 4  # fewer named groups than this: fall back to evenly sized groups
-DEFAULT_FINETUNE_BLOCKS = 2
 # onnx2torch names unnamed nodes by op type and a counter ("Conv_12"): no path to group by.
 GENERATED_NAME = re.compile(r"^[A-Z][A-Za-z0-9]*(_\d+)?$")
 
@@ -206,71 +206,3 @@ def discover_blocks(adapted: AdaptedModel) -> list[Block]:
             )
         )
     return blocks
-
-
-# A schedule maps (epoch, number of blocks, unfreeze K, every E) to how many top blocks train.
-Schedule = Callable[[int, int, "int | None", int], int]
-
-
-class Strategy(NamedTuple):
-    """A training strategy: its schedule of trainable blocks and whether weights start random."""
-
-    name: str
-    description: str
-    schedule: Schedule
-    reinit: bool
-
-
-STRATEGIES: Registry[Strategy] = Registry("strategy")
-
-
-def register_strategy(
-    name: str, *, description: str, reinit: bool = False
-) -> Callable[[Schedule], Schedule]:
-    """Register a strategy schedule under `name`; a second registration of the same name is refused."""
-    return STRATEGIES.decorator(
-        name, lambda schedule: Strategy(name, description, schedule, reinit)
-    )
-
-
-def get_strategy(name: str) -> Strategy:
-    """Look up a strategy by name."""
-    return STRATEGIES.lookup(name)
-
-
-def strategy_names() -> list[str]:
-    """Registered strategy names, in registration order."""
-    return STRATEGIES.names()
-
-
-def _limit(unfreeze: int | None, n_blocks: int, default: int) -> int:
-    return max(0, min(n_blocks, default if unfreeze is None else unfreeze))
-
-
-@register_strategy("feature", description="backbone frozen, only the new head trains")
-def _feature(epoch: int, n_blocks: int, unfreeze: int | None, every: int) -> int:
-    return 0
-
-
-@register_strategy("finetune", description="the head and the last K blocks train")
-def _finetune(epoch: int, n_blocks: int, unfreeze: int | None, every: int) -> int:
-    return _limit(unfreeze, n_blocks, DEFAULT_FINETUNE_BLOCKS)
-
-
-@register_strategy(
-    "gradual", description="starts as feature; one more top block unfreezes every E epochs"
-)
-def _gradual(epoch: int, n_blocks: int, unfreeze: int | None, every: int) -> int:
-    return min(_limit(unfreeze, n_blocks, n_blocks), max(0, epoch) // max(1, every))
-
-
-@register_strategy("full", description="every weight trains from the pretrained values")
-def _full(epoch: int, n_blocks: int, unfreeze: int | None, every: int) -> int:
-    return n_blocks
-
-
-@register_strategy(
-    "scratch", description="same architecture, weights re-initialised, all train", reinit=True
-)
-def _scratch(epoch: int, n_blocks: int, unfreeze: int | None, every: int) -> int:
-    return n_blocks

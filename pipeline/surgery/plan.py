@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from pipeline.surgery.freeze import Block, Strategy, discover_blocks, get_strategy
+from pipeline.surgery.freeze import Block, discover_blocks
 from pipeline.surgery.head import AdaptedModel
+from pipeline.surgery.strategies import Strategy, get_strategy
 
 
 @dataclass

@@ -21,12 +21,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+from torch import nn
+
+from pipeline.core.sessions import ort_session
+from pipeline.surgery import make_plan
+from pipeline.train import fastpath
+from pipeline.train.features import any_input_size
+from pipeline.train.solve import LINEAR_MAX_EVALUATIONS, fit_linear, is_linear_head
+
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from torch import nn
-
-    from pipeline.data.split import DataSplit
+    from pipeline.core.samples import DataSplit
     from pipeline.train.loop import TrainConfig
     from zoo.catalog import Preprocess
 
@@ -116,11 +123,6 @@ def _rule_of_thumb(
 
 def imagenet_confidence(onnx_model: Any, *, input_name: str, batch: Any, output_kind: str) -> float:
     """Mean top-1 probability of the pretrained head on a batch: a cheap similarity estimate."""
-    import numpy as np
-
-    from pipeline.core.sessions import ort_session
-    from pipeline.train.features import any_input_size
-
     scores = ort_session(any_input_size(onnx_model)).run(
         None, {input_name: batch.astype(np.float32)}
     )[0]
@@ -147,13 +149,8 @@ def measure(
 
     Works on a copy of `adapted` and on a split without its test part.
     """
-    from pipeline.surgery.plan import make_plan
-    from pipeline.train import fastpath
-    from pipeline.train.solve import LINEAR_MAX_EVALUATIONS, fit_linear, is_linear_head
-
     blind = dataclasses.replace(split, test=[])  # nothing below can read the test split
     per_class = len(split.train) / max(1, len(split.class_names))
-    quiet: Callable[[str], None] = lambda _: None  # noqa: E731
     probe_model = copy.deepcopy(adapted)
     setup = fastpath.prepare(
         strategy="feature",
@@ -166,27 +163,12 @@ def measure(
         config=config,
         cache_dir=cache_dir,
         model_sha256=model_sha256,
-        log=quiet,
+        log=_quiet,
     )
     if setup.head_features is None:  # no cacheable feature tensor: the rule of thumb decides
         probe_acc = float("nan")
     else:
-        from torch import nn
-
-        # The probe is a linear head, whatever head the run trains (--hidden).
-        linear = (
-            probe_model.head[0]
-            if is_linear_head(probe_model.head)
-            else nn.Linear(imported.probe.feature_dim, len(split.class_names))
-        )
-        solved = fit_linear(
-            linear,
-            train=setup.head_features[0],
-            val=setup.head_features[1],
-            max_evaluations=LINEAR_MAX_EVALUATIONS,
-            log=quiet,
-        )
-        probe_acc = max(c.val_acc for c in solved.candidates)
+        probe_acc = _probe_accuracy(probe_model, imported, len(split.class_names), setup)
     log(f"auto: probe validation accuracy {probe_acc:.3f}")
     return AutoEvidence(
         per_class=per_class,
@@ -194,3 +176,27 @@ def measure(
         confidence=confidence,
         head_classes=imported.probe.num_classes,
     )
+
+
+def _quiet(_: str) -> None:
+    """The probe's own steps stay out of the run's log: only its figure is reported."""
+
+
+def _probe_accuracy(
+    probe_model: nn.Module, imported: Any, num_classes: int, setup: fastpath.TrainingSetup
+) -> float:
+    """The best validation accuracy of a linear head solved on the cached features."""
+    # The probe is a linear head, whatever head the run trains (--hidden).
+    linear = (
+        probe_model.head[0]
+        if is_linear_head(probe_model.head)
+        else nn.Linear(imported.probe.feature_dim, num_classes)
+    )
+    solved = fit_linear(
+        linear,
+        train=setup.head_features[0],
+        val=setup.head_features[1],
+        max_evaluations=LINEAR_MAX_EVALUATIONS,
+        log=_quiet,
+    )
+    return max(c.val_acc for c in solved.candidates)

@@ -3,24 +3,42 @@
 A frozen backbone never needs gradients, and on a CPU onnxruntime runs it several times faster
 than PyTorch. With no augmentation its outputs do not change between epochs, so they are computed
 once per (model, preprocessing, file list) and kept on disk; training the head then costs milliseconds.
+A `FeatureCache` holds what that takes for one run (the graph, the preprocessing, the cache folder
+and the model's sha256 that keys it, the log, the workers) and the cut sessions made so far.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
 import os
-from collections.abc import Iterable, Sequence
+import shutil
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
+import onnx
+from onnx.utils import Extractor
+
+from pipeline.core.diskcache import budget_bytes, keep_within_budget, touch
+from pipeline.core.distributed import SINGLE, Workers
+from pipeline.core.progress import Bar, track
+from pipeline.core.sessions import ort_session, run_batches, run_each
+from pipeline.data.images import open_for, preprocess_image
+from zoo.files import atomic_write
+
 if TYPE_CHECKING:
-    import numpy as np
-    import onnx
+    from pipeline.core.samples import Sample
+    from zoo.catalog import Preprocess
 
 T = TypeVar("T")
 
 DECODE = "draft-2"  # how cached images were decoded: JPEG DCT scaling to the resize size
+EVAL_BATCH = 64  # images preprocessed and run together when nothing trains
 
 
 def any_input_size(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -28,8 +46,6 @@ def any_input_size(model: onnx.ModelProto) -> onnx.ModelProto:
 
     Shapes recorded for intermediate values are dropped: they were inferred at the original size.
     """
-    import onnx
-
     flexible = onnx.ModelProto()
     flexible.CopyFrom(model)
     del flexible.graph.value_info[:]
@@ -48,8 +64,6 @@ def any_input_size(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def cut_at(model: onnx.ModelProto, *, input_name: str, output_name: str) -> onnx.ModelProto:
     """The sub-graph from the model input to `output_name` (the feature tensor), any input size."""
-    from onnx.utils import Extractor
-
     return any_input_size(Extractor(model).extract_model([input_name], [output_name]))
 
 
@@ -90,10 +104,6 @@ def _file_stamp(ref: str) -> tuple[int, int]:
 
 
 def load_cached(cache_dir: Path, key: str) -> np.ndarray | None:
-    import numpy as np
-
-    from pipeline.core.diskcache import touch
-
     path = Path(cache_dir) / f"{key}.npy"
     if not path.exists():
         return None
@@ -107,11 +117,6 @@ def load_cached(cache_dir: Path, key: str) -> np.ndarray | None:
 
 
 def store_cached(cache_dir: Path, key: str, features: np.ndarray) -> None:
-    import numpy as np
-
-    from pipeline.core.diskcache import keep_within_budget
-    from zoo.files import atomic_write
-
     def write(tmp: str) -> None:
         with open(tmp, "wb") as handle:
             np.save(handle, features, allow_pickle=False)
@@ -128,8 +133,6 @@ class Rows:
     """
 
     def __init__(self, path: Path) -> None:
-        import numpy as np
-
         self.path = Path(path)
         with open(self.path, "rb") as handle:
             version = np.lib.format.read_magic(handle)
@@ -161,8 +164,6 @@ class Rows:
 
     def take(self, indices: Sequence[int]) -> np.ndarray:
         """The rows at `indices`, as one float32 array."""
-        import numpy as np
-
         out = np.empty((len(indices), *self.shape[1:]), dtype=np.float32)
         for slot, index in enumerate(indices):
             raw = os.pread(self._fd, self.row_bytes, self.offset + int(index) * self.row_bytes)
@@ -172,8 +173,6 @@ class Rows:
 
 def open_rows(cache_dir: Path, key: str) -> Rows | None:
     """The cached entry `key` read by rows; None (and a damaged entry removed) when absent."""
-    from pipeline.core.diskcache import touch
-
     path = Path(cache_dir) / f"{key}.npy"
     if not path.exists():
         return None
@@ -193,10 +192,6 @@ def store_rows(
 
     Only one batch is in memory at a time; the entry appears whole or not at all.
     """
-    import numpy as np
-
-    from pipeline.core.diskcache import keep_within_budget
-    from zoo.files import atomic_write
 
     def write(tmp: str) -> None:
         written = 0
@@ -222,3 +217,112 @@ def store_rows(
 
 def default_threads() -> int:
     return max(1, min(os.cpu_count() or 1, 16))
+
+
+def preprocessed_batch(samples: Sequence[Sample], preprocess: Preprocess) -> np.ndarray:
+    """Eval-preprocessed images stacked into one float32 array in the model's layout."""
+    arrays = [preprocess_image(open_for(s.ref, preprocess), preprocess) for s in samples]
+    return np.stack(arrays).astype(np.float32)
+
+
+@dataclass(kw_only=True)
+class FeatureCache:
+    """One run's frozen backbone in onnxruntime: any ONNX value of it for a list of images, cached.
+
+    `sessions` keeps each cut graph's onnxruntime session, made once per run and shared by its
+    splits. With no `model_sha256` nothing is read from or written to `cache_dir`.
+    """
+
+    imported: Any  # the model as imported: `onnx_model`, and `probe` (input and feature names)
+    preprocess: Preprocess  # how images are prepared for it (eval preprocessing)
+    cache_dir: Path  # where the outputs are kept, one .npy file per cache key
+    model_sha256: str  # the model file's sha256, part of every key; "" keeps nothing on disk
+    log: Callable[[str], None]  # the run's log
+    dist: Workers = SINGLE  # the workers sharing the computation; rank 0 keeps the cache
+    sessions: dict[str, Any] = field(default_factory=dict)  # cut sessions by ONNX value
+
+    @property
+    def input_name(self) -> str:
+        return self.imported.probe.input_name
+
+    @property
+    def feature_name(self) -> str:
+        """The ONNX value the head reads: the cut when only the head trains."""
+        return self.imported.probe.feature_name
+
+    def session(self, value: str) -> Any:
+        """An onnxruntime session over the graph from its input to the ONNX value `value`."""
+        if value not in self.sessions:
+            model = self.imported.onnx_model
+            cut = cut_at(model, input_name=self.input_name, output_name=value)
+            self.sessions[value] = ort_session(cut)
+        return self.sessions[value]
+
+    def key(self, samples: Sequence[Sample], value: str, *, storage: str = "float32") -> str:
+        """The cache key of `value` for `samples`, stored as `storage` (see `cache_key`)."""
+        return cache_key(
+            model_sha256=self.model_sha256 or "unknown",
+            feature_name=value,
+            preprocess=self.preprocess.to_dict(),
+            refs=[s.ref for s in samples],
+            storage=storage,
+        )
+
+    def batches(self, samples: Sequence[Sample], bar: Bar) -> Iterator[np.ndarray]:
+        """The eval-preprocessed images of `samples`, EVAL_BATCH at a time, counted on `bar`."""
+        for start in range(0, len(samples), EVAL_BATCH):
+            batch = preprocessed_batch(samples[start : start + EVAL_BATCH], self.preprocess)
+            bar.advance(len(batch))
+            yield batch
+
+    def features(self, samples: Sequence[Sample], value: str | None = None) -> np.ndarray:
+        """The ONNX value `value` (default: the feature tensor) for `samples`, held in memory.
+
+        Under `dist` every rank computes a shard and gets the whole array; rank 0 keeps the cache.
+        """
+        value = value or self.feature_name
+        if not samples:
+            return np.empty((0,), dtype=np.float32)
+        key = self.key(samples, value)
+        keep = bool(self.model_sha256) and self.dist.is_main
+        found = self.dist.broadcast_object(load_cached(self.cache_dir, key) if keep else None)
+        if found is not None and len(found) == len(samples):
+            return found
+        compute = functools.partial(self._computed, self.session(value))
+        result = self.dist.shard_features(compute, samples)
+        if keep:
+            store_cached(self.cache_dir, key, result)
+        return result
+
+    def _computed(self, session: Any, samples: Sequence[Sample]) -> np.ndarray:
+        with track(f"computing features of {len(samples)} images", len(samples)) as bar:
+            batches = self.batches(samples, bar)
+            return run_batches(session, input_name=self.input_name, batches=batches)
+
+    def rows(self, samples: Sequence[Sample], value: str, *, storage: str) -> Rows | None:
+        """The ONNX value `value` for `samples`, cached on disk as `storage` and read by rows.
+
+        Computed batch by batch straight into the cache file. None when the cache's size budget or
+        the free disk cannot hold it: the caller then runs the prefix per batch instead.
+        """
+        key = self.key(samples, value, storage=storage)
+        found = open_rows(self.cache_dir, key)
+        if found is not None and len(found) == len(samples):
+            return found
+        session = self.session(value)
+        with track(f"caching the frozen part for {len(samples)} images", len(samples)) as bar:
+            outputs = run_each(
+                session, input_name=self.input_name, batches=self.batches(samples, bar)
+            )
+            first = next(outputs)
+            need = first[0].size * np.dtype(storage).itemsize * len(samples)
+            Path(self.cache_dir).mkdir(parents=True, exist_ok=True)
+            if need > min(budget_bytes(), shutil.disk_usage(self.cache_dir).free // 2):
+                return None
+            return store_rows(
+                self.cache_dir,
+                key,
+                itertools.chain([first], outputs),
+                count=len(samples),
+                dtype=storage,
+            )

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.core.checkpoint import BEST_CHECKPOINT, RESUME_POINT, RunCheckpoints
 from pipeline.core.device import resolve_device  # re-exported: its old home
 from pipeline.core.distributed import SINGLE
+from pipeline.core.results import EpochRecord
 from zoo.errors import Interrupted, TrainingError
 
 if TYPE_CHECKING:
@@ -44,21 +45,6 @@ class TrainConfig:
     device: str = "cpu"  # resolved: "cpu" or "cuda"
     amp: bool = False  # bf16 autocast (CUDA only)
     channels_last: bool = False
-
-
-@dataclass
-class EpochRecord:
-    """One row of history.csv."""
-
-    epoch: int
-    train_loss: float
-    train_acc: float
-    val_loss: float
-    val_acc: float
-    lr: str  # the learning rate of each parameter group, lowest block first, ';'-joined
-    trainable_params: int
-    batch_size: int
-    seconds: float
 
 
 @dataclass
@@ -278,22 +264,14 @@ def fit(
     epoch = state.epoch
     try:
         for epoch in range(state.epoch + 1, config.epochs + 1):
-            loop.update_trainable(epoch)
-            started = time.perf_counter()
-            train_loss, train_acc = _train_epoch(
-                loop, state, checkpoints, epoch=epoch, progress_factory=progress_factory, log=log
-            )
-            val = evaluate(model, val_loader, config=config, dist=workers)
-            record = EpochRecord(
+            record = _run_epoch(
+                loop,
+                state,
+                checkpoints,
                 epoch=epoch,
-                train_loss=train_loss,
-                train_acc=train_acc,
-                val_loss=val.loss,
-                val_acc=val.accuracy,
-                lr=";".join(f"{g['lr']:.3g}" for g in loop.optimizer.param_groups),
-                trainable_params=count_trainable(model),
-                batch_size=state.batch_size,
-                seconds=round(time.perf_counter() - started, 3),
+                val_loader=val_loader,
+                progress_factory=progress_factory,
+                log=log,
             )
             _keep_epoch(record, state, checkpoints, loop.optimizer)
             log(_epoch_line(record, config, best=state.best_epoch == epoch))
@@ -431,6 +409,36 @@ def _train_epoch(
         return loss, accuracy
 
 
+def _run_epoch(
+    loop: _EpochLoop,
+    state: TrainState,
+    checkpoints: RunCheckpoints,
+    *,
+    epoch: int,
+    val_loader: Iterable,
+    progress_factory: Callable[..., Any] | None,
+    log: Callable[[str], None],
+) -> EpochRecord:
+    """Train one epoch with what the plan unfreezes for it, then evaluate; the history row."""
+    loop.update_trainable(epoch)
+    started = time.perf_counter()
+    train_loss, train_acc = _train_epoch(
+        loop, state, checkpoints, epoch=epoch, progress_factory=progress_factory, log=log
+    )
+    val = evaluate(loop.model, val_loader, config=loop.config, dist=loop.workers)
+    return EpochRecord(
+        epoch=epoch,
+        train_loss=train_loss,
+        train_acc=train_acc,
+        val_loss=val.loss,
+        val_acc=val.accuracy,
+        lr=";".join(f"{g['lr']:.3g}" for g in loop.optimizer.param_groups),
+        trainable_params=count_trainable(loop.model),
+        batch_size=state.batch_size,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+
+
 def _halve_batch(
     loop: _EpochLoop,
     state: TrainState,
@@ -482,7 +490,6 @@ __all__ = [
     "BEST_CHECKPOINT",
     "RESUME_POINT",
     "fit",
-    "EpochRecord",
     "EvalResult",
     "NonFiniteLoss",
     "TrainConfig",

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import onnx
 
     from pipeline.convert.probe import ProbeResult
-    from pipeline.data.split import DataSplit, Sample
+    from pipeline.core.samples import DataSplit, Sample
     from zoo.catalog import Catalog, Preprocess
 
 # Inverse regularisation strengths tried, picked on the validation split: the usual linear-probe grid.

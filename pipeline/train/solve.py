@@ -22,9 +22,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
-from pipeline.train.loop import BEST_CHECKPOINT, RESUME_POINT, EpochRecord, TrainConfig, TrainState
+from pipeline.core.checkpoint import save_resume_point, save_weights
+from pipeline.core.results import EpochRecord
+from pipeline.train.loop import (
+    BEST_CHECKPOINT,
+    RESUME_POINT,
+    TrainConfig,
+    TrainState,
+    make_optimizer,
+    seed_everything,
+)
 from zoo.errors import TrainingError
 
 if TYPE_CHECKING:
@@ -177,6 +186,25 @@ def _solve_linear(
     return weight.detach(), bias.detach(), min(evaluations, max_evaluations), converged
 
 
+class _Scaled(NamedTuple):
+    """Both splits standardised with the training split's mean and std, kept to fold into the head."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    train: FeatureSet
+    val: FeatureSet
+
+
+def _standardised(train: FeatureSet, val: FeatureSet) -> _Scaled:
+    mean, std = standardisation(train.features)
+    return _Scaled(
+        mean,
+        std,
+        FeatureSet((train.features - mean) / std, train.labels),
+        FeatureSet((val.features - mean) / std, val.labels),
+    )
+
+
 def fit_linear(
     linear: nn.Linear,
     *,
@@ -189,69 +217,34 @@ def fit_linear(
     """Solve `linear` on standardised features for each weight decay; keep the best on validation."""
     import torch
 
-    mean, std = standardisation(train.features.double())
-    scaled_train = FeatureSet(((train.features.double() - mean) / std), train.labels)
-    scaled_val = FeatureSet(((val.features.double() - mean) / std), val.labels)
-    num_classes = linear.out_features
-    candidates: list[Candidate] = []
-    start = None
-    # From strong to weak regularisation, each solve warm-starts from the previous one.
-    for inverse in INVERSE_REGULARISATION:
-        weight_decay = 1.0 / (inverse * len(scaled_train.labels))
-        weight, bias, iterations, _ = _solve_linear(
-            scaled_train,
-            num_classes=num_classes,
-            weight_decay=weight_decay,
-            max_evaluations=max_evaluations,
-            smoothing=smoothing,
-            start=start,
-        )
-        start = (weight, bias)
-        val_loss, val_acc = _scores(scaled_val.features @ weight.T + bias, val.labels)
-        candidates.append(Candidate(weight_decay, val_loss, val_acc, iterations))
-    scored = [c for c in candidates if not math.isnan(c.val_acc)]
-    # The best validation accuracy; among equals the strongest weight decay, the simplest model
-    # the evidence allows (a finer tie-break overfits a validation split of 80 images: measured).
-    # Without a validation split, the middle of the grid.
-    best = (
-        max(scored, key=lambda c: (c.val_acc, c.weight_decay))
-        if scored
-        else candidates[len(candidates) // 2]
+    scaled = _standardised(
+        FeatureSet(train.features.double(), train.labels),
+        FeatureSet(val.features.double(), val.labels),
     )
-
+    num_classes = linear.out_features
+    candidates = _weight_decay_grid(
+        scaled, num_classes=num_classes, max_evaluations=max_evaluations, smoothing=smoothing
+    )
+    best = _pick(candidates)
     history: list[EpochRecord] = []
-    started = time.perf_counter()
-
-    def record(iteration: int, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        train_loss, train_acc = _scores(scaled_train.features @ weight.T + bias, train.labels)
-        val_loss, val_acc = _scores(scaled_val.features @ weight.T + bias, val.labels)
-        history.append(
-            EpochRecord(
-                epoch=iteration,
-                train_loss=train_loss,
-                train_acc=train_acc,
-                val_loss=val_loss,
-                val_acc=val_acc,
-                lr=f"lbfgs wd={best.weight_decay:.3g}",
-                trainable_params=linear.weight.numel() + linear.bias.numel(),
-                batch_size=len(train.labels),
-                seconds=round(time.perf_counter() - started, 4),
-            )
-        )
-
     # The chosen weight decay once more from zero, so that history.csv shows its whole path.
     weight, bias, iterations, converged = _solve_linear(
-        scaled_train,
+        scaled.train,
         num_classes=num_classes,
         weight_decay=best.weight_decay,
         max_evaluations=max_evaluations,
         smoothing=smoothing,
-        each=record,
+        each=_history_recorder(
+            scaled,
+            history,
+            lr=f"lbfgs wd={best.weight_decay:.3g}",
+            trainable_params=linear.weight.numel() + linear.bias.numel(),
+        ),
     )
     with torch.no_grad():
         linear.weight.copy_(weight.to(linear.weight))
         linear.bias.copy_(bias.to(linear.bias))
-    fold_standardisation(linear, mean, std)
+    fold_standardisation(linear, scaled.mean, scaled.std)
     state = TrainState(
         epoch=iterations,
         best_val_loss=history[-1].val_loss if history else math.inf,
@@ -269,6 +262,67 @@ def fit_linear(
     return HeadFit(state, "lbfgs", best.weight_decay, candidates, summary)
 
 
+def _weight_decay_grid(
+    scaled: _Scaled, *, num_classes: int, max_evaluations: int, smoothing: float
+) -> list[Candidate]:
+    """Solve for each weight decay of the grid and score each solution on the validation split."""
+    candidates: list[Candidate] = []
+    start = None
+    # From strong to weak regularisation, each solve warm-starts from the previous one.
+    for inverse in INVERSE_REGULARISATION:
+        weight_decay = 1.0 / (inverse * len(scaled.train.labels))
+        weight, bias, iterations, _ = _solve_linear(
+            scaled.train,
+            num_classes=num_classes,
+            weight_decay=weight_decay,
+            max_evaluations=max_evaluations,
+            smoothing=smoothing,
+            start=start,
+        )
+        start = (weight, bias)
+        val_loss, val_acc = _scores(scaled.val.features @ weight.T + bias, scaled.val.labels)
+        candidates.append(Candidate(weight_decay, val_loss, val_acc, iterations))
+    return candidates
+
+
+def _pick(candidates: list[Candidate]) -> Candidate:
+    """The best validation accuracy; among equals the strongest weight decay, the simplest model
+    the evidence allows (a finer tie-break overfits a validation split of 80 images: measured).
+    Without a validation split, the middle of the grid."""
+    scored = [c for c in candidates if not math.isnan(c.val_acc)]
+    if scored:
+        return max(scored, key=lambda c: (c.val_acc, c.weight_decay))
+    return candidates[len(candidates) // 2]
+
+
+def _history_recorder(
+    scaled: _Scaled, history: list[EpochRecord], *, lr: str, trainable_params: int
+) -> Callable[[int, torch.Tensor, torch.Tensor], None]:
+    """An `each` for `_solve_linear` that appends a history row for every point it evaluates."""
+    started = time.perf_counter()
+
+    def record(iteration: int, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        train_loss, train_acc = _scores(
+            scaled.train.features @ weight.T + bias, scaled.train.labels
+        )
+        val_loss, val_acc = _scores(scaled.val.features @ weight.T + bias, scaled.val.labels)
+        history.append(
+            EpochRecord(
+                epoch=iteration,
+                train_loss=train_loss,
+                train_acc=train_acc,
+                val_loss=val_loss,
+                val_acc=val_acc,
+                lr=lr,
+                trainable_params=trainable_params,
+                batch_size=len(scaled.train.labels),
+                seconds=round(time.perf_counter() - started, 4),
+            )
+        )
+
+    return record
+
+
 def fit_adam(
     head: nn.Module,
     *,
@@ -280,13 +334,8 @@ def fit_adam(
 ) -> HeadFit:
     """A head with a hidden layer or dropout: Adam on standardised features, early stopping on val loss."""
     import torch
-    import torch.nn.functional as F
 
-    from pipeline.train.loop import make_optimizer, seed_everything
-
-    mean, std = standardisation(train.features)
-    scaled_train = (train.features - mean) / std
-    scaled_val = (val.features - mean) / std
+    scaled = _standardised(train, val)
     optimizer = make_optimizer(
         [{"params": [p for p in head.parameters()], "lr": config.lr}], config
     )
@@ -294,42 +343,14 @@ def fit_adam(
     generator = torch.Generator().manual_seed(config.seed)
     state = TrainState(batch_size=config.batch_size)
     best_weights = copy.deepcopy(head.state_dict())
-    count = len(train.labels)
     for epoch in range(1, max_epochs + 1):
-        started = time.perf_counter()
-        head.train()
-        order = torch.randperm(count, generator=generator)
-        loss_sum, correct = 0.0, 0
-        for first in range(0, count, config.batch_size):
-            batch = order[first : first + config.batch_size]
-            logits = head(scaled_train[batch])
-            loss = F.cross_entropy(
-                logits, train.labels[batch], label_smoothing=config.label_smoothing
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += float(loss.detach()) * len(batch)
-            correct += int((logits.argmax(1) == train.labels[batch]).sum())
-        head.eval()
-        with torch.no_grad():
-            val_loss, val_acc = _scores(head(scaled_val), val.labels)
-        state.history.append(
-            EpochRecord(
-                epoch=epoch,
-                train_loss=loss_sum / count,
-                train_acc=correct / count,
-                val_loss=val_loss,
-                val_acc=val_acc,
-                lr=f"{config.lr:.3g}",
-                trainable_params=sum(p.numel() for p in head.parameters()),
-                batch_size=config.batch_size,
-                seconds=round(time.perf_counter() - started, 4),
-            )
+        record = _adam_epoch(
+            head, optimizer, scaled, epoch=epoch, config=config, generator=generator
         )
+        state.history.append(record)
         state.epoch = epoch
-        if val_loss < state.best_val_loss or math.isnan(val_loss):
-            state.best_val_loss, state.best_epoch, state.stale_epochs = val_loss, epoch, 0
+        if record.val_loss < state.best_val_loss or math.isnan(record.val_loss):
+            state.best_val_loss, state.best_epoch, state.stale_epochs = record.val_loss, epoch, 0
             best_weights = copy.deepcopy(head.state_dict())
         else:
             state.stale_epochs += 1
@@ -341,7 +362,7 @@ def fit_adam(
     else:
         state.stopped = "epochs done"
     head.load_state_dict(best_weights)
-    fold_standardisation(_first_linear(head), mean, std)
+    fold_standardisation(_first_linear(head), scaled.mean, scaled.std)
     best = state.history[state.best_epoch - 1]
     summary = (
         f"head trained with Adam on standardised features for {state.epoch} epochs; best "
@@ -349,6 +370,50 @@ def fit_adam(
     )
     log(summary)
     return HeadFit(state, "adam", config.weight_decay, [], summary)
+
+
+def _adam_epoch(
+    head: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaled: _Scaled,
+    *,
+    epoch: int,
+    config: TrainConfig,
+    generator: torch.Generator,
+) -> EpochRecord:
+    """One shuffled pass of minibatch Adam over the training features, then the validation scores."""
+    import torch
+    import torch.nn.functional as F
+
+    started = time.perf_counter()
+    features, labels = scaled.train.features, scaled.train.labels
+    count = len(labels)
+    head.train()
+    order = torch.randperm(count, generator=generator)
+    loss_sum, correct = 0.0, 0
+    for first in range(0, count, config.batch_size):
+        batch = order[first : first + config.batch_size]
+        logits = head(features[batch])
+        loss = F.cross_entropy(logits, labels[batch], label_smoothing=config.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += float(loss.detach()) * len(batch)
+        correct += int((logits.argmax(1) == labels[batch]).sum())
+    head.eval()
+    with torch.no_grad():
+        val_loss, val_acc = _scores(head(scaled.val.features), scaled.val.labels)
+    return EpochRecord(
+        epoch=epoch,
+        train_loss=loss_sum / count,
+        train_acc=correct / count,
+        val_loss=val_loss,
+        val_acc=val_acc,
+        lr=f"{config.lr:.3g}",
+        trainable_params=sum(p.numel() for p in head.parameters()),
+        batch_size=config.batch_size,
+        seconds=round(time.perf_counter() - started, 4),
+    )
 
 
 def fit_head(
@@ -368,8 +433,6 @@ def fit_head(
     seconds, so a resumed run solves again from the start.
     """
     import torch
-
-    from pipeline.core.checkpoint import save_resume_point, save_weights
 
     if not len(train.labels):
         raise TrainingError(

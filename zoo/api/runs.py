@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from zoo.api._common import (
     CatalogLike,
@@ -25,10 +22,11 @@ from zoo.errors import DataError, NotFound
 
 if TYPE_CHECKING:
     from pipeline.adapt import AdaptResult
+    from pipeline.core.record import RunRecord
+    from pipeline.core.results import EpochRecord, Metrics
+    from pipeline.core.rundir import RunDir
     from pipeline.export.deploy import ExportSummary, Prediction
     from pipeline.export.verify import FileReport
-    from pipeline.report.metrics import Metrics
-    from pipeline.train.loop import EpochRecord
 
 EXPORTED = "model.onnx"  # where Run.export writes and Run.predict reads
 REPORT = "report.html"
@@ -69,45 +67,36 @@ class Run:
             )
         return self._dir
 
-    @property
-    def record(self) -> dict[str, Any]:
-        """run.json: options, model, strategy, hyperparameters, split sizes, status."""
-        from pipeline.core.runs import read_run
+    def _files(self) -> RunDir:
+        """The run directory's files, by what they hold (pipeline.core.rundir)."""
+        from pipeline.core.rundir import RunDir
 
-        return read_run(self.dir)
+        return RunDir(self.dir)
+
+    @property
+    def record(self) -> RunRecord:
+        """run.json as a `RunRecord`: options, model, strategy, hyperparameters, split sizes, status."""
+        return self._files().record()
 
     @property
     def metrics(self) -> Metrics:
         """Accuracy, macro F1, per-class figures and the confusion matrix on the held-out split."""
-        from pipeline.report.metrics import Metrics
-
-        path = self.dir / "metrics.json"
-        if not path.is_file():
-            raise NotFound(f"{self.dir} has no metrics.json yet: the run did not finish; resume it")
-        written = json.loads(path.read_text(encoding="utf-8"))
-        return Metrics(**{f.name: written[f.name] for f in dataclasses.fields(Metrics)})
+        metrics = self._files().metrics()
+        if metrics is None:
+            raise NotFound(
+                f"{self.dir} has no {self._files().metrics_file.name} yet: the run did not finish; resume it"
+            )
+        return metrics
 
     @property
     def history(self) -> list[EpochRecord]:
         """One record per epoch (per L-BFGS pass for the solved `feature` head), from history.csv."""
-        from pipeline.train.loop import EpochRecord
-
-        path = self.dir / "history.csv"
-        if not path.is_file():
-            return []
-        kinds = {"int": int, "float": float, "str": str}
-        fields = {f.name: kinds.get(str(f.type), str) for f in dataclasses.fields(EpochRecord)}
-        with path.open(encoding="utf-8", newline="") as rows:
-            return [
-                EpochRecord(**{name: fields[name](row[name]) for name in fields})
-                for row in csv.DictReader(rows)
-            ]
+        return self._files().history()
 
     @property
     def strategy(self) -> str:
         """The strategy that trained (what `auto` chose, for an `auto` run)."""
-        record = self.record
-        return record.get("strategy") or record.get("options", {}).get("strategy", "auto")
+        return self.record.trained_strategy
 
     @property
     def report_path(self) -> Path:
@@ -152,9 +141,9 @@ def open_run(
     >>> run.metrics.macro_f1  # doctest: +SKIP
     0.93
     """
-    from pipeline.core.runs import read_run
+    from pipeline.core.rundir import RunDir
 
-    read_run(Path(path))  # a clear error now, not at the first property
+    RunDir(Path(path)).record()  # a clear error now, not at the first property
     return Run(path, models_dir=models_dir, catalog=catalog)
 
 

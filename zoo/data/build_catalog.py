@@ -99,6 +99,8 @@ def convert(entry: dict) -> dict:
             "shape": entry["input"].get("shape"),
             "layout": layout,
         },
+        # Name and shape: with the input's, what `zoo` recognises an older revision of the file by.
+        "output": {"name": output.get("name"), "shape": shape},
         "output_kind": output_kind,
         "num_classes": (shape[1] if shape else (10 if entry["family"] == "mnist" else 1000)),
         "preprocess": parse_preprocess(entry["preprocess"], entry["input"].get("shape"), layout),
