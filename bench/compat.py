@@ -134,15 +134,27 @@ def catalog_shas() -> set[str]:
     return {catalog[n].sha256 for n in catalog if catalog[n].sha256}
 
 
+# The documented preprocessing of real files the catalog lacks (../shared/REAL_CORPUS.md), as
+# `zoo fetch` flags; any other such file is fetched with --preprocess imagenet.
+REAL_PREPROCESS = {
+    "pp-lcnet-orientation": ["--preprocess", "imagenet"],
+    # /255, its own CIFAR-10 mean/std, no resize beyond its fixed 32x32 input.
+    "cifar10-resnet20": [
+        "--mean", "0.4914,0.4822,0.4465", "--std", "0.2023,0.1994,0.2010", "--resize", "32",
+    ],
+}  # fmt: skip
+
+
 def fetch_step(path: Path, name: str, *, models_dir: Path, known: bool) -> Step:
-    """`zoo fetch PATH --name NAME`, with `--preprocess imagenet` for files the catalog lacks.
+    """`zoo fetch PATH --name NAME`, with the file's documented preprocessing when the catalog lacks it.
 
     Where this version of zoo has no --preprocess yet, the fetch is tried again without it.
     """
     args = ["fetch", str(path), "--name", name]
     if known:
         return run_zoo("fetch", args, models_dir=models_dir)
-    step = run_zoo("fetch", [*args, "--preprocess", "imagenet"], models_dir=models_dir)
+    flags = REAL_PREPROCESS.get(name, ["--preprocess", "imagenet"])
+    step = run_zoo("fetch", [*args, *flags], models_dir=models_dir)
     if step.exit_code == 2 and re.search(r"No such option.*--preprocess", step.message):
         step = run_zoo("fetch", args, models_dir=models_dir)
     return step

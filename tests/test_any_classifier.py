@@ -26,8 +26,9 @@ from cli import main
 from pipeline.convert import import_model
 from pipeline.convert.normalisation import normalise
 from pipeline.convert.probe import probe
-from zoo.catalog import load_catalog, resembling
+from zoo.catalog import load_catalog
 from zoo.errors import UnsupportedModel
+from zoo.lookalike import resembling
 from zoo.preprocess import PRESETS, PreprocessRequest, input_signature, resolve_preprocess
 
 MNIST8_SHA = "2f06e72de813a8635c9bc0397ac447a601bdbfa7df4bebc278723b958831c9bf"
@@ -42,8 +43,14 @@ def one_thread():
 
 
 def zoo(*args: str, models_dir: Path) -> tuple[int, str]:
+    """Exit code and everything printed (stdout, then stderr)."""
     result = CliRunner().invoke(main, ["--models-dir", str(models_dir), *args])
     return result.exit_code, result.stdout + result.stderr
+
+
+def exported_path(out: str) -> str:
+    """The path `zoo export --json` printed (its JSON object comes first, stderr after it)."""
+    return json.JSONDecoder().raw_decode(out[out.index("{") :])[0]["path"]
 
 
 def _model(nodes, inits, inputs, outputs, *, opset: int, producer: str) -> onnx.ModelProto:
@@ -200,7 +207,9 @@ def test_a_file_onnxruntime_runs_is_never_called_damaged(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("build", "size"), [(keras_conv_head, ()), (minus_one_dims, ("--size", "16"))], ids=["kxk", "-1"]
+    ("build", "size"),
+    [(keras_conv_head, ()), (minus_one_dims, ("--size", "16"))],
+    ids=["kxk", "-1"],
 )
 def test_each_class_goes_through_the_cli_chain(build, size: tuple, tmp_path: Path) -> None:  # noqa: ANN001
     models, run = tmp_path / "models", tmp_path / "run"
@@ -216,7 +225,7 @@ def test_each_class_goes_through_the_cli_chain(build, size: tuple, tmp_path: Pat
     assert code == 0, out
     code, out = zoo("export", str(run), "--json", models_dir=models)
     assert code == 0, out
-    exported = json.loads(out[out.index("{") :])["path"]
+    exported = exported_path(out)
     code, out = zoo("verify", exported, "--run", str(run), "--json", models_dir=models)
     assert code == 0, out
     code, out = zoo("predict", exported, str(photo(tmp_path)), "--json", models_dir=models)
@@ -274,7 +283,7 @@ def test_like_gives_an_older_revision_its_entrys_preprocessing_and_labels(tmp_pa
     assert code == 0, out
     code, out = zoo("export", str(run), "--json", models_dir=models)
     assert code == 0, out
-    exported = json.loads(out[out.index("{") :])["path"]
+    exported = exported_path(out)
     code, out = zoo("verify", exported, "--run", str(run), models_dir=models)
     assert code == 0, out
     # The original file, predicted with the look-alike's preprocessing and its 10 labels.
@@ -291,8 +300,7 @@ def test_like_gives_an_older_revision_its_entrys_preprocessing_and_labels(tmp_pa
 def test_an_lfs_pointer_to_a_catalog_file_names_the_model(tmp_path: Path) -> None:
     pointer = tmp_path / "mnist-8.onnx"
     pointer.write_text(
-        "version https://git-lfs.github.com/spec/v1\n"
-        f"oid sha256:{MNIST8_SHA}\nsize 26454\n"
+        f"version https://git-lfs.github.com/spec/v1\noid sha256:{MNIST8_SHA}\nsize 26454\n"
     )
     for command in ("fetch", "inspect", "adapt"):
         code, out = zoo(command, str(pointer), models_dir=tmp_path / "models")
@@ -309,25 +317,27 @@ def test_an_lfs_pointer_to_a_catalog_file_names_the_model(tmp_path: Path) -> Non
 # ----------------------------------------------------------------------------- --preprocess auto
 
 
-def _fitted(model: onnx.ModelProto) -> dict:
+def _measure(model: onnx.ModelProto, source: Path | bytes, name: str):  # noqa: ANN202
+    """What --preprocess auto measures, the presets fitted to the graph's input as zoo fits them."""
+    from zoo.preprocess_auto import measure_presets
+
     signature = input_signature(model)
-    return {
-        name: resolve_preprocess(None, PreprocessRequest(preset=name), signature, name="m")
-        for name in PRESETS
+    fitted = {
+        preset: resolve_preprocess(None, PreprocessRequest(preset=preset), signature, name=name)
+        for preset in PRESETS
     }
+    return measure_presets(model, source, fitted, signature=signature, name=name)
 
 
 def test_auto_says_why_it_cannot_tell_for_a_grayscale_or_non_imagenet_model(
     tmp_path: Path,
 ) -> None:
-    from zoo.preprocess_auto import measure_presets
-
     grey = keras_conv_head()
     with pytest.raises(UnsupportedModel, match="one channel"):
-        measure_presets(grey, grey.SerializeToString(), _fitted(grey), name="grey")
+        _measure(grey, grey.SerializeToString(), "grey")
     colour = minus_one_dims((1, 3, 32, 32))
     with pytest.raises(UnsupportedModel, match="5 classes, not ImageNet's 1000"):
-        measure_presets(colour, colour.SerializeToString(), _fitted(colour), name="colour")
+        _measure(colour, colour.SerializeToString(), "colour")
     models = tmp_path / "models"
     code, out = zoo("fetch", str(save(colour, tmp_path / "c.onnx")), "--preprocess", "auto",
                     models_dir=models)  # fmt: skip
@@ -338,12 +348,10 @@ def test_auto_says_why_it_cannot_tell_for_a_grayscale_or_non_imagenet_model(
 def test_auto_measures_the_bundled_model_and_rules_caffe_out(
     bundled_onnx: Path, tmp_path: Path
 ) -> None:
-    from zoo.preprocess_auto import measure_presets
-
     resaved = tmp_path / "lite0.onnx"
     onnx.save(onnx.load(bundled_onnx), resaved)  # another sha256: the catalog does not know it
     model = onnx.load(resaved)
-    measured = measure_presets(model, resaved, _fitted(model), name="lite0")
+    measured = _measure(model, resaved, "lite0")
     print(measured.summary())
     assert set(measured.scores) == set(PRESETS) and measured.photos == 15
     assert list(measured.scores)[-1] == "caffe"  # BGR 0-255 for an RGB [0,1] model: worst
@@ -352,11 +360,9 @@ def test_auto_measures_the_bundled_model_and_rules_caffe_out(
 
 @pytest.mark.parametrize("name", ["pp-lcnet-orientation.onnx", "cifar10-resnet20.onnx"])
 def test_auto_cannot_tell_for_real_non_imagenet_heads(shared_dir: Path, name: str) -> None:
-    from zoo.preprocess_auto import measure_presets
-
     path = shared_dir / "models" / name
     if not path.is_file():
         pytest.skip(f"{path} is absent")
     model = onnx.load(path)
     with pytest.raises(UnsupportedModel, match="not ImageNet's 1000"):
-        measure_presets(model, path, _fitted(model), name=name)
+        _measure(model, path, name)

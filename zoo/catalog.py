@@ -256,40 +256,6 @@ class Catalog(Mapping[str, ModelEntry]):
         )
 
 
-def _same_dims(declared: tuple[int | None, ...] | None, actual: tuple[int | None, ...]) -> bool:
-    """Shapes agree where both say a size (a dynamic batch matches a fixed one)."""
-    if declared is None or len(declared) != len(actual):
-        return False
-    return all(a is None or b is None or a == b for a, b in zip(declared, actual, strict=True))
-
-
-def resembling(
-    catalog: Catalog,
-    *,
-    input_name: str,
-    input_shape: tuple[int | None, ...],
-    output_name: str,
-    output_shape: tuple[int | None, ...],
-    opset: int,
-) -> list[ModelEntry]:
-    """Entries with known preprocessing whose graph has these input/output names and shapes.
-
-    Nearest opset first: a file the catalog does not know by its sha256 that matches is most
-    likely another revision of that model (the zoo re-exported its files at several opsets).
-    """
-    classes = max((d for d in output_shape[1:] if d), default=None)
-    found = [
-        entry
-        for entry in catalog.values()
-        if entry.preprocess is not None
-        and entry.input_name == input_name
-        and entry.output_name == output_name
-        and _same_dims(entry.input_shape, input_shape)
-        and (classes is None or entry.num_classes == classes)
-    ]
-    return sorted(found, key=lambda entry: (abs((entry.opset or 0) - opset), -(entry.opset or 0)))
-
-
 @lru_cache(maxsize=1)
 def _builtin_entries() -> tuple[ModelEntry, ...]:
     raw = json.loads(CATALOG_FILE.read_text())

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from zoo.catalog import IMAGENET_PREPROCESS, ModelEntry, Preprocess
 from zoo.errors import UnsupportedModel, ZooError
+from zoo.lookalike import Resemblance, resemblance
 
 if TYPE_CHECKING:
     import onnx
@@ -198,13 +199,6 @@ def exported_metadata(model: onnx.ModelProto) -> tuple[Preprocess | None, tuple[
     return preprocess, labels
 
 
-class Resemblance(NamedTuple):
-    """Which catalog entry a file the zoo does not know looks like, and why it says so."""
-
-    entry: str  # the entry to pass to --like; "ENTRY" when several differ
-    why: str  # 'it resembles mnist-8 (same input ...)'
-
-
 def unknown_preprocess(
     name: str, *, commands: str = "zoo fetch or zoo adapt", resembles: Resemblance | None = None
 ) -> UnsupportedModel:
@@ -217,40 +211,6 @@ def unknown_preprocess(
         )
     return UnsupportedModel(
         f"the zoo does not know how {name} preprocesses images: pass {FLAGS_HINT} to {commands}"
-    )
-
-
-def resemblance(model: onnx.ModelProto, catalog: Catalog) -> Resemblance | None:
-    """The catalog entry the graph looks like an older revision of (names and shapes), if any."""
-    from zoo.catalog import resembling
-
-    weights = {init.name for init in model.graph.initializer}
-    inputs = [value for value in model.graph.input if value.name not in weights]
-    if not inputs or not model.graph.output:
-        return None
-    found = resembling(
-        catalog,
-        input_name=inputs[0].name,
-        input_shape=_dims(inputs[0]),
-        output_name=model.graph.output[0].name,
-        output_shape=_dims(model.graph.output[0]),
-        opset=next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0),
-    )
-    if not found:
-        return None
-    same = f"same input {inputs[0].name} and output {model.graph.output[0].name}, names and shapes"
-    if len({entry.preprocess for entry in found}) > 1:
-        names = ", ".join(entry.name for entry in found[:4])
-        why = f"it looks like several catalog entries that preprocess differently ({names}; {same})"
-        return Resemblance("ENTRY", why)
-    why = f"it resembles {found[0].name} ({same}; another sha256, so an older or other revision)"
-    return Resemblance(found[0].name, why)
-
-
-def _dims(value: onnx.ValueInfoProto) -> tuple[int | None, ...]:
-    return tuple(
-        d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-        for d in value.type.tensor_type.shape.dim
     )
 
 
@@ -481,7 +441,9 @@ def settle_auto(
         )
         for preset in PRESETS
     }
-    measured = measure_presets(model, runnable(model).SerializeToString(), fitted, name=name)
+    measured = measure_presets(
+        model, runnable(model).SerializeToString(), fitted, signature=signature, name=name
+    )
     if measured.best is None:
         raise UnsupportedModel(
             f"--preprocess auto cannot tell how {name} preprocesses images: {measured.summary()}"

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from zoo.catalog import Preprocess
+    from zoo.preprocess import InputSignature
 
 # scikit-image's bundled colour photos of things ImageNet has classes for, and those classes:
 # each photo is used whole, mirrored and centre-cropped to 80%, 15 views in all, no download.
@@ -95,11 +96,10 @@ def _refusal(name: str, why: str) -> UnsupportedModel:
     )
 
 
-def _check_measurable(model: onnx.ModelProto, name: str) -> tuple[str, int]:
+def _check_measurable(
+    model: onnx.ModelProto, signature: InputSignature | None, name: str
+) -> tuple[str, int]:
     """The input name and class count of a model whose preprocessing photos can reveal."""
-    from zoo.preprocess import input_signature
-
-    signature = input_signature(model)
     if signature is None or signature.layout is None:
         raise _refusal(name, "its input is not an image batch it declares as NCHW or NHWC")
     if signature.channels == 1:
@@ -110,7 +110,7 @@ def _check_measurable(model: onnx.ModelProto, name: str) -> tuple[str, int]:
         raise _refusal(
             name,
             f"its head has {classes} classes, not ImageNet's {IMAGENET_CLASSES}, so its "
-            "confidence on photos of everyday objects says nothing about its input",
+            "scores on photos of everyday objects say nothing about how it wants its input",
         )
     return signature.name, classes
 
@@ -131,16 +131,17 @@ def measure_presets(
     source: str | os.PathLike[str] | bytes,
     presets: Mapping[str, Preprocess],
     *,
+    signature: InputSignature | None,
     name: str,
 ) -> PresetMeasurement:
     """Mean top-1 confidence of the model's head on the sample photos under each preset.
 
     `model` is the graph (to read its input and head), `source` what onnxruntime opens;
-    `presets` are the presets already fitted to the graph's input size and layout.
+    `presets` are the presets already fitted to the graph's input (`signature`).
     """
     import numpy as np
 
-    input_name, classes = _check_measurable(model, name)
+    input_name, classes = _check_measurable(model, signature, name)
     run = _session(source)
     views = sample_photos()
     scores: dict[str, float] = {}

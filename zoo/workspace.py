@@ -25,6 +25,7 @@ from zoo.files import sha256_file
 MODEL_FILE = "model.onnx"
 CARD_FILE = "card.json"
 BLOBS = "blobs"
+CACHE_DIR = ".cache"  # derived data, safe to delete: features and checked imports
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
@@ -44,6 +45,51 @@ class OpenedModel(NamedTuple):
 
     path: Path
     card: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """A models folder and the catalog its names resolve against: the pair every command needs.
+
+    The library passes one of these instead of `models_dir` and `catalog` side by side; the public
+    API still takes `models_dir=` and `catalog=` and builds it.
+    """
+
+    models_dir: Path
+    catalog: Catalog
+
+    @classmethod
+    def at(cls, models_dir: str | os.PathLike[str], catalog: Catalog) -> Workspace:
+        return cls(Path(models_dir).expanduser(), catalog)
+
+    @property
+    def blobs_dir(self) -> Path:
+        """Content-addressed model files, one per sha256."""
+        return self.models_dir / BLOBS
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.models_dir / CACHE_DIR
+
+    @property
+    def features_dir(self) -> Path:
+        """Cached frozen features and frozen-prefix outputs."""
+        return self.cache_dir / "features"
+
+    @property
+    def imports_dir(self) -> Path:
+        """Checked imports (normalised graphs and their verdicts)."""
+        return self.cache_dir / "imports"
+
+    def open(self, name_or_path: str | os.PathLike[str]) -> OpenedModel:
+        """A workspace model (or a plain .onnx path) and its card, its sha256 checked again now."""
+        return open_model(name_or_path, models_dir=self.models_dir, catalog=self.catalog)
+
+    def models(self) -> list[WorkspaceModel]:
+        return list_workspace(self.models_dir)
+
+    def latest(self) -> WorkspaceModel | None:
+        return latest_model(self.models_dir)
 
 
 def check_name(name: str) -> str:

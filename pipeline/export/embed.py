@@ -113,8 +113,12 @@ def _normalise_nodes(preprocess: Preprocess) -> tuple[list[onnx.NodeProto], list
     return nodes, inits
 
 
-def preprocess_graph(preprocess: Preprocess) -> onnx.ModelProto:
-    """The preprocessing alone: uint8 NHWC pixels of any size -> the model's float input."""
+def preprocess_graph(preprocess: Preprocess, *, any_size: bool = True) -> onnx.ModelProto:
+    """The preprocessing alone: uint8 NHWC pixels -> the model's float input.
+
+    `any_size`: the graph resizes and crops images of any size; otherwise it takes the crop size
+    (crop x crop), resized and cropped by the app, for runtimes without an antialiased resize.
+    """
     nodes = [_node("Cast", [PIXELS], "pixels_float", to=TensorProto.FLOAT)]
     inits: list[TensorProto] = []
     if preprocess.bgr and preprocess.channels == 3:
@@ -122,17 +126,17 @@ def preprocess_graph(preprocess: Preprocess) -> onnx.ModelProto:
         nodes.append(_node("Gather", ["pixels_float", "bgr"], "rgb", axis=3))
     else:
         nodes.append(_node("Identity", ["pixels_float"], "rgb"))
-    for part_nodes, part_inits in (
-        _resize_nodes(preprocess),
-        _crop_nodes(preprocess.crop),
-        _normalise_nodes(preprocess),
-    ):
+    parts = [_resize_nodes(preprocess), _crop_nodes(preprocess.crop)] if any_size else []
+    if not any_size:
+        nodes.append(_node("Identity", ["rgb"], "cropped"))
+    for part_nodes, part_inits in [*parts, _normalise_nodes(preprocess)]:
         nodes += part_nodes
         inits += part_inits
-    pixels = helper.make_tensor_value_info(
-        PIXELS, TensorProto.UINT8, ["batch", "height", "width", preprocess.channels]
-    )
     size, channels = preprocess.crop, preprocess.channels
+    height, width = ("height", "width") if any_size else (size, size)
+    pixels = helper.make_tensor_value_info(
+        PIXELS, TensorProto.UINT8, ["batch", height, width, channels]
+    )
     shape = ["batch", channels, size, size] if preprocess.layout == "NCHW" else ["batch", size, size, channels]  # fmt: skip
     output = helper.make_tensor_value_info(PREFIX + "model_input", TensorProto.FLOAT, shape)
     graph = helper.make_graph(nodes, "zoo_preprocess", [pixels], [output], initializer=inits)
@@ -149,15 +153,19 @@ def _at_embed_opset(classifier: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def embed_preprocess(
-    classifier: onnx.ModelProto, preprocess: Preprocess, *, probs_output: str = PROBS
+    classifier: onnx.ModelProto,
+    preprocess: Preprocess,
+    *,
+    probs_output: str = PROBS,
+    any_size: bool = True,
 ) -> onnx.ModelProto:
     """`classifier` (float input -> outputs incl. `probs_output`) behind its preprocessing.
 
-    The result takes uint8 pixels [N, H, W, C] named `pixels` and gives `probs` first, then the
-    classifier's other outputs.
+    The result takes uint8 pixels [N, H, W, C] named `pixels` (any H, W with `any_size`, else the
+    crop size) and gives `probs` first, then the classifier's other outputs.
     """
     classifier = _at_embed_opset(classifier)
-    front = preprocess_graph(preprocess)
+    front = preprocess_graph(preprocess, any_size=any_size)
     front.ir_version = classifier.ir_version = max(classifier.ir_version, front.ir_version)
     input_name = classifier.graph.input[0].name
     outputs = [o.name for o in classifier.graph.output]
@@ -173,7 +181,9 @@ def embed_preprocess(
     merged.graph.output.extend(by_name[name] for name in ordered)  # probabilities first
     del merged.opset_import[:]
     merged.opset_import.append(helper.make_opsetid("", EMBED_OPSET))
-    merged.opset_import.extend(o for o in classifier.opset_import if o.domain not in ("", "ai.onnx"))
+    merged.opset_import.extend(
+        o for o in classifier.opset_import if o.domain not in ("", "ai.onnx")
+    )
     del merged.metadata_props[:]
     merged.metadata_props.extend(classifier.metadata_props)
     onnx.checker.check_model(merged)
