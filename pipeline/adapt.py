@@ -748,6 +748,7 @@ def _write_results(
     seconds: float,
 ) -> Metrics:
     """The plots, metrics, per-image predictions and report.html, and run.json marked done."""
+    from pipeline.report.heatmaps import write_heatmaps
     from pipeline.report.html import refresh_report
     from pipeline.report.metrics import write_run_report
     from pipeline.report.predictions import image_predictions
@@ -779,6 +780,7 @@ def _write_results(
         seconds=round(seconds, 2),
     )
     record.save()
+    write_heatmaps(run.run_dir, models_dir=run.models_dir, log=run.log)  # where it looked
     refresh_report(
         run.run_dir, log=run.log
     )  # report.html; a failure to draw it is logged, not raised

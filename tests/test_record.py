@@ -77,14 +77,14 @@ def test_a_run_json_written_before_the_record_opens(tmp_path: Path) -> None:
 
 def test_unknown_keys_survive_a_round_trip(tmp_path: Path) -> None:
     raw = json.loads(DONE_BEFORE_VERSION.read_text(encoding="utf-8"))
-    raw["calibration"] = {"images": 128}  # a newer zoo's field, same version
+    raw["shelf_life"] = {"days": 128}  # a newer zoo's field, same version
     raw["source"]["mirror"] = "https://example.org"  # an unknown key inside a part is dropped
     run = _run_dir(tmp_path, raw)
     record = run.record()
-    assert record.extra == {"calibration": {"images": 128}}
+    assert record.extra == {"shelf_life": {"days": 128}}
     run.write_record(dataclasses.replace(record, status="training"))
     again = json.loads(run.record_file.read_text(encoding="utf-8"))
-    assert again["calibration"] == {"images": 128} and again["status"] == "training"
+    assert again["shelf_life"] == {"days": 128} and again["status"] == "training"
     assert "mirror" not in again["source"]
 
 
@@ -139,27 +139,40 @@ def test_a_live_record_writes_only_where_it_may(tmp_path: Path) -> None:
 
 # --- no string keys into a run record outside RunRecord -----------------------------------------
 
-# The run record's keys, as run.json spells them.
-RECORD_KEYS = frozenset(f.name for f in dataclasses.fields(RunRecord)) - {"extra"}
+# The run record's keys, as run.json spells them ("version" is every versioned file's).
+RECORD_KEYS = frozenset(f.name for f in dataclasses.fields(RunRecord)) - {"extra", "version"}
 # Where a run record's keys are read by name: the record itself.
 RECORD_MODULES = frozenset({"pipeline/core/record.py"})
+# A typed record's own constructors from its file read that file by key, whatever it holds.
+PARSERS = frozenset({"from_dict", "from_json", "load"})
 # Other formats that share some of the record's keys, by file and the expression read from.
 OTHER_FORMATS = {
     "cli.py": {"r": "a row of ComparisonResult.rows()", "rows[0]": "the same rows"},
     "zoo/cache.py": {"card": "a model's card.json"},
-    "zoo/catalog.py": {"raw": "a catalog entry", "values": "a catalog entry"},
+    "zoo/catalog.py": {"raw": "a catalog entry"},
     "zoo/data/build_catalog.py": {"entry": "a catalog entry being built"},
-    "pipeline/core/metadata.py": {"raw": "ONNX metadata_props", "values": "ONNX metadata_props"},
-    "pipeline/core/samples.py": {"raw": "split.json"},
+    "pipeline/core/metadata.py": {"values": "ONNX metadata_props"},
     "pipeline/report/compare.py": {"row": "a row of compare.json"},
 }
 
 
+def _outside_parsers(tree: ast.AST) -> Iterator[ast.AST]:
+    """Every node but those in the body of a class's PARSERS methods."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            parser = isinstance(child, ast.FunctionDef) and child.name in PARSERS
+            if not (isinstance(node, ast.ClassDef) and parser):
+                stack.append(child)
+
+
 def _keyed_reads(tree: ast.AST) -> Iterator[tuple[int, str, str]]:
-    """(line, receiver, key) of each `x["key"]`, `x.get("key")`, `x.pop("key")` and
-    `x.setdefault("key")` whose key is a literal string."""
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Subscript):
+    """(line, receiver, key) of each read `x["key"]`, `x.get("key")`, `x.pop("key")` and
+    `x.setdefault("key")` whose key is a literal string (writes build other formats' dicts)."""
+    for node in _outside_parsers(tree):
+        if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load):
             receiver, key = node.value, node.slice
         elif (
             isinstance(node, ast.Call)
@@ -195,11 +208,18 @@ def _scanned() -> Iterator[tuple[str, str]]:
 
 def test_the_scan_finds_string_keys_into_a_record() -> None:
     source = (
-        "def load(record, loaded, previous, card):\n"
+        "def open_run(record, loaded, previous, card):\n"
         "    n = record['num_classes']\n"
         "    name = loaded.record.get('input_name')\n"
         "    kept = previous.get('strategy') or json.loads(text)['test_accuracy']\n"
         "    other = card.get('source'), record.num_classes, record['not_a_field']\n"
+        "    payload['strategy'] = record.strategy  # building another file\n"
+        "class Split:\n"
+        "    @classmethod\n"
+        "    def from_dict(cls, raw):\n"
+        "        return cls(raw['class_names'])\n"
+        "    def names(self, raw):\n"
+        "        return raw['class_names']\n"
     )
     assert record_key_reads("pipeline/x.py", source) == [
         "pipeline/x.py:2: record['num_classes']",
@@ -207,6 +227,7 @@ def test_the_scan_finds_string_keys_into_a_record() -> None:
         "pipeline/x.py:4: json.loads(text)['test_accuracy']",
         "pipeline/x.py:4: previous['strategy']",
         "pipeline/x.py:5: card['source']",
+        "pipeline/x.py:12: raw['class_names']",
     ]
     assert "zoo/cache.py:5: card['source']" not in record_key_reads("zoo/cache.py", source)
     assert record_key_reads("pipeline/core/record.py", source) == []

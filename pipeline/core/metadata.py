@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pipeline.core.trust import OodRecord
 from zoo.catalog import Preprocess
 
 if TYPE_CHECKING:
@@ -29,6 +30,8 @@ KNOWN_KEYS = (
     "version",
     "input_name",
     "layout",
+    "calibration",
+    "ood",
 )
 
 
@@ -44,6 +47,8 @@ class ModelMetadata:
     version: str | None = None  # zoo version that wrote the file
     input_name: str | None = None
     layout: str | None = None  # NCHW or NHWC
+    calibration: dict[str, Any] = field(default_factory=dict)  # the temperature, ECE before/after
+    ood: OodRecord | None = None  # the unknown score's output and threshold; None: no such output
     extra: dict[str, Any] = field(default_factory=dict)  # other zoo.* keys, JSON-decoded
     raw: dict[str, str] = field(default_factory=dict)  # every metadata_props entry as stored
 
@@ -85,6 +90,8 @@ def decode_metadata(props: Mapping[str, str]) -> ModelMetadata:
         preprocess=Preprocess.from_dict(pre) if isinstance(pre, Mapping) else None,
         source=dict(values["source"]) if isinstance(values.get("source"), Mapping) else {},
         metrics=dict(values["metrics"]) if isinstance(values.get("metrics"), Mapping) else {},
+        calibration=dict(calib) if isinstance(calib := values.get("calibration"), Mapping) else {},
+        ood=OodRecord.from_dict(ood) if isinstance(ood := values.get("ood"), Mapping) else None,
         extra={k: v for k, v in values.items() if k not in KNOWN_KEYS},
         raw=dict(props),
         **texts,
@@ -115,6 +122,8 @@ def metadata_problems(
     pre = metadata.preprocess
     if pre is None:
         problems.append("no preprocessing (zoo.preprocess); pass it when exporting")
+        return problems
+    if "embedded" in metadata.extra:  # it takes uint8 pixels NHWC and preprocesses them itself
         return problems
     layout = metadata.layout or pre.layout
     if pre.layout != layout:

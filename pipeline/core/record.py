@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from pipeline.core.trust import CalibrationRecord, OodRecord
 from zoo.catalog import Preprocess
 from zoo.errors import ZooError
 
@@ -85,7 +86,13 @@ _TRAINING_FIELDS = frozenset(
         "import_fidelity",
     }
 )
-_PARTS = {"source": SourceRecord, "head": HeadRecord, "data": DataRecord}
+_PARTS = {
+    "source": SourceRecord,
+    "head": HeadRecord,
+    "data": DataRecord,
+    "calibration": CalibrationRecord,
+    "ood": OodRecord,
+}
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,9 @@ class RunRecord:
     test_accuracy: float | None = None  # on metrics_split's images
     metrics_split: str | None = None  # "test", or "val" for data without a test split
     seconds: float | None = None
+    # How far the outputs can be trusted (pipeline.train.trust), once trained.
+    calibration: CalibrationRecord | None = None  # the temperature and the ECE before and after
+    ood: OodRecord | None = None  # the unknown score and its threshold
     # Keys this version does not know (a newer zoo's, or an older one's), written back unchanged.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -208,5 +218,7 @@ class RunRecord:
 
 def _part(kind: type, raw: Mapping[str, Any]) -> Any:
     """A nested part from its dict; keys this version does not know are dropped."""
+    if hasattr(kind, "from_dict"):  # a part with parts of its own reads itself
+        return kind.from_dict(raw)
     known = {f.name for f in dataclasses.fields(kind)}
     return kind(**{k: v for k, v in raw.items() if k in known})

@@ -38,6 +38,7 @@ VERIFY_RECORD = "verification.json"  # the last `zoo verify FILE --run RUN`
 CURVES_PLOT = "curves.png"  # loss and accuracy per epoch
 CONFUSION_PLOT = "confusion.png"
 ROC_PLOT = "roc.png"  # two classes only
+TRUST_FILE = "trust.safetensors"  # the unknown score's fitted tensors and validation scores
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,11 @@ class RunDir:
     @property
     def verification_file(self) -> Path:
         return self.path / VERIFY_RECORD
+
+    @property
+    def trust_file(self) -> Path:
+        """What the unknown score needs (pipeline.train.trust); run.json's `ood` describes it."""
+        return self.path / TRUST_FILE
 
     @property
     def best_checkpoint(self) -> Path:

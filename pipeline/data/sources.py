@@ -47,6 +47,8 @@ SPLIT_FOLDERS = {
     "validation": "val",
     "test": "test",
 }
+# Duplicates kept together: samples -> a group id per sample (pipeline.train.twins makes one).
+GroupBy = Callable[[Sequence[Sample]], Sequence[int]]
 CSV_COLUMNS = {  # header cell -> column meaning; anything else is ignored
     **dict.fromkeys(("path", "file", "filename", "filepath", "image"), "path"),
     **dict.fromkeys(("label", "class", "category", "target"), "label"),
@@ -113,8 +115,13 @@ def load_source(
     test_fraction: float = 0.2,
     strict: bool = False,
     max_pixels: int = MAX_PIXELS,
+    group_by: GroupBy | None = None,
 ) -> DataSplit:
-    """Read a data source, check every image decodes, and split it (stratified, seeded)."""
+    """Read a data source, check every image decodes, and split it (stratified, seeded).
+
+    `group_by` gives a group id per sample of what zoo splits itself (duplicates share one, see
+    pipeline.train.twins); each group then stays inside one part. Built-in sets are not grouped.
+    """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise DataError(
             f"val fraction {val_fraction} + test fraction {test_fraction} must stay below 1; "
@@ -141,7 +148,14 @@ def load_source(
         collected = _collect_presplit(path, folders)
     else:
         collected = _collect_image_folder(path)
-    return _finish(collected, source=str(path), strict=strict, max_pixels=max_pixels, **fractions)
+    return _finish(
+        collected,
+        source=str(path),
+        strict=strict,
+        max_pixels=max_pixels,
+        group_by=group_by,
+        **fractions,
+    )
 
 
 def _load_builtin(src: str, *, seed: int, val_fraction: float, test_fraction: float) -> DataSplit:
@@ -296,12 +310,17 @@ def _finish(
     seed: int,
     val_fraction: float,
     test_fraction: float,
+    group_by: GroupBy | None = None,
 ) -> DataSplit:
     """Validate the listed images, apply the class rules, and split what is not yet split."""
     readable = _readable(collected, source=source, strict=strict, max_pixels=max_pixels)
     _check_classes(collected.class_names, readable.parts, source)
     train, val, test = _train_val_test(
-        readable.parts, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction
+        readable.parts,
+        seed=seed,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        group_by=group_by,
     )
     counts = _per_class(train, len(collected.class_names))
     small = [n for n, c in zip(collected.class_names, counts, strict=True) if c < 2]
@@ -364,17 +383,27 @@ def _check_classes(class_names: list[str], parts: dict[str, list[Sample]], sourc
 
 
 def _train_val_test(
-    parts: dict[str, list[Sample]], *, seed: int, val_fraction: float, test_fraction: float
+    parts: dict[str, list[Sample]],
+    *,
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+    group_by: GroupBy | None = None,
 ) -> tuple[list[Sample], list[Sample], list[Sample]]:
     """Split an unsplit source; carve validation from train when a split source has none."""
     if "all" in parts:
+        pool = parts["all"]
+        groups = group_by(pool) if group_by is not None else None
         return split_samples(
-            parts["all"], seed=seed, val_fraction=val_fraction, test_fraction=test_fraction
+            pool, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, groups=groups
         )
     train, val, test = parts["train"], parts.get("val"), parts.get("test", [])
     if val is None:  # carve validation from train, keeping train:val at 60:20 by default
         share = val_fraction / (1 - test_fraction) if "test" in parts else val_fraction
-        train, val, _ = split_samples(train, seed=seed, val_fraction=share, test_fraction=0)
+        groups = group_by(train) if group_by is not None else None
+        train, val, _ = split_samples(
+            train, seed=seed, val_fraction=share, test_fraction=0, groups=groups
+        )
     return train, val, test
 
 

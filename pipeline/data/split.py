@@ -29,21 +29,26 @@ if TYPE_CHECKING:
 
 
 def stratified_split(
-    labels: Sequence[int], *, seed: int, val_fraction: float, test_fraction: float
+    labels: Sequence[int],
+    *,
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+    groups: Sequence[int] | None = None,
 ) -> tuple[list[int], list[int], list[int]]:
     """Indices of a per-class shuffled train/val/test split (exactly stratified, seeded).
 
     Tiny classes degrade gracefully: 1 image -> train only; 2 -> train + val; 3 or more -> at
-    least one image in each part whose fraction is non-zero.
+    least one image in each part whose fraction is non-zero. With `groups` (a group id per
+    sample: duplicates share one), each group goes whole into one part, counted in the class of
+    its first sample; without groups, or with every group a single sample, the split is the same.
     """
     rng = np.random.default_rng(seed)
     parts: tuple[list[int], list[int], list[int]] = ([], [], [])
-    by_class: dict[int, list[int]] = {}
-    for index, label in enumerate(labels):
-        by_class.setdefault(label, []).append(index)
+    by_class = _units_by_class(labels, groups)
     for label in sorted(by_class):
-        members = [by_class[label][i] for i in rng.permutation(len(by_class[label]))]
-        n = len(members)
+        units = [by_class[label][i] for i in rng.permutation(len(by_class[label]))]
+        n = sum(len(unit) for unit in units)
         n_val = round(n * val_fraction)
         n_test = round(n * test_fraction)
         if n >= 2 and val_fraction > 0:
@@ -55,21 +60,46 @@ def stratified_split(
                 n_test -= 1
             else:
                 n_val -= 1
-        parts[2].extend(members[:n_test])
-        parts[1].extend(members[n_test : n_test + n_val])
-        parts[0].extend(members[n_test + n_val :])
+        left = list(units)
+        for part, wanted in ((2, n_test), (1, n_val)):
+            taken = 0
+            while taken < wanted and len(left) > 1:  # the last unit always trains
+                unit = left.pop(0)
+                parts[part].extend(unit)
+                taken += len(unit)
+        parts[0].extend(index for unit in left for index in unit)
     return sorted(parts[0]), sorted(parts[1]), sorted(parts[2])
 
 
+def _units_by_class(
+    labels: Sequence[int], groups: Sequence[int] | None
+) -> dict[int, list[list[int]]]:
+    """Class -> its units (lists of sample indices that split together), by first index."""
+    units: dict[object, list[int]] = {}
+    for index in range(len(labels)):
+        key = index if groups is None else ("group", groups[index])
+        units.setdefault(key, []).append(index)
+    by_class: dict[int, list[list[int]]] = {}
+    for unit in units.values():  # dicts keep insertion order: units by their first index
+        by_class.setdefault(labels[unit[0]], []).append(unit)
+    return by_class
+
+
 def split_samples(
-    samples: list[Sample], *, seed: int, val_fraction: float, test_fraction: float
+    samples: list[Sample],
+    *,
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+    groups: Sequence[int] | None = None,
 ) -> tuple[list[Sample], list[Sample], list[Sample]]:
-    """`stratified_split` applied to samples: (train, val, test)."""
+    """`stratified_split` applied to samples: (train, val, test), `groups` kept whole."""
     idx = stratified_split(
         [s.label for s in samples],
         seed=seed,
         val_fraction=val_fraction,
         test_fraction=test_fraction,
+        groups=groups,
     )
     return tuple([samples[i] for i in part] for part in idx)  # type: ignore[return-value]
 

@@ -27,6 +27,7 @@ from pipeline.core.rundir import (
 )
 from pipeline.report.compare import COMPARE_FILE, comparison_page
 from pipeline.report.export_section import verification_section
+from pipeline.report.heatmaps import heatmaps_section
 from pipeline.report.page import (
     REPORT_FILE,
     bar,
@@ -43,13 +44,21 @@ from pipeline.report.page import (
     warning,
 )
 from pipeline.report.predictions import resolve_ref
-from zoo.errors import NotFound
+from pipeline.train.solve import is_solve
+from zoo.errors import NotFound, ZooError
 from zoo.files import atomic_write, write_json
 
 GALLERY_MAX = 24  # worst mistakes shown
 GALLERY_MIN = 8  # filled with the hardest correct images when a run has fewer mistakes
 CONFUSED_PAIRS = 10
 PAIR_THUMBNAIL_PX = 48  # the example beside each confused pair
+# What a solved head's "epochs" are, said once on the page (the curves count the same passes).
+SOLVE_NOTE = (
+    "The head was solved on cached features by L-BFGS, not trained by epochs. A solver pass "
+    "evaluates the loss once on all the training features; the curves show every pass, and the "
+    "head kept is the solution, the last pass (a lower validation loss on the way is not a point "
+    "the solver stops at)."
+)
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +128,8 @@ def run_page(run_dir: Path, record: RunRecord) -> str:
     source = record.data_source or "?"
     sections = [
         ("model", "Model and data", _model_and_data(run, record)),
-        ("strategy", "Strategy and training", _strategy(record)),
-        ("curves", "Loss and accuracy", _curves(run, record)),
+        ("strategy", "Strategy and training", _strategy(record, solve=_is_solve(run))),
+        ("curves", "Loss and accuracy", _curves(run)),
         ("metrics", "Per-class metrics and confusion matrix", _metrics(run, metrics)),
     ]
     if metrics and len(metrics.class_names) == 2:
@@ -128,6 +137,7 @@ def run_page(run_dir: Path, record: RunRecord) -> str:
     sections += [
         ("mistakes", "Worst mistakes", _mistakes(predictions, source=source, metrics=metrics)),
         ("confused", "Most confused classes", _confused(metrics, predictions, source=source)),
+        ("heatmaps", "Where the model looked", heatmaps_section(run_dir)),
         ("verification", "Export and verification", verification_section(run_dir)),
     ]
     subtitle = (
@@ -235,7 +245,7 @@ def _class_counts(run: RunDir, num_classes: int) -> dict[str, list[int]] | None:
     return counts
 
 
-def _strategy(record: RunRecord) -> str:
+def _strategy(record: RunRecord, *, solve: bool = False) -> str:
     head = record.head
     facts = {
         "strategy": record.strategy,
@@ -244,8 +254,7 @@ def _strategy(record: RunRecord) -> str:
         "training path": record.fast_path,
         "augmentation": record.augment,
         "device": record.device,
-        "epochs run": record.epochs_run,
-        "best epoch": record.best_epoch,
+        **_passes(record, solve=solve),
         "stopped": record.stopped,
         "time": f"{record.seconds:.1f} s" if record.seconds is not None else None,
         "started": record.created or None,
@@ -259,8 +268,8 @@ def _strategy(record: RunRecord) -> str:
         "<h3>Hyperparameters</h3>" + key_values(dict(record.hyperparameters or {})),
     )
     if record.head_fit:
-        solved = record.head_fit.get("summary") or record.head_fit.get("method")
-        body += f'<p class="note">The head was solved on cached features, not trained by epochs: {esc(solved)}</p>'
+        solved = esc(record.head_fit.get("summary") or record.head_fit.get("method"))
+        body += f'<p class="note">{SOLVE_NOTE if solve else "The head was trained on cached features."} {solved}</p>'
     if record.auto:
         body += "<h3>What <code>--strategy auto</code> measured</h3>" + key_values(record.auto)
     if record.versions:
@@ -268,14 +277,27 @@ def _strategy(record: RunRecord) -> str:
     return body
 
 
-def _curves(run: RunDir, record: RunRecord) -> str:
+def _is_solve(run: RunDir) -> bool:
+    """Whether the run's head was solved by L-BFGS (its history counts solver passes, not epochs)."""
+    try:
+        return is_solve(run.history())
+    except ZooError:  # a damaged history.csv: the page says epochs, as it would have
+        return False
+
+
+def _passes(record: RunRecord, *, solve: bool) -> dict[str, Any]:
+    """The epochs run and the one kept; for a solve, its passes and the solution (the last)."""
+    if solve:
+        solution = f"pass {record.best_epoch}, the last" if record.best_epoch else None
+        return {"solver passes": record.epochs_run, "solution": solution}
+    return {"epochs run": record.epochs_run, "best epoch": record.best_epoch}
+
+
+def _curves(run: RunDir) -> str:
     image = embedded_png(run.plot(CURVES_PLOT), alt="loss and accuracy per epoch")
     if image is None:
         return warning(f"No {CURVES_PLOT}: the run recorded no epoch.")
-    note = ""
-    if record.head_fit:
-        note = '<p class="muted">For a solved head an "epoch" is one pass of the solver over the cached features.</p>'
-    return image + note
+    return image
 
 
 def _metrics(run: RunDir, metrics: Metrics | None) -> str:

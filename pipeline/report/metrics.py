@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.core.results import Metrics, write_history
 from pipeline.core.rundir import CONFUSION_PLOT, CURVES_PLOT, ROC_PLOT, RunDir
+from pipeline.train.solve import is_solve
 from zoo.files import atomic_write, write_json
 
 if TYPE_CHECKING:
@@ -86,20 +87,27 @@ def _save_figure(fig: Any, path: Path) -> None:
 
 
 def plot_curves(path: Path, history: Sequence[EpochRecord], *, title: str) -> None:
-    """curves.png: loss and accuracy per epoch, train against validation."""
+    """curves.png: loss and accuracy per epoch (per pass of a solver), train against validation.
+
+    The line marks the weights kept: the lowest validation loss of a training, the last pass of
+    a solve (pipeline.train.solve.is_solve says what a pass is), as run.json's best_epoch says.
+    """
     plt = _figure()
+    solve = is_solve(history)
+    step = "solver pass" if solve else "epoch"
     epochs = [r.epoch for r in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
     loss_ax.plot(epochs, [r.train_loss for r in history], "o-", label="train")
     loss_ax.plot(epochs, [r.val_loss for r in history], "o-", label="validation")
-    loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
+    loss_ax.set(xlabel=step, ylabel="cross-entropy loss", title="Loss")
     acc_ax.plot(epochs, [r.train_acc for r in history], "o-", label="train")
     acc_ax.plot(epochs, [r.val_acc for r in history], "o-", label="validation")
-    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="Accuracy", ylim=(0, 1.02))
+    acc_ax.set(xlabel=step, ylabel="accuracy", title="Accuracy", ylim=(0, 1.02))
     if history:
-        best = min(history, key=lambda r: r.val_loss)
+        kept = history[-1] if solve else min(history, key=lambda r: r.val_loss)
+        mark = f"solution: pass {kept.epoch}" if solve else f"best epoch {kept.epoch}"
         for ax in (loss_ax, acc_ax):
-            ax.axvline(best.epoch, color="grey", linestyle=":", label=f"best epoch {best.epoch}")
+            ax.axvline(kept.epoch, color="grey", linestyle=":", label=mark)
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.legend()

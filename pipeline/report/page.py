@@ -74,6 +74,11 @@ img.pair { width: 48px; height: 48px; object-fit: contain; background: var(--sof
 .classes { display: flex; flex-wrap: wrap; gap: 6px; }
 .classes span { background: var(--soft); border: 1px solid var(--line); border-radius: 12px;
                 padding: 0 10px; font-size: 13px; }
+figure.cam { margin: 0; width: 148px; border: 2px solid var(--bad); border-radius: 8px;
+             padding: 6px; font-size: 12px; line-height: 1.35; }
+figure.cam.correct { border-color: var(--good); }
+figure.cam img { display: block; width: 128px; height: 128px; margin: 0 auto 4px; }
+figure.cam .name { color: var(--muted); overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 """
 
 

@@ -19,7 +19,7 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -47,6 +47,7 @@ LINEAR_MAX_EVALUATIONS = 1000  # L-BFGS passes over the features per weight deca
 HIDDEN_MAX_EPOCHS = 300  # Adam epochs for a head with a hidden layer or dropout
 HIDDEN_PATIENCE = 30  # epochs without a better validation loss before that stops
 GRADIENT_TOLERANCE = 1e-5  # L-BFGS stops when every gradient entry is below this
+LBFGS_PASS = "lbfgs"  # history.csv's lr column of a solve's passes: "lbfgs wd=<weight decay>"
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,17 @@ class HeadFit:
             "candidates": [dataclasses.asdict(c) for c in self.candidates],
             "summary": self.summary,
         }
+
+
+def is_solve(history: Sequence[EpochRecord]) -> bool:
+    """Whether `history` holds the passes of an L-BFGS solve rather than training epochs.
+
+    A solver pass is one evaluation of the loss and its gradient on all the training features (an
+    L-BFGS step takes one or more: its line search). The head kept is the solution, the last pass:
+    an earlier pass may show a lower validation loss on the way, but the solver does not stop there
+    (the weight decay, chosen on validation, is what keeps the solution from over-fitting).
+    """
+    return bool(history) and all(r.lr.startswith(LBFGS_PASS) for r in history)
 
 
 def standardisation(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,7 +249,7 @@ def fit_linear(
         each=_history_recorder(
             scaled,
             history,
-            lr=f"lbfgs wd={best.weight_decay:.3g}",
+            lr=f"{LBFGS_PASS} wd={best.weight_decay:.3g}",
             trainable_params=linear.weight.numel() + linear.bias.numel(),
         ),
     )

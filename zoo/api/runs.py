@@ -103,8 +103,17 @@ class Run:
         """The run's one-page report, report.html."""
         return self.dir / REPORT
 
-    def export(self, *, opset: int | None = None, quantize: str | None = None) -> Path:
+    def export(
+        self,
+        *,
+        opset: int | None = None,
+        quantize: str | None = None,
+        targets: str | Sequence[str] = "onnx",
+        embed_preprocess: bool | None = None,
+    ) -> Path:
         """Export to RUN/model.onnx behind the verification gate; VerificationFailed when it fails.
+
+        `targets` adds RUN/deploy/<target>/ for each other target that passes its own gate.
 
         >>> run.export()  # doctest: +SKIP
         PosixPath('models/efficientnet-lite0-digits-10c/model.onnx')
@@ -113,6 +122,8 @@ class Run:
             self.dir,
             opset=opset,
             quantize=quantize,
+            targets=targets,
+            embed_preprocess=embed_preprocess,
             models_dir=self.models_dir,
             catalog=self.catalog,
         )
@@ -160,11 +171,17 @@ def export(
     rtol: float = 1e-3,
     verify: bool = True,
     quantize: str | None = None,
+    targets: str | Sequence[str] = "onnx",
+    embed_preprocess: bool | None = None,
     models_dir: PathLike | None = None,
     catalog: CatalogLike = None,
     log: Log | None = None,
 ) -> ExportSummary:
     """Export a run (default: the latest) to ONNX, gated by the verification oracle.
+
+    `targets`: "onnx,openvino,tflite,web" or "all" (every installed one); each target but onnx
+    is converted from the ONNX file, gated again and written to RUN/deploy/<target>/ if it passes.
+    `embed_preprocess`: the preprocessing inside the files (None: each target's default).
 
     >>> summary = zoo.export("models/efficientnet-lite0-digits-10c")  # doctest: +SKIP
     >>> summary.path, summary.verified  # doctest: +SKIP
@@ -183,6 +200,8 @@ def export(
         rtol=rtol,
         verify=verify,
         quantize=quantize,
+        targets=targets,
+        embed_preprocess=embed_preprocess,
         log=logger(log),
     )
     record_export(summary.run_dir, summary, log=logger(log))  # export.json; report.html reads it
@@ -301,12 +320,29 @@ def evaluate(
     )
 
 
-def report(run: Run | PathLike) -> Path:
+def report(
+    run: Run | PathLike,
+    *,
+    models_dir: PathLike | None = None,
+    catalog: CatalogLike = None,
+    log: Log | None = None,
+) -> Path:
     """Write the run's report.html again and return its path.
+
+    Its heatmaps are drawn again from the run's best weights, which needs the model the run was
+    trained from in `models_dir`; without it the page keeps the ones it had (one line to `log`).
 
     >>> zoo.report("models/efficientnet-lite0-digits-10c")  # doctest: +SKIP
     PosixPath('models/efficientnet-lite0-digits-10c/report.html')
     """
+    from pipeline.report.heatmaps import write_heatmaps
     from pipeline.report.html import write_report
 
-    return write_report(_run_dir(run))  # a run or a comparison; NotFound for anything else
+    if isinstance(run, Run):
+        models_dir = models_dir if models_dir is not None else run.models_dir
+        catalog = catalog if catalog is not None else run.catalog
+    folder = _run_dir(run)
+    write_heatmaps(
+        folder, models_dir=models_dir_of(models_dir), catalog=catalog_of(catalog), log=logger(log)
+    )
+    return write_report(folder)  # a run or a comparison; NotFound for anything else
