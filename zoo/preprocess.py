@@ -13,7 +13,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -354,6 +354,21 @@ def fetched_entry(
         return dataclasses.replace(
             entry, preprocess=preprocess, layout=preprocess.layout, preprocess_note=note
         )
+    return _user_entry(model, name=name, sha256=sha256, size=size, preprocess=preprocess, labels=labels, note=note)  # fmt: skip
+
+
+def _user_entry(
+    model: onnx.ModelProto,
+    *,
+    name: str,
+    sha256: str,
+    size: int,
+    preprocess: Preprocess,
+    labels: Sequence[str],
+    note: str,
+) -> ModelEntry:
+    """A catalog entry of a file the catalog does not know, with the preprocessing it was given."""
+    signature = input_signature(model)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     shape = [
         d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None

@@ -7,7 +7,7 @@ fields, never the file's keys: `RunRecord.from_dict` is the one place that knows
 
 Parts whose types belong to later stages (`auto`: pipeline.train.auto.AutoEvidence, `head_fit`:
 pipeline.train.solve.HeadFit, `hyperparameters`: pipeline.train.loop.TrainConfig, `options`:
-pipeline.adapt.AdaptOptions) are kept as those types' own dicts; their stages read them back.
+pipeline.core.options.AdaptOptions) are kept as those types' own dicts; their stages read them back.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from pipeline.core.rundir import RUN_FILE, RunDir
 from zoo.errors import NotFound, ZooError
 
 if TYPE_CHECKING:
-    from pipeline.adapt import AdaptOptions
+    from pipeline.core.options import AdaptOptions
     from pipeline.core.samples import DataSplit
     from pipeline.train.loop import TrainConfig
     from zoo.catalog import Catalog, Preprocess

@@ -9,13 +9,14 @@ defaults, are registered in pipeline.surgery.strategies.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from pipeline.core.distributed import Workers
+from pipeline.core.record import RecordedChoice
 from pipeline.data.images import BUILTIN_PREFIX
 from pipeline.surgery import calibrate_scales, get_strategy
 from pipeline.train.auto import (
@@ -88,7 +89,7 @@ def resolve_strategy(
     *,
     strategy: str,
     unfreeze: int | None,
-    previous: Mapping[str, Any],
+    resumed: RecordedChoice | None,
     imported: Any,
     adapted: nn.Module,
     split: DataSplit,
@@ -102,16 +103,11 @@ def resolve_strategy(
 ) -> StrategyChoice:
     """--strategy as given; `auto` measured on the validation split; a resumed run's own choice.
 
-    `previous` is the resumed run's run.json ({} for a new run); `config` the hyperparameters
+    `resumed` is the choice a resumed run made (None for a new run); `config` the hyperparameters
     `auto`'s probe is measured with.
     """
-    if previous.get("strategy"):  # a resumed run keeps its choice, even one `auto` made
-        return StrategyChoice(
-            previous["strategy"],
-            previous.get("unfreeze"),
-            previous.get("strategy_reason") or "chosen with --strategy",
-            previous.get("auto"),
-        )
+    if resumed is not None:  # a resumed run keeps its choice, even one `auto` made
+        return StrategyChoice(*resumed)
     if strategy != AUTO:
         return StrategyChoice(strategy, unfreeze, "chosen with --strategy", None)
     confidence = None
