@@ -14,6 +14,7 @@ The conductor: each step is one stage's function, in the order data flows (pipel
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from pipeline.report.results import write_results
 from pipeline.surgery.build import BuiltModel, build_checked_model
 from pipeline.surgery.strategies import strategy_names
 from pipeline.train.loop import count_trainable, resolve_device
+from pipeline.train.rank import pick_bundled
 from pipeline.train.run import RunContext, Trained, final_evaluation, train_run
 from pipeline.train.strategy_choice import AUTO
 from pipeline.train.trust import fit_trust
@@ -135,6 +137,10 @@ def _open_run(
 ) -> RunContext:
     """The model, the split and the run directory: everything known before the model is built."""
     options, previous = previous_run(options, dist)
+    if options.model is None and previous is None and workspace.latest() is None:
+        # Nothing named, nothing fetched: the bundled model that probes best on these images.
+        model = pick_bundled(data=options.data, seed=options.seed, strict=options.strict, workspace=workspace, log=log)  # fmt: skip
+        options = dataclasses.replace(options, model=dist.broadcast_object(model))
     source = open_source(options, previous, workspace=workspace, log=log)
     run_dir, split = shared_run_dir(options, source.record, split, workspace.models_dir, dist=dist, log=log)  # fmt: skip
     return RunContext(options, previous, source, run_dir, split, workspace, log, dist)

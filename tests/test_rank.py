@@ -217,3 +217,24 @@ def test_rank_command_fetches_and_ranks_the_bundled_model(
     code, out, err = _zoo("--models-dir", str(models_dir), "rank", "lite0", "--data", str(data), "--json")  # fmt: skip
     (only,) = json.loads(out)["models"]
     assert only["val_accuracy"] == 1.0  # three plain colours: ImageNet features separate them
+
+
+def test_adapt_with_no_model_in_a_fresh_workspace_takes_the_best_bundled_by_probe(
+    tmp_path: Path,
+) -> None:
+    """Nothing named, nothing fetched: `zoo adapt` ranks the bundled models itself and says so."""
+    data = colour_folder(tmp_path / "colours", per_class=6)
+    workspace = tmp_path / "empty"
+    out = tmp_path / "run"
+    args = ["--models-dir", str(workspace), "adapt", "--data", str(data), "--strategy", "feature", "--out", str(out), "--json"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())  # the console wraps long lines
+    line = text[text.index("no model named and none fetched") :].split(" s)")[0]
+    bundled = [e.name for e in load_catalog().values() if e.is_bundled]
+    chosen = line.split("using ")[1].split(",")[0]
+    assert chosen in bundled and all(name in line for name in bundled), line  # with the figures
+    assert json.loads(result.output[result.output.rindex("\n{") :])["model"] == chosen
+    # A second run in the same workspace takes the latest fetched model, as before.
+    again = CliRunner().invoke(main, [*args[:-3], "--out", str(tmp_path / "again")])
+    assert again.exit_code == 0 and "no model named" not in again.output, again.output

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pipeline.core.diskcache import features_dir
 from zoo.errors import DataError, NotFound, ZooError
+from zoo.workspace import Workspace
 
 if TYPE_CHECKING:
     import numpy as np
@@ -353,3 +354,33 @@ def rank_models(
         models=[*probed, *(m for m in ranked if m.reason is not None)],
         seconds=time.perf_counter() - started,
     )
+
+
+def pick_bundled(
+    *, data: str, seed: int, strict: bool, workspace: Workspace, log: Callable[[str], None]
+) -> str:
+    """With no model named and none fetched: the bundled model whose linear probe scores best on
+    `data`'s validation split (`zoo rank`'s measurement, the split `zoo adapt --seed` makes)."""
+    result = rank_models(
+        [],
+        data=data,
+        models_dir=workspace.models_dir,
+        catalog=workspace.catalog,
+        seed=seed,
+        strict=strict,
+        log=lambda _line: None,
+    )
+    best = result.best
+    if best is None:
+        raise NotFound(
+            f"no model named and no bundled model could be probed on {data}; "
+            "name one, e.g. `zoo adapt efficientnet-lite0`"
+        )
+    figures = ", ".join(
+        f"{m.name} {m.val_accuracy:.1%}" for m in result.models if m.val_accuracy is not None
+    )
+    log(
+        f"no model named and none fetched: using {best.name}, the best bundled model by a linear "
+        f"probe on the validation split ({figures}; {result.seconds:.0f} s)"
+    )
+    return best.name
