@@ -40,9 +40,9 @@ def missing(spans: list[str], root: Path = ROOT) -> list[str]:
     names = defined_names(root)
     found = []
     for span in spans:
-        if span.startswith(("zoo ", "make ", "python ", "pip ", "npm ")) or " " in span:
-            continue  # a command line or prose in code font, not a name
-        path = span.rstrip("/")
+        if span.startswith(("zoo ", "make ", "-")) or " " in span:
+            continue  # a command line or an option, not a name
+        path = span.rstrip("/").removesuffix("=")  # `models_dir=`: a keyword argument
         if "/" in path or path.endswith((".py", ".md", ".json", ".toml")):
             if not (root / path).exists() and not (root / "pipeline" / path).exists():
                 found.append(span)
@@ -57,8 +57,8 @@ def test_the_checker_flags_made_up_names(tmp_path: Path) -> None:
     (tmp_path / "pipeline").mkdir()
     (tmp_path / "pipeline" / "stage.py").write_text("class Real:\n    def method(self): ...\n")
     (tmp_path / "cli.py").write_text("")
-    spans = ["pipeline/stage.py", "Real", "Real.method", "pipeline.stage", "Ghost", "pipeline/gone/", "zoo adapt"]  # fmt: skip
-    assert missing(spans, tmp_path) == ["Ghost", "pipeline/gone/"]
+    spans = ["pipeline/stage.py", "Real", "Real.method", "pipeline.stage", "method=", "Ghost", "pipeline/gone/", "zoo adapt", "--data", "ghost="]  # fmt: skip
+    assert missing(spans, tmp_path) == ["Ghost", "pipeline/gone/", "ghost="]
 
 
 def test_architecture_names_only_what_exists() -> None:
