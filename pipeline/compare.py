@@ -10,8 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.adapt import STRATEGIES, AdaptOptions, AdaptResult, adapt, prepare_data
 from pipeline.core import runs
+from pipeline.report.html import refresh_report
+from pipeline.report.metrics import plot_comparison
+from pipeline.train.grouping import split_grouper
 from zoo.errors import ZooError
 from zoo.files import write_json
+from zoo.workspace import Workspace
 
 if TYPE_CHECKING:
     from zoo.catalog import Catalog
@@ -71,10 +75,9 @@ def compare(
     progress: bool = False,
 ) -> ComparisonResult:
     """Train each strategy on the same split and write a comparison table and plot."""
-    from pipeline.report.html import refresh_report
-    from pipeline.report.metrics import plot_comparison
 
-    split = prepare_data(options, run_dir=None)
+    grouper = split_grouper(Workspace.at(models_dir, catalog), log)  # as `zoo adapt` splits
+    split = prepare_data(options, run_dir=None, group_by=grouper)
     model_name = options.model or "latest"
     base = (
         options.out

@@ -24,17 +24,23 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from zoo import bundled
+from zoo.archive import extract_member
 from zoo.catalog import Catalog, ModelEntry
 from zoo.download import WAYS_OUT, download
 from zoo.errors import ChecksumMismatch, DownloadError, InvalidModelFile, NotFound, ZooError
 from zoo.files import MODELS_DIR_NEXT_STEP, copy_file, disk_errors, sha256_file, write_json
+from zoo.legacy import UnupgradableModel, needs_upgrade, refusal, upgrade_opset
+from zoo.onnxfile import load_onnx, local_non_model
 from zoo.preprocess import PreprocessRequest, fetched_entry
 from zoo.quantized import refuse_known_quantized, refuse_quantized
+from zoo.sandbox import probe_in_child
 from zoo.workspace import (
     ARCHIVE_SUFFIXES,
     BLOBS,
     CARD_FILE,
     MODEL_FILE,
+    card_entry,
     check_name,
     default_name,
     read_card,
@@ -156,7 +162,6 @@ def _url_plan(url: str, *, name: str | None, pin: str | None) -> _Plan:
 
 def _refuse_non_model(local: Path) -> None:
     """Say what a local file is when it is not a model (an HTML page, a zip...): never 'network'."""
-    from zoo.onnxfile import local_non_model
 
     try:
         with open(local, "rb") as handle:
@@ -346,7 +351,6 @@ def _download_model(plan: _Plan, staging: Path, *, progress: bool) -> tuple[Path
             raise
         tried = f"{onnx_error.tried}; then its archive: {exc.tried}"  # type: ignore[attr-defined]
         raise DownloadError(f"could not download {plan.name}: {tried}; {WAYS_OUT}") from exc
-    from zoo.archive import extract_member
 
     model = extract_member(archive_file, archive.member_name, staging / "extracted")
     archive_file.unlink()
@@ -419,8 +423,6 @@ def _restated(
     """A model already present, its card's entry rewritten when preprocessing flags were given."""
     if not request.given:
         return present
-    from zoo.onnxfile import load_onnx
-    from zoo.workspace import card_entry
 
     card = read_card(present.card_path.parent) or {}
     model = load_onnx(present.path, load_external_data=False)
@@ -468,14 +470,11 @@ def _fetch_fresh(
     force: bool,
     progress: bool,
 ) -> FetchResult:
-    from zoo.onnxfile import load_onnx
 
     with disk_errors(models_dir):
         staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=models_dir))
     try:
         if plan.bundled:
-            from zoo import bundled
-
             staged = bundled.build_bundled(staging / MODEL_FILE, name=plan.entry.name)
             source_url = plan.source_id
         else:
@@ -523,13 +522,10 @@ def _check_opens(staged: Path, model: Any, plan: _Plan, *, trusted: bool, catalo
     A file nobody vouched for opens in a child first: a crash there is a refusal here. The stored
     file keeps its original bytes (its sha256 still matches the catalog); readers upgrade a copy.
     """
-    from zoo.legacy import UnupgradableModel, needs_upgrade, refusal, upgrade_opset
 
     old = needs_upgrade(model)
     try:
         if not trusted:
-            from zoo.sandbox import probe_in_child
-
             probe_in_child(staged, upgrade=old)
         elif old:
             upgrade_opset(model)

@@ -7,7 +7,9 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from zoo.catalog import load_catalog
 from zoo.errors import InvalidModelFile, UnsafeFile, ZooError
+from zoo.legacy import ORT_MIN_OPSET, runnable
 
 if TYPE_CHECKING:
     import onnx
@@ -22,7 +24,6 @@ def lfs_pointer_entry(head: bytes) -> str | None:
     found = re.search(rb"^oid sha256:([0-9a-f]{64})\s*$", head, re.MULTILINE)
     if found is None:
         return None
-    from zoo.catalog import load_catalog
 
     try:
         entry = load_catalog().by_sha256(found.group(1).decode())
@@ -235,14 +236,12 @@ def load_runnable(
     path: str | os.PathLike[str], *, load_external_data: bool = True
 ) -> onnx.ModelProto:
     """`load_onnx`, upgraded to an opset onnxruntime runs when the file is older (see zoo.legacy)."""
-    from zoo.legacy import runnable
 
     return runnable(load_onnx(path, load_external_data=load_external_data))
 
 
 def runnable_source(path: str | os.PathLike[str]) -> str | bytes:
     """What to hand onnxruntime for a file: its path, or its upgraded bytes when its opset is old."""
-    from zoo.legacy import ORT_MIN_OPSET
 
     opset = declared_opset(path)
     if opset is None or opset >= ORT_MIN_OPSET:

@@ -19,9 +19,14 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from zoo.catalog import IMAGENET_PREPROCESS, ModelEntry, Preprocess
+from zoo.catalog import IMAGENET_PREPROCESS, ModelEntry, Preprocess, load_catalog
 from zoo.errors import UnsupportedModel, ZooError
+from zoo.legacy import runnable
 from zoo.lookalike import Resemblance, resemblance
+from zoo.onnxfile import load_onnx
+from zoo.preprocess_auto import measure_presets
+from zoo.quantized import refuse_quantized
+from zoo.workspace import card_entry
 
 if TYPE_CHECKING:
     import onnx
@@ -216,7 +221,6 @@ def unknown_preprocess(
 
 def like_entry(like: str, catalog: Catalog | None = None) -> ModelEntry:
     """The catalog entry `--like` names, refused when the zoo does not know its preprocessing."""
-    from zoo.catalog import load_catalog
 
     entry = (catalog or load_catalog()).resolve(like)
     if entry.preprocess is None:
@@ -404,14 +408,12 @@ def model_preprocess(
     commands: str = "zoo fetch or zoo adapt",
 ) -> Preprocess:
     """How a workspace model preprocesses images: its entry (by card, else sha256), its metadata, the flags."""
-    from zoo.workspace import card_entry
 
     request = PreprocessRequest.of(request)
     entry = card_entry(card, catalog)
     base = entry.preprocess if entry is not None else None
     if base is not None and not request.given:
         return base
-    from zoo.onnxfile import load_onnx
 
     model = load_onnx(Path(model_path), load_external_data=False)  # the graph, not the weights
     if base is None:
@@ -424,8 +426,6 @@ def model_preprocess(
             base, request, input_signature(model), name=name, commands=commands, catalog=catalog
         )
     except UnsupportedModel:
-        from zoo.quantized import refuse_quantized
-
         # No flag makes a quantized graph trainable: say what it is and which float model to fetch.
         refuse_quantized(
             model, label=name, sha256=card.get("sha256"), path=model_path, catalog=catalog
@@ -446,8 +446,6 @@ def settle_auto(
     """
     if request.preset != AUTO:
         return request, ""
-    from zoo.legacy import runnable
-    from zoo.preprocess_auto import measure_presets
 
     signature = input_signature(model)
     fitted = {

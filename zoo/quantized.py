@@ -15,7 +15,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from zoo.catalog import load_catalog
 from zoo.errors import NotFound, UnsupportedModel
+from zoo.files import sha256_file
 
 if TYPE_CHECKING:
     import onnx
@@ -73,8 +75,6 @@ def _float_name(label: str) -> str:
 
 def _sibling(label: str, catalog: Catalog | None) -> str | None:
     if catalog is None:
-        from zoo.catalog import load_catalog
-
         catalog = load_catalog()
     try:
         return catalog.resolve(_float_name(label)).name
@@ -112,8 +112,6 @@ def refuse_quantized(
     if not ops:
         return
     if sha256 is None and path is not None:
-        from zoo.files import sha256_file
-
         refuse_known_quantized(sha256_file(path), label=label)
     shown = ", ".join(ops[:4]) + (" …" if len(ops) > 4 else "")
     sibling = _sibling(label, catalog)

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 from zoo.errors import InvalidModelFile, UnsupportedModel
+from zoo.legacy import UnupgradableModel
+from zoo.onnxfile import declared_opset
 
 PROBE_TIMEOUT = 120.0  # seconds; a real classifier opens and runs once on zeros well within this
 ORT_REFUSED = 3  # the child's exit code when onnxruntime raised an exception (no crash)
@@ -105,9 +107,6 @@ def probe_in_child(
     if child.returncode == 0:
         return
     if child.returncode == NOT_UPGRADABLE:
-        from zoo.legacy import UnupgradableModel
-        from zoo.onnxfile import declared_opset
-
         lines = child.stderr.strip().splitlines()
         reason = lines[-1] if lines else "no reason given"
         raise UnupgradableModel(declared_opset(path) or 0, reason)

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pipeline.convert import importcache
 from pipeline.convert.normalisation import (
     BATCH_DIM_PARAM,
     CONFIG_OPS,
@@ -23,8 +24,11 @@ from pipeline.convert.normalisation import (
     unconvertible_ops,
     weight_initializers,
 )
+from pipeline.convert.probe import probe
 from zoo.errors import ImportFidelityError, UnsupportedModel, ZooError
 from zoo.legacy import UnupgradableModel, default_opset, refusal
+from zoo.onnxfile import load_onnx, runnable_source
+from zoo.quantized import refuse_quantized
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -228,7 +232,6 @@ def import_model(
         return _import_file(
             onnx_path, name=name, check_fidelity=check_fidelity, sample_inputs=sample_inputs
         )
-    from pipeline.convert import importcache
 
     try:
         key = importcache.cache_key(onnx_path, opset=TARGET_OPSET, tolerance=FIDELITY_TOLERANCE)
@@ -254,7 +257,6 @@ def _from_cache(
     normalised: onnx.ModelProto, verdict: dict[str, Any], *, name: str
 ) -> ImportedModel:
     """A checked import again, from its stored normalised graph: converted, not re-checked."""
-    from pipeline.convert.probe import probe
 
     return ImportedModel(
         convert_onnx(normalised),
@@ -274,8 +276,6 @@ def _import_file(
     check_fidelity: bool,
     sample_inputs: np.ndarray | None,
 ) -> ImportedModel:
-    from zoo.onnxfile import load_onnx
-    from zoo.quantized import refuse_quantized
 
     model = load_onnx(onnx_path)
     refuse_quantized(
@@ -309,8 +309,6 @@ def _onnxruntime_opens(onnx_path: str | os.PathLike[str]) -> bool:
     """True when onnxruntime loads the original file (its own opset upgrade aside)."""
     import onnxruntime as ort
 
-    from zoo.onnxfile import runnable_source
-
     options = ort.SessionOptions()
     options.log_severity_level = 4  # its complaints are the question asked, not news
     try:
@@ -325,7 +323,6 @@ def _onnxruntime_opens(onnx_path: str | os.PathLike[str]) -> bool:
 def _import_checked(
     model: onnx.ModelProto, *, name: str, check_fidelity: bool, sample_inputs: np.ndarray | None
 ) -> ImportedModel:
-    from pipeline.convert.probe import probe
 
     normalised, notes = normalise(model)
     missing = unconvertible_ops(normalised)

@@ -20,7 +20,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.core.diskcache import keep_within_budget, touch
 from zoo.errors import ZooError
+from zoo.files import atomic_write, sha256_file
 
 if TYPE_CHECKING:
     import onnx
@@ -37,8 +39,6 @@ def cache_key(onnx_path: str | os.PathLike[str], **settings: Any) -> str:
     import onnx
     import onnxruntime
     import torch
-
-    from zoo.files import sha256_file
 
     fields = {
         "sha256": sha256_file(onnx_path),
@@ -57,8 +57,6 @@ def load(cache_dir: Path, key: str) -> tuple[onnx.ModelProto, dict[str, Any]] | 
     """The normalised graph stored under `key` and its verdict; None if absent or damaged."""
     import onnx
 
-    from pipeline.core.diskcache import touch
-
     path = Path(cache_dir) / f"{key}{SUFFIX}"
     if not path.exists():
         return None
@@ -74,8 +72,6 @@ def load(cache_dir: Path, key: str) -> tuple[onnx.ModelProto, dict[str, Any]] | 
 
 def store(cache_dir: Path, key: str, model: onnx.ModelProto, verdict: dict[str, Any]) -> None:
     """Keep a normalised graph and its verdict; a cache that cannot be written only costs time."""
-    from pipeline.core.diskcache import keep_within_budget
-    from zoo.files import atomic_write
 
     entry = model.metadata_props.add(key=VERDICT_KEY, value=json.dumps(verdict))
     try:

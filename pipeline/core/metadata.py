@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.core.trust import OodRecord
 from zoo.catalog import Preprocess
+from zoo.onnxfile import load_onnx
 
 if TYPE_CHECKING:
     import onnx
@@ -91,16 +92,23 @@ def decode_metadata(props: Mapping[str, str]) -> ModelMetadata:
         source=dict(values["source"]) if isinstance(values.get("source"), Mapping) else {},
         metrics=dict(values["metrics"]) if isinstance(values.get("metrics"), Mapping) else {},
         calibration=dict(calib) if isinstance(calib := values.get("calibration"), Mapping) else {},
-        ood=OodRecord.from_dict(ood) if isinstance(ood := values.get("ood"), Mapping) else None,
+        ood=_ood_of(values.get("ood")),
         extra={k: v for k, v in values.items() if k not in KNOWN_KEYS},
         raw=dict(props),
         **texts,
     )
 
 
+def _ood_of(value: Any) -> OodRecord | None:
+    """zoo.ood as a record; None when absent or not one (such a file predicts without rejecting)."""
+    try:
+        return OodRecord.from_dict(value) if isinstance(value, Mapping) else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def read_metadata(onnx_path: str | os.PathLike[str]) -> ModelMetadata:
     """Labels, preprocessing, source and metrics of a zoo-exported file, read from its metadata."""
-    from zoo.onnxfile import load_onnx
 
     return metadata_of(load_onnx(onnx_path, load_external_data=False))  # weights not needed
 

@@ -21,7 +21,9 @@ from pipeline.core.record import (
     SourceRecord,
 )
 from pipeline.core.rundir import RUN_FILE, RunDir
-from zoo.errors import NotFound, ZooError
+from zoo.errors import ChecksumMismatch, InvalidModelFile, NotFound, ZooError
+from zoo.files import sha256_file
+from zoo.workspace import BLOBS, OpenedModel, list_workspace, open_model
 
 if TYPE_CHECKING:
     from pipeline.core.options import AdaptOptions
@@ -102,9 +104,6 @@ def open_source(
     opened from, and its blob; each only when its sha256 is the recorded one (runs written
     before sha256s were recorded take the name or path as it is).
     """
-    from zoo.errors import ChecksumMismatch, InvalidModelFile
-    from zoo.files import sha256_file
-    from zoo.workspace import BLOBS, OpenedModel, list_workspace, open_model
 
     models_dir = Path(models_dir).expanduser()
     name, path, sha256 = source.name, source.path, source.sha256

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipeline.core.progress import track
 from pipeline.core.registry import Registry
 from zoo.catalog import Preprocess
 from zoo.errors import DataError
@@ -306,8 +307,6 @@ def find_unreadable(paths: Iterable[str], *, max_pixels: int = MAX_PIXELS) -> di
             return path, None
         except UnreadableImage as exc:
             return path, str(exc).removeprefix(f"{path}: ")
-
-    from pipeline.core.progress import track
 
     unique = list(dict.fromkeys(paths))
     bad = {}

@@ -14,6 +14,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.images import open_image
+from zoo.errors import ZooError
+
 REPORT_FILE = "report.html"  # the page's name in a run or comparison folder
 THUMBNAIL_PX = 128  # the longer side of a gallery thumbnail
 
@@ -54,6 +57,8 @@ img.plot { max-width: 100%; height: auto; border: 1px solid var(--line); border-
 figure.thumb { margin: 0; width: 148px; border: 2px solid var(--bad); border-radius: 8px;
                padding: 6px; background: #fff; font-size: 12px; line-height: 1.35; }
 figure.thumb.correct { border-color: var(--good); }
+figure.thumb.twin { width: 220px; border-color: var(--line); }
+figure.thumb.twin img, figure.thumb.twin .missing { display: inline-block; width: 96px; height: 96px; }
 figure.thumb img, figure.thumb .missing { display: block; width: 128px; height: 128px;
                margin: 0 auto 4px; object-fit: contain; background: var(--soft); }
 figure.thumb .missing { color: var(--muted); text-align: center; padding-top: 50px; }
@@ -173,9 +178,6 @@ def thumbnail(ref: str, *, size: int = THUMBNAIL_PX) -> str | None:
     None when the image cannot be read any more (moved, deleted): the caption still says what it was.
     """
     from PIL import Image
-
-    from pipeline.data.images import open_image
-    from zoo.errors import ZooError
 
     try:
         img = open_image(ref, draft=2 * size)

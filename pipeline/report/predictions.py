@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.results import ImagePrediction
+from pipeline.data.images import BUILTIN_PREFIX
 
 if TYPE_CHECKING:
     from pipeline.core.samples import Sample
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
 
 def data_root(source: str) -> Path | None:
     """The folder image refs are relative to: the source folder, or the CSV's folder; None for built-ins."""
-    from pipeline.data.images import BUILTIN_PREFIX
 
     if not source or source.startswith(BUILTIN_PREFIX):
         return None

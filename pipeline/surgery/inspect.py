@@ -6,7 +6,10 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from zoo.legacy import ORT_MIN_OPSET
+from pipeline.convert import import_model
+from pipeline.convert.probe import head_kind
+from pipeline.surgery import discover_blocks, replace_head
+from zoo.legacy import ORT_MIN_OPSET, default_opset
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -63,10 +66,6 @@ class InspectReport:
 
 def inspect_model(onnx_path: str | os.PathLike[str], *, name: str | None = None) -> InspectReport:
     """Import the model, probe it and discover its blocks."""
-    from pipeline.convert import import_model
-    from pipeline.convert.probe import head_kind
-    from pipeline.surgery import discover_blocks, replace_head
-    from zoo.legacy import default_opset
 
     imported = import_model(onnx_path, name=name)
     # A throw-away head only to cut the backbone; blocks are counted on the adapted backbone.

@@ -17,9 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from pipeline.convert import describe_ops, normalise, refuse_custom_domains, unconvertible_ops
+from pipeline.convert.probe import probe
 from pipeline.core.diskcache import features_dir
-from zoo.errors import DataError, NotFound, ZooError
-from zoo.workspace import Workspace
+from pipeline.data.sources import load_source
+from pipeline.train.fastpath import cached_features
+from pipeline.train.grouping import split_grouper
+from zoo.cache import fetch
+from zoo.errors import DataError, NotFound, UnsupportedModel, ZooError
+from zoo.onnxfile import load_onnx
+from zoo.preprocess import model_preprocess
+from zoo.workspace import Workspace, list_workspace, open_model
 
 if TYPE_CHECKING:
     import numpy as np
@@ -101,10 +109,6 @@ class FrozenBackbone(NamedTuple):
 
 def open_backbone(onnx_path: Path, *, name: str) -> FrozenBackbone:
     """The model's graph, normalised as `zoo adapt` imports it, with its head found (no torch)."""
-    from pipeline.convert import describe_ops, normalise, refuse_custom_domains, unconvertible_ops
-    from pipeline.convert.probe import probe
-    from zoo.errors import UnsupportedModel
-    from zoo.onnxfile import load_onnx
 
     model = load_onnx(onnx_path)
     refuse_custom_domains(model, name)
@@ -129,7 +133,6 @@ def split_features(
     sessions: dict[str, Any],
 ) -> np.ndarray:
     """Pooled frozen features of `samples`, through `zoo adapt`'s feature cache."""
-    from pipeline.train.fastpath import cached_features
 
     raw = cached_features(
         imported=backbone,
@@ -236,7 +239,6 @@ class RankResult:
 
 def candidate_names(names: Sequence[str], *, models_dir: Path, catalog: Catalog) -> list[str]:
     """The models to rank: those named, else every fetched model plus the bundled ones."""
-    from zoo.workspace import list_workspace
 
     if names:
         return list(dict.fromkeys(names))
@@ -249,7 +251,6 @@ def _open_candidate(
     name: str, *, models_dir: Path, catalog: Catalog
 ) -> tuple[Path, dict[str, Any], str]:
     """A candidate's file and card; bundled catalog models are fetched (offline) when missing."""
-    from zoo.workspace import open_model
 
     try:
         path, card = open_model(name, models_dir=models_dir, catalog=catalog)
@@ -260,7 +261,6 @@ def _open_candidate(
             raise NotFound(f"not in the workspace {models_dir} nor in the catalog") from None
         if not entry.is_bundled:
             raise NotFound(f"not fetched yet; run `zoo fetch {entry.name}` first") from None
-        from zoo.cache import fetch
 
         fetch(entry.name, models_dir=models_dir, catalog=catalog, progress=False)
         path, card = open_model(entry.name, models_dir=models_dir, catalog=catalog)
@@ -269,7 +269,6 @@ def _open_candidate(
 
 def native_preprocess(card: dict[str, Any], path: Path, *, catalog: Catalog) -> Preprocess:
     """The model's own preprocessing, at its own size: the one rule `zoo adapt` uses too."""
-    from zoo.preprocess import model_preprocess
 
     return model_preprocess(card, path, catalog=catalog, commands="zoo fetch")
 
@@ -323,11 +322,12 @@ def rank_models(
     log: Callable[[str], None] = print,
 ) -> RankResult:
     """Rank candidate models for `data` by linear-probe accuracy on its validation split."""
-    from pipeline.data.sources import load_source
 
     started = time.perf_counter()
     models_dir = Path(models_dir)
-    split = load_source(data, seed=seed, strict=strict)  # the same split as `zoo adapt --seed`
+    # The same split as `zoo adapt --seed`: duplicates grouped by the same model.
+    grouper = split_grouper(Workspace.at(models_dir, catalog), log)
+    split = load_source(data, seed=seed, strict=strict, group_by=grouper)
     if not split.train or not split.val:
         raise DataError(
             f"{data} gives {len(split.train)} training and {len(split.val)} validation images; "
