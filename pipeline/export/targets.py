@@ -12,10 +12,12 @@ only when they agree (`write_target`): top-1 agreement and the largest probabili
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,13 @@ DEPLOY_DIR = "deploy"
 MIN_TOP1_AGREEMENT = 0.995  # of the held-out images, float32 targets
 MAX_PROB_DIFF = 1e-3  # largest |probability difference| from PyTorch, float32 targets
 MAX_LISTED = 5  # disagreeing images named in the one-line verdict
+MIN_RESIZE_AGREEMENT = 0.99  # embedded any-size files: top-1 on images of their own sizes
+# The modules that register targets; imported on first use, so `import zoo` stays light.
+TARGET_MODULES = (
+    "pipeline.export.target_openvino",
+    "pipeline.export.target_tflite",
+    "pipeline.export.target_web",
+)
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,8 @@ class DeployTarget:
     run: Callable[[Path, np.ndarray], np.ndarray]  # main file, inputs -> probabilities [N, C]
     takes_any_size: bool = False  # runs an embedded resize at any image size
     embed_by_default: bool = False  # the preprocessing goes inside the file unless told otherwise
+    usage: Callable[[Path], str] | None = None  # folder -> how to use it, printed after it
+    main_file: str = "model.onnx"  # the file in RUN/deploy/<name>/ that `run` takes
 
 
 TARGETS: Registry[DeployTarget] = Registry("deployment target", also=("onnx",))
@@ -66,9 +77,16 @@ def register_target(target: DeployTarget) -> DeployTarget:
     return target
 
 
+def load_targets() -> Registry[DeployTarget]:
+    """The registry once every target module has registered its target."""
+    for module in TARGET_MODULES:
+        importlib.import_module(module)
+    return TARGETS
+
+
 def target_names() -> list[str]:
     """The targets besides `onnx`, in registration order."""
-    return list(TARGETS)
+    return list(load_targets())
 
 
 def parse_targets(spec: str | Sequence[str]) -> list[str]:
@@ -99,13 +117,20 @@ class TargetReport:
     convert_seconds: float = 0.0
     skipped: str | None = None  # why the target was not written (missing tool, failed conversion)
     notes: list[str] = field(default_factory=list)
+    embedded: bool = False  # the file takes uint8 pixels and does its own preprocessing
+    # Embedded any-size files: top-1 agreement with `zoo predict`'s Python path (Pillow) on the
+    # images decoded at their own sizes; None where the app resizes (or nothing is embedded).
+    resize_agreement: float | None = None
+    resize_disagreeing: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
+        resize_ok = self.resize_agreement is None or self.resize_agreement >= MIN_RESIZE_AGREEMENT
         return (
             self.skipped is None
             and self.top1_agreement >= MIN_TOP1_AGREEMENT
             and self.max_prob_diff <= MAX_PROB_DIFF
+            and resize_ok
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,6 +146,9 @@ class TargetReport:
             "convert_seconds": round(self.convert_seconds, 2),
             "skipped": self.skipped,
             "notes": self.notes,
+            "embedded": self.embedded,
+            "resize_agreement": self.resize_agreement,
+            "resize_disagreeing": self.resize_disagreeing,
         }
 
     def line(self) -> str:
@@ -131,11 +159,15 @@ class TargetReport:
             f"top-1 agreement {self.top1_agreement:.1%} on {self.images} images, "
             f"max |prob diff| {self.max_prob_diff:.2e}"
         )
+        if self.resize_agreement is not None:
+            figures += f", {self.resize_agreement:.1%} at their own sizes"
         if self.passed:
-            return f"{self.target}: {self.path} ({figures})"
-        shown = ", ".join(self.disagreeing[:MAX_LISTED])
-        more = f" (+{len(self.disagreeing) - MAX_LISTED} more)" if len(self.disagreeing) > MAX_LISTED else ""  # fmt: skip
-        disagree = f"; disagree on {shown}{more}" if self.disagreeing else ""
+            notes = "".join(f"; {note}" for note in self.notes)
+            return f"{self.target}: {self.path} ({figures}{notes})"
+        disagreeing = self.disagreeing or self.resize_disagreeing
+        shown = ", ".join(disagreeing[:MAX_LISTED])
+        more = f" (+{len(disagreeing) - MAX_LISTED} more)" if len(disagreeing) > MAX_LISTED else ""
+        disagree = f"; disagree on {shown}{more}" if disagreeing else ""
         return f"{self.target}: FAILED the gate, not written ({figures}{disagree})"
 
 
@@ -155,7 +187,7 @@ def compare_probs(
 
 def target_missing(name: str) -> str | None:
     """None when the target can be written here, else the one line that says how to get it."""
-    target = TARGETS[name]
+    target = load_targets().lookup(name)
     why = target.missing()
     return None if why is None else f"{why}; {target.extra}"
 
@@ -193,4 +225,108 @@ def staging_dir(deploy_dir: Path, name: str) -> Path:
 
 def require(name: str) -> DeployTarget:
     """The registered target, or NotFound naming the known ones."""
-    return TARGETS.lookup(name)
+    return load_targets().lookup(name)
+
+
+def as_batches(inputs: np.ndarray | Sequence[np.ndarray], size: int) -> list[np.ndarray]:
+    """Inputs in batches of at most `size`: an array [N, ...] in slices, a sequence of images of
+    different sizes ([H, W, C] or [1, H, W, C]) one by one."""
+    if isinstance(inputs, np.ndarray):
+        return [np.ascontiguousarray(inputs[i : i + size]) for i in range(0, len(inputs), size)]
+    items = [np.asarray(item) for item in inputs]
+    return [np.ascontiguousarray(item[None] if item.ndim == 3 else item) for item in items]
+
+
+def probs_of(outputs: np.ndarray, *, named_probs: bool) -> np.ndarray:
+    """Probabilities [N, C]: the `probs` output as it is, any other output through a softmax."""
+    values = np.asarray(outputs, dtype=np.float64).reshape(len(outputs), -1)
+    if named_probs:
+        return values
+    values = np.exp(values - values.max(axis=1, keepdims=True))
+    return values / values.sum(axis=1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class GateImages:
+    """The held-out images as each kind of target file takes them, with PyTorch's answers."""
+
+    names: list[str]  # one per image, for the verdict
+    reference: np.ndarray  # PyTorch probabilities [N, C] of the Python (Pillow) preprocessing
+    floats: np.ndarray  # the model's float input [N, ...], preprocessed in Python
+    resized: np.ndarray  # uint8 [N, S, S, C] resized by Pillow to S, the resize size: the
+    # any-size graph's own resize is then the identity, so its numbers can be held to 1e-3
+    cropped: np.ndarray  # uint8 [N, crop, crop, C]: what the fixed-size graph takes
+    decoded: list[np.ndarray]  # uint8 [H, W, C] at their own sizes, as an app decodes them
+
+    def inputs(self, *, embedded: bool, any_size: bool) -> np.ndarray:
+        """The batch a target file of that kind takes."""
+        if not embedded:
+            return self.floats
+        return self.resized if any_size else self.cropped
+
+
+def gate_target(
+    name: str, source: TargetInput, images: GateImages, *, deploy_dir: Path
+) -> TargetReport:
+    """Convert, run on the held-out images, compare; RUN/deploy/<name>/ only when it passes.
+
+    A missing tool or a failed conversion is a report with `skipped`, never an exception, so the
+    other targets are still written; whatever the target left half-done is removed.
+    """
+    target = require(name)
+    report = TargetReport(name, embedded=source.embedded)
+    why = target_missing(name)
+    if why is not None:
+        report.skipped = why
+        return report
+    staging = staging_dir(deploy_dir, name)
+    try:
+        start = time.perf_counter()
+        main = target.convert(source, staging)
+        report.convert_seconds = time.perf_counter() - start
+        any_size = source.embedded and target.takes_any_size
+        batch = images.inputs(embedded=source.embedded, any_size=any_size)
+        compare_probs(report, images.reference, target.run(main, batch), images.names)
+        if any_size:
+            _resize_agreement(report, images, target.run(main, images.decoded))
+        report.size = folder_size(staging)
+        if report.passed:
+            publish(staging, deploy_dir / name)
+            report.path = str(deploy_dir / name)
+    except ZooError as exc:
+        report.skipped = str(exc)
+    except Exception as exc:  # a converter's or runtime's own error: the target alone fails
+        message = " ".join(str(exc).split())[:300]
+        report.skipped = f"{type(exc).__name__}: {message}; check the file with `zoo verify FILE --runtimes {name}`"  # fmt: skip
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def _resize_agreement(report: TargetReport, images: GateImages, probs: np.ndarray) -> None:
+    """Top-1 agreement of images at their own sizes with PyTorch on Pillow's preprocessing."""
+    probs = np.asarray(probs).reshape(len(images.decoded), -1)
+    same = probs.argmax(axis=1) == images.reference.argmax(axis=1)
+    report.resize_agreement = float(same.mean()) if len(same) else None
+    report.resize_disagreeing = [images.names[i] for i in np.flatnonzero(~same)]
+
+
+def app_resize_python(preprocess: Preprocess) -> str:
+    """Python lines (Pillow) that resize and crop a photo as the run did, ending in `pixels`."""
+    size, crop = max(preprocess.resize, preprocess.crop), preprocess.crop
+    mode = "RGB" if preprocess.channels == 3 else "L"
+    if preprocess.resize_mode == "direct":
+        resize = f"img = img.resize(({size}, {size}), Image.BILINEAR)"
+    else:  # the shorter side to `size`, the longer truncated, as torchvision's Resize(int)
+        resize = (
+            "w, h = img.size\n"
+            f"img = img.resize(({size}, max({size}, int({size} * h / w))) if w <= h else "
+            f"(max({size}, int({size} * w / h)), {size}), Image.BILINEAR)"
+        )
+    return (
+        f'img = Image.open("photo.jpg").convert("{mode}")\n{resize}\n'
+        f"left, top = round((img.width - {crop}) / 2), round((img.height - {crop}) / 2)\n"
+        f"pixels = np.asarray(img.crop((left, top, left + {crop}, top + {crop})))"
+        + ("[None, :, :, None]" if preprocess.channels == 1 else "[None]")
+        + f"  # uint8 [1, {crop}, {crop}, {preprocess.channels}]"
+    )
