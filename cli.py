@@ -15,7 +15,9 @@ from zoo import console
 from zoo.errors import VerificationFailed, ZooError
 from zoo.options import (
     ADAPT,
+    CHECK,
     COMPARE,
+    EVALUATE,
     EXPORT,
     FETCH,
     LAUNCH,
@@ -206,6 +208,31 @@ def rank_command(ctx: click.Context, models: tuple[str, ...], as_json: bool, **v
     click.echo(f"{result.recommendation}  ({result.seconds:.0f} s in all)")
 
 
+@main.command("check")
+@click.argument("model", required=False)
+@click_options(CHECK)
+@json_option
+@click.pass_context
+def check_command(ctx: click.Context, model: str | None, as_json: bool, **values: Any) -> None:
+    """Check your images before training: duplicates, likely label errors, class balance, odd files."""
+    found = zoo.check(
+        model=model,
+        log=console.info,
+        progress=not as_json and sys.stderr.isatty(),
+        **values,
+        **_where(ctx),
+    )
+    if as_json:
+        console.emit_json(found.to_dict())
+        return
+    for line in found.notes or ["no problem found"]:
+        click.echo(line)
+    click.echo(
+        f"{found.images} images, {len(found.class_names)} classes, checked with {found.model} "
+        f"in {found.seconds:.1f} s"
+    )
+
+
 @main.command("adapt")
 @click.argument("model", required=False)
 @click_options(ADAPT)
@@ -366,12 +393,7 @@ def predict_command(ctx: click.Context, model: Path, as_json: bool, **values: An
         console.emit_json({"model": str(model), "predictions": [p.to_dict() for p in predictions]})
     else:
         for p in predictions:
-            if p.error:
-                click.echo(f"{p.image}: unreadable ({p.error})")
-            else:
-                click.echo(
-                    f"{p.image}: " + ", ".join(f"{label} {prob:.3f}" for label, prob in p.top)
-                )
+            click.echo(p.line())
     if all(p.error for p in predictions):
         ctx.exit(1)
 
@@ -384,6 +406,7 @@ def predict_command(ctx: click.Context, model: Path, as_json: bool, **values: An
 @click.option(
     "--plot", type=click.Path(dir_okay=False, path_type=Path), help="Confusion matrix PNG."
 )
+@click_options(EVALUATE)
 @preprocess_options
 @json_option
 @click.pass_context
@@ -409,6 +432,10 @@ def evaluate_command(
             )
         ],
     )
+    if metrics.unknown is not None:
+        console.info(
+            f"unknown: {metrics.unknown} images; accuracy on the rest {metrics.kept_accuracy or 0:.4f}"
+        )
     console.info(f"confusion matrix: {plot}")
 
 
@@ -434,9 +461,10 @@ def cache_command(ctx: click.Context, clear: bool, as_json: bool) -> None:
 
 @main.command("report")
 @click.argument("run", type=click.Path(path_type=Path))
-def report_command(run: Path) -> None:
+@click.pass_context
+def report_command(ctx: click.Context, run: Path) -> None:
     """Write RUN's report.html again (one self-contained page) and print its path."""
-    click.echo(str(zoo.report(run)))
+    click.echo(str(zoo.report(run, log=console.info, **_where(ctx))))
 
 
 def run() -> None:

@@ -30,6 +30,8 @@ BENCHMARKS = {
     "gpu": "bench.gpu",
     "scale": "bench.scale",
     "fidelity": "bench.fidelity",
+    "targets": "bench.deploy_targets",
+    "check": "bench.data_check",
 }
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "BENCHMARKS.md"

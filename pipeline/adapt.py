@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.check import check_at_start
 from pipeline.convert.source import open_source
 from pipeline.core.device import hold_freed_memory
 from pipeline.core.distributed import SINGLE, DistContext
@@ -32,6 +33,7 @@ from pipeline.data.prepare import prepare_data, resolve_preprocess, shared_run_d
 from pipeline.report.results import write_results
 from pipeline.surgery.build import BuiltModel, build_checked_model
 from pipeline.surgery.strategies import strategy_names
+from pipeline.train.grouping import split_grouper
 from pipeline.train.loop import count_trainable, resolve_device
 from pipeline.train.rank import pick_bundled
 from pipeline.train.run import RunContext, Trained, final_evaluation, train_run
@@ -142,7 +144,8 @@ def _open_run(
         model = pick_bundled(data=options.data, seed=options.seed, strict=options.strict, workspace=workspace, log=log)  # fmt: skip
         options = dataclasses.replace(options, model=dist.broadcast_object(model))
     source = open_source(options, previous, workspace=workspace, log=log)
-    run_dir, split = shared_run_dir(options, source.record, split, workspace.models_dir, dist=dist, log=log)  # fmt: skip
+    grouper = split_grouper(workspace, log)  # duplicates kept inside one part of the split
+    run_dir, split = shared_run_dir(options, source.record, split, workspace.models_dir, dist=dist, log=log, group_by=grouper)  # fmt: skip
     return RunContext(options, previous, source, run_dir, split, workspace, log, dist)
 
 
@@ -186,6 +189,7 @@ def _adapt(
     laps("data")
     device = resolve_device(run.options.device)
     built = _build(run)
+    check_at_start(run, built)  # the data's own problems: RUN/check.json, and the log lines
     laps("model")
     trained = train_run(run, built, device, laps=laps, progress=progress)
     if trained is None:

@@ -50,7 +50,7 @@ def test_the_pipeline_registries_share_the_helper() -> None:
     for registry in (AUGMENTATIONS, BUILTIN_SETS, HEAD_KINDS, RUNTIME_CHECKS, STRATEGIES):
         assert isinstance(registry, Registry) and len(registry) >= 1
     with pytest.raises(NotFound, match="choose from ort, opencv"):
-        runtime_check("tflite")
+        runtime_check("coreml")
     with pytest.raises(NotFound, match="unknown strategy 'x'; choose from feature, finetune"):
         get_strategy("x")
     with pytest.raises(UnsupportedModel, match="unknown head kind 'x'; choose from gemm"):

@@ -41,7 +41,7 @@ from pipeline.report.predictions import image_predictions
 
 MODEL = "efficientnet-lite0"
 MAX_BYTES = 5 * 1024 * 1024
-RUN_SECTIONS = ("model", "strategy", "curves", "metrics", "mistakes", "confused", "verification")
+RUN_SECTIONS = ("model", "strategy", "curves", "metrics", "mistakes", "confused", "heatmaps", "verification")  # fmt: skip
 
 
 class Page(HTMLParser):

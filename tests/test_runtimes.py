@@ -116,6 +116,6 @@ def test_describe_cv2_error_of_opencv_5_1_lists_ops_and_names_their_nodes() -> N
 def test_runtime_registry() -> None:
     assert runtime_check("opencv") is check_runtime_opencv
     with pytest.raises(NotFound, match="choose from ort, opencv"):
-        runtime_check("tflite")
+        runtime_check("coreml")
     with pytest.raises(ValueError, match="already registered"):
         register_runtime("opencv")(lambda path, inputs: RuntimeReport("x", False))

@@ -127,9 +127,18 @@ TRAINING = (
     Option("hidden", click.IntRange(min=1), help="Add a hidden layer of this width to the head."),
     Option("dropout", click.FloatRange(0, 1, max_open=True), 0.0),
     Option("train_per_class", click.IntRange(min=1), help="Subsample the training split."),
+    Option(
+        "balance",
+        click.Choice(["none", "weights", "sampler"]),
+        help="Unequal classes: class weights in the loss, a sampler drawing each class equally "
+        "often, or none [default: weights when the largest training class has 3x the images of "
+        "the smallest, else none].",
+    ),
 )
 # `zoo rank`: the data and the split it is probed on.
 RANK = (TRAINING[1], Option("seed", click.INT, 0, "The split, as zoo adapt --seed."), STRICT)
+# `zoo check`: the data, and the split it is checked on (the one `zoo adapt --seed` makes).
+CHECK = RANK
 STRATEGY = Option("strategy", click.Choice(STRATEGIES), "auto")
 RUN_DIR = click.Path(file_okay=False, path_type=Path)
 # Where `zoo adapt` writes and how it spreads over processes (torchrun's options, by their names).
@@ -168,8 +177,17 @@ ADAPT_RUN = (
     ),
 )
 LAUNCH = ("nproc", "nnodes", "node_rank", "rdzv_endpoint")
-ADAPT = (STRATEGY, *TRAINING, *ADAPT_RUN)
-COMPARE = (*TRAINING, Option("out", RUN_DIR, help="Comparison folder."))
+# The unknown threshold (pipeline.train.trust): the share of validation images it keeps.
+KEEP_RANGE = click.FloatRange(0, 1, min_open=True)
+KEEP = Option(
+    "keep",
+    KEEP_RANGE,
+    0.95,
+    "Share of validation images the unknown threshold keeps; an image scoring past it is "
+    "'unknown' in zoo predict and zoo evaluate.",
+)
+ADAPT = (STRATEGY, *TRAINING, KEEP, *ADAPT_RUN)
+COMPARE = (*TRAINING, KEEP, Option("out", RUN_DIR, help="Comparison folder."))
 
 # `zoo fetch`: $ZOO_MIRROR is read by zoo.fetch itself, for Python callers as well.
 FETCH = (
@@ -205,7 +223,32 @@ EXPORT = (
         default=False,
         help="Skip the verification gate (not recommended).",
     ),
-    Option("quantize", click.Choice(["int8"]), help="Also write a static INT8 copy beside it."),
+    Option(
+        "keep",
+        KEEP_RANGE,
+        help="Choose the unknown threshold again to keep this share of validation images "
+        "[default: the run's, 0.95 unless zoo adapt --keep said otherwise].",
+    ),
+    Option(
+        "quantize",
+        click.Choice(["int8"]),
+        help="Also write a static INT8 copy of the ONNX file beside it (other targets stay float32).",
+    ),
+    Option(
+        "targets",
+        click.STRING,
+        "onnx",
+        "Comma-separated: onnx, openvino, tflite, web; all = every installed one. Each is gated "
+        "on the run's held-out images; the others go to RUN/deploy/<target>/.",
+        flags="--target",
+    ),
+    Option(
+        "embed_preprocess",
+        click.BOOL,
+        flags="--embed-preprocess/--no-embed-preprocess",
+        help="Put the resize, crop and normalisation inside the file: it takes uint8 pixels "
+        "(default: only for web; openvino and tflite take crop-size pixels, the app resizes).",
+    ),
 )
 VERIFY = (
     Option(
@@ -213,13 +256,29 @@ VERIFY = (
         click.Path(file_okay=False, path_type=Path),
         help="The run the file came from: compare against its PyTorch model on its test split.",
     ),
-    Option("runtimes", click.STRING, "ort", "Comma-separated: ort, opencv."),
+    Option(
+        "runtimes",
+        click.STRING,
+        "ort",
+        "Comma-separated: ort, opencv, openvino, tflite, web (converted in a temporary folder; "
+        "with --run, RUN/deploy/<target>/ as written).",
+    ),
     *TOLERANCES,
+)
+# zoo predict and zoo evaluate: an image past the file's unknown threshold (zoo.ood) is "unknown".
+REJECT = Option(
+    "reject",
+    click.BOOL,
+    True,
+    "Call an image past the file's unknown threshold 'unknown' (--no-reject: always the best class).",
+    flags="--reject/--no-reject",
 )
 PREDICT = (
     Option("top_k", click.IntRange(min=1), 5),
     Option("provider", click.Choice(["cpu", "cuda"]), "cpu"),
+    REJECT,
 )
+EVALUATE = (REJECT,)
 
 # --preprocess and the flags laid over it (zoo.preprocess.PreprocessRequest.from_flags's names).
 PREPROCESS = (

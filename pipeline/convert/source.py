@@ -86,5 +86,7 @@ def open_source(
         )
     else:
         onnx_path, card, name = _named_or_latest(options.model, workspace=workspace, log=log)
-    native = model_preprocess(card, onnx_path, catalog=workspace.catalog, request=options.preprocess)
+    native = model_preprocess(
+        card, onnx_path, catalog=workspace.catalog, request=options.preprocess
+    )
     return OpenedSource(onnx_path, card, name, runs.source_record(onnx_path, card, name), native)

@@ -50,6 +50,9 @@ class AdaptOptions:
     # to_dict() when a run is resumed from run.json); None: the model's known preprocessing.
     preprocess: PreprocessRequest | Mapping[str, Any] | None = None
     keep: float = 0.95  # share of validation images the unknown threshold keeps (--keep)
+    # Unequal classes: "none", "weights" or "sampler"; None: class weights when the largest
+    # training class has 3x the images of the smallest (pipeline.train.balance).
+    balance: str | None = None
 
 
 def resumed_options(options: AdaptOptions, previous: RunRecord) -> AdaptOptions:
@@ -59,9 +62,7 @@ def resumed_options(options: AdaptOptions, previous: RunRecord) -> AdaptOptions:
     return dataclasses.replace(options, **recorded, resume=True, out=options.out)
 
 
-def previous_run(
-    options: AdaptOptions, dist: DistContext
-) -> tuple[AdaptOptions, RunRecord | None]:
+def previous_run(options: AdaptOptions, dist: DistContext) -> tuple[AdaptOptions, RunRecord | None]:
     """With --resume: the run's options and its run.json (read by the main worker); else None."""
     if not options.resume:
         return options, None

@@ -39,6 +39,10 @@ class Metrics:
     class_names: list[str]
     roc_auc: float | None = None  # binary tasks only
     split: str = "test"  # which images: one of METRIC_SPLITS
+    # `zoo evaluate` of a file with an unknown score (zoo.ood), unless --no-reject: the images
+    # past its threshold, and the accuracy on the others. The figures above count every image.
+    unknown: int | None = None
+    kept_accuracy: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

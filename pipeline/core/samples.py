@@ -39,6 +39,7 @@ class DataSplit:
     recommended_size: int | None = None  # built-in sets only: input size used unless given
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     source: str = ""  # what the user passed, absolute where it is a path
+    given_split: bool = False  # True: the source's own folders or split column fixed the parts
 
     def counts(self, split: str) -> list[int]:
         """Images per class in one of "train", "val", "test"."""
@@ -76,6 +77,7 @@ class DataSplit:
                 recommended_size=raw.get("recommended_size"),
                 skipped=[(str(p), str(r)) for p, r in raw.get("skipped", [])],
                 source=str(raw.get("source", "")),
+                given_split=bool(raw.get("given_split", False)),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(

@@ -8,7 +8,7 @@ import a later one to run a graph.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -157,6 +157,19 @@ def run_each(
     for batch in prefetched(batches):
         feed = {input_name: np.ascontiguousarray(as_input_type(batch, dtype))}
         yield run_fixed(session, None, feed)[0]  # a short batch for a fixed-batch file is filled
+
+
+def run_outputs(
+    session: Any, *, input_name: str, batches: Iterable[np.ndarray], names: Sequence[str]
+) -> list[np.ndarray]:
+    """The outputs `names` of `session`, each concatenated over the batches (as `run_batches`)."""
+    dtype = session_input_type(session)
+    parts: list[list[np.ndarray]] = [[] for _ in names]
+    for batch in prefetched(batches):
+        feed = {input_name: np.ascontiguousarray(as_input_type(batch, dtype))}
+        for part, value in zip(parts, run_fixed(session, list(names), feed), strict=True):
+            part.append(value)
+    return [np.concatenate(p) if p else np.empty((0,), dtype=np.float32) for p in parts]
 
 
 def prefetched(items: Iterable[T]) -> Iterator[T]:

@@ -88,7 +88,10 @@ class OodRecord:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> OodRecord:
-        return cls(**_known(cls, raw))
+        """The record `dataclasses.asdict` wrote; ValueError/TypeError when it is not one."""
+        values = _known(cls, raw)
+        values["threshold"], values["keep"] = float(raw["threshold"]), float(raw["keep"])
+        return cls(**values)
 
 
 def _known(kind: type, raw: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,9 @@ CHECK_FILE = "check.json"  # in a run directory, beside run.json
 PARTS = ("train", "val", "test")
 IMBALANCE_RATIO = 3.0  # largest / smallest training class from which training balances by default
 SMALL_SHARE = 0.5  # shorter side below this share of the input size: upscaled more than 2x
-ODD_COLOUR_SHARE = 0.2  # the grey images of a colour set (or the reverse) are named up to this share
+ODD_COLOUR_SHARE = (
+    0.2  # the grey images of a colour set (or the reverse) are named up to this share
+)
 MIN_TO_SPLIT = 3  # images a class needs for one each in train, validation and test
 EXAMPLES = 5  # file names shown in a one-line note
 
@@ -142,12 +143,13 @@ class DataCheck:
             counts[f"{a}-{b}"] = counts.get(f"{a}-{b}", 0) + 1
         return counts
 
-    def twinned(self, part: str, other: str = "train") -> set[str]:
-        """The images of `part` that have a duplicate in `other`."""
+    def twinned(self, part: str, others: Sequence[str] = ("train", "val")) -> set[str]:
+        """The images of `part` that have a duplicate in one of `others` (the parts training sees)."""
         found = set()
         for twin in self.twins:
-            for mine, theirs, ref in ((twin.split_a, twin.split_b, twin.a), (twin.split_b, twin.split_a, twin.b)):
-                if mine == part and theirs == other:
+            sides = ((twin.split_a, twin.split_b, twin.a), (twin.split_b, twin.split_a, twin.b))
+            for mine, theirs, ref in sides:
+                if mine == part and theirs in others:
                     found.add(ref)
         return found
 
@@ -175,22 +177,6 @@ def class_balance(split: DataSplit) -> Balance:
     )
 
 
-def exact_twins(items: Sequence[tuple[Sample, str]], facts: FileFacts) -> list[Twin]:
-    """Pairs of byte-identical files (each image against the first of its group)."""
-    first: dict[bytes, int] = {}
-    twins = []
-    for index, (sample, part) in enumerate(items):
-        digest = bytes(facts.table["digest"][index])
-        if not digest:
-            continue
-        if digest in first:
-            other, other_part = items[first[digest]]
-            twins.append(Twin(other.ref, sample.ref, other_part, part, "exact"))
-        else:
-            first[digest] = index
-    return twins
-
-
 def small_images(refs: Sequence[str], facts: FileFacts, *, input_px: int) -> list[str]:
     """Images whose shorter side is under SMALL_SHARE of the input: mostly upscaled blur."""
     short = facts.short_side
@@ -210,7 +196,9 @@ def odd_colour(refs: Sequence[str], facts: FileFacts) -> tuple[bool, list[str]]:
 def too_few_to_split(split: DataSplit) -> list[str]:
     """Classes with fewer than MIN_TO_SPLIT images in all: one each for train, val and test."""
     totals = np.sum([split.counts(part) for part in PARTS], axis=0)
-    return [name for name, total in zip(split.class_names, totals, strict=True) if total < MIN_TO_SPLIT]
+    return [
+        name for name, total in zip(split.class_names, totals, strict=True) if total < MIN_TO_SPLIT
+    ]
 
 
 def names(refs: Iterable[str], limit: int = EXAMPLES) -> str:
@@ -220,10 +208,11 @@ def names(refs: Iterable[str], limit: int = EXAMPLES) -> str:
     return text + (f" and {len(shown) - limit} more" if len(shown) > limit else "")
 
 
-def ratio_text(balance: Balance) -> str:
-    ratio = "no images" if balance.ratio is None else f"{balance.ratio:.1f}x"
-    return f"{ratio} (largest {balance.largest}, smallest {balance.smallest})"
-
-
-def is_finite(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)
+def balance_line(balance: Balance) -> str:
+    """ "10.0x between the largest training class (daisy, 120) and the smallest (roses, 12)"."""
+    ratio = "a class without training images" if balance.ratio is None else f"{balance.ratio:.1f}x"
+    largest, smallest = balance.largest, balance.smallest
+    return (
+        f"{ratio} between the largest training class ({largest}, {balance.counts.get(largest, 0)}) "
+        f"and the smallest ({smallest}, {balance.counts.get(smallest, 0)})"
+    )

@@ -12,7 +12,7 @@ from pipeline.core.options import AdaptOptions
 from pipeline.core.record import SourceRecord
 from pipeline.core.rundir import RunDir
 from pipeline.core.samples import DataSplit
-from pipeline.data.sources import load_source, mirror_safe
+from pipeline.data.sources import GroupBy, load_source, mirror_safe
 from pipeline.data.split import subsample_per_class
 from zoo.catalog import Preprocess
 from zoo.errors import DataError
@@ -24,11 +24,16 @@ def resolve_preprocess(native: Preprocess, split: DataSplit, image_size: int | N
     return native.at_size(size) if size and size != native.crop else native
 
 
-def prepare_data(options: AdaptOptions, *, run_dir: Path | None) -> DataSplit:
-    """The split: reloaded from the run when resuming, else loaded, checked and maybe subsampled."""
+def prepare_data(
+    options: AdaptOptions, *, run_dir: Path | None, group_by: GroupBy | None = None
+) -> DataSplit:
+    """The split: reloaded from the run when resuming, else loaded, checked and maybe subsampled.
+
+    `group_by` keeps duplicates inside one part of a split zoo makes (pipeline.train.check).
+    """
     if run_dir is not None and RunDir(run_dir).split_file.exists():
         return RunDir(run_dir).split()
-    split = load_source(options.data, seed=options.seed, strict=options.strict)
+    split = load_source(options.data, seed=options.seed, strict=options.strict, group_by=group_by)
     if not split.val:  # the best epoch is chosen on it
         raise DataError(
             f"no validation images in {options.data}: every class has a single image; add at "
@@ -56,10 +61,11 @@ def claim_run(
     models_dir: Path,
     model_name: str,
     log: Callable[[str], None],
+    group_by: GroupBy | None = None,
 ) -> tuple[Path, DataSplit]:
     """The run directory (--out, or a new one named after model and data) with its split saved."""
     run_dir = runs.claim_out_dir(options.out, resume=options.resume) if options.out else None
-    split = split or prepare_data(options, run_dir=run_dir)
+    split = split or prepare_data(options, run_dir=run_dir, group_by=group_by)
     if run_dir is None:
         base = f"{runs.slug(model_name)}-{runs.slug(split.source_name)}-{len(split.class_names)}c"
         run_dir = runs.new_run_dir(models_dir, base)
@@ -79,13 +85,19 @@ def shared_run_dir(
     *,
     dist: DistContext,
     log: Callable[[str], None],
+    group_by: GroupBy | None = None,
 ) -> tuple[Path, DataSplit]:
     """The run directory and split, claimed by the main worker and the same for all workers,
     whatever each machine's disk holds."""
     run_dir = None
     if dist.is_main:
         run_dir, split = claim_run(
-            options, split=split, models_dir=models_dir, model_name=source.name, log=log
+            options,
+            split=split,
+            models_dir=models_dir,
+            model_name=source.name,
+            log=log,
+            group_by=group_by,
         )
         if not options.resume:  # the model is on record before anything can interrupt the run
             RunDir(run_dir).write_record(runs.first_record(options, source=source))

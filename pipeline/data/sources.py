@@ -18,7 +18,7 @@ import csv
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -327,7 +327,15 @@ def _finish(
     if small:
         log.warning("class(es) with fewer than 2 training images: %s", ", ".join(small[:5]))
     return DataSplit(
-        collected.class_names, train, val, test, collected.name, None, readable.skipped, source
+        collected.class_names,
+        train,
+        val,
+        test,
+        collected.name,
+        None,
+        readable.skipped,
+        source,
+        given_split="all" not in readable.parts,
     )
 
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from pipeline.core.record import RunRecord
     from pipeline.core.results import Metrics
     from pipeline.core.samples import DataSplit, Sample
+    from pipeline.core.trust import OodRecord
     from pipeline.export.verify import FileReport, VerifyInputs
     from zoo.catalog import Catalog, Preprocess
     from zoo.preprocess import PreprocessRequest
@@ -46,6 +47,7 @@ def load_run(run_dir: Path, *, models_dir: Path, catalog: Catalog) -> LoadedRun:
     """Rebuild the adapted model of a run from its source model, run.json and best checkpoint."""
     from pipeline.core.checkpoint import load_weights
     from pipeline.surgery.build import build_model
+    from pipeline.train.trust import trusted
 
     run = RunDir(run_dir)
     record = run.record()
@@ -67,6 +69,7 @@ def load_run(run_dir: Path, *, models_dir: Path, catalog: Catalog) -> LoadedRun:
         seed=record.seed,
     )
     load_weights(model, checkpoint)
+    model = trusted(model, run.path)  # with its temperature and unknown score, once fitted
     model.eval()
     return LoadedRun(run.path, record, run.split(), record.preprocess, model)
 
@@ -108,6 +111,9 @@ class ExportSummary:
     int8: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     run_dir: Path | None = None  # the run exported; not part of the record
+    # Every target of `--target` with its gate figures (pipeline.export.targets.TargetReport);
+    # empty for a plain `--target onnx` export, whose figures are `report`'s.
+    targets: list[Any] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -118,6 +124,7 @@ class ExportSummary:
             "verify": self.report.to_dict() if self.report is not None else None,
             "int8": self.int8,
             "notes": self.notes,
+            "targets": [target.to_dict() for target in self.targets],
         }
 
 
@@ -132,11 +139,17 @@ def export_run(
     rtol: float = 1e-3,
     verify: bool = True,
     quantize: str | None = None,
+    targets: str | Sequence[str] = "onnx",
+    embed_preprocess: bool | None = None,
+    keep: float | None = None,
     log: Callable[[str], None] = print,
 ) -> ExportSummary:
-    """Export a run's model to ONNX with its metadata, gated by the verification oracle."""
+    """Export a run's model to ONNX with its metadata, gated by the verification oracle; then
+    every other target of `targets` from that file, each gated (pipeline.export.deploy_targets)."""
+    from pipeline.export.targets import parse_targets
     from pipeline.export.write import export_model
 
+    names = parse_targets(targets)  # an unknown target is refused before anything is written
     run_dir = Path(run_dir) if run_dir else runs.latest_run(models_dir)
     loaded = load_run(run_dir, models_dir=models_dir, catalog=catalog)
     record = loaded.record
@@ -153,16 +166,7 @@ def export_run(
         layout=loaded.preprocess.layout,
         input_shape=loaded.preprocess.input_shape(),
         opset=opset,
-        metadata={
-            "labels": loaded.split.class_names,
-            "preprocess": loaded.preprocess,
-            "source": dataclasses.asdict(record.source),
-            "strategy": record.strategy,
-            "metrics": _exported_metrics(metrics),
-            "input_name": record.input_name,
-            "layout": loaded.preprocess.layout,
-            "run": run_dir.name,
-        },
+        metadata=_file_metadata(loaded, metrics, keep=keep, log=log),
         verify_inputs=inputs,
         atol=atol,
         rtol=rtol,
@@ -173,8 +177,61 @@ def export_run(
     )
     if quantize == "int8":
         summary.int8 = _quantize(loaded, result.path, inputs, log=log)
+    summary.targets = _other_targets(loaded, summary, inputs, names, embed=embed_preprocess, quantized=quantize is not None, log=log)  # fmt: skip
     summary.run_dir = run_dir  # the caller records the export in the run (report/)
     return summary
+
+
+def _file_metadata(
+    loaded: LoadedRun, metrics: Metrics | None, *, keep: float | None, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """What the exported file says about itself: classes, preprocessing, source, figures, trust."""
+    record = loaded.record
+    return {
+        "labels": loaded.split.class_names,
+        "preprocess": loaded.preprocess,
+        "source": dataclasses.asdict(record.source),
+        "strategy": record.strategy,
+        "metrics": _exported_metrics(metrics),
+        "input_name": record.input_name,
+        "layout": loaded.preprocess.layout,
+        "run": loaded.run_dir.name,
+        **_trust_metadata(loaded, keep, log=log),
+    }
+
+
+def _trust_metadata(
+    loaded: LoadedRun, keep: float | None, *, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """zoo.calibration and zoo.ood of the file; with `keep`, the unknown threshold chosen again."""
+    if keep is not None:
+        ood = loaded.model.with_keep(keep)
+        log(
+            f"unknown past {ood.score} {ood.threshold:.4g}: keeps {ood.val_kept:.1%} of the "
+            f"{ood.val_images} validation images (--keep {keep})"
+        )
+    return loaded.model.metadata()
+
+
+def _other_targets(
+    loaded: LoadedRun,
+    summary: ExportSummary,
+    inputs: VerifyInputs,
+    names: list[str],
+    *,
+    embed: bool | None,
+    quantized: bool,
+    log: Callable[[str], None],
+) -> list[Any]:
+    """Every target but a plain ONNX file, each gated again (pipeline.export.deploy_targets)."""
+    if names == ["onnx"] and not embed:
+        return []  # today's export: the gate above said all there is to say
+    from pipeline.export.deploy_targets import export_run_targets
+
+    samples = gate_split(loaded.split)[1][: inputs.n_images]
+    reports = export_run_targets(loaded, summary.path, samples, names=names, floats=inputs.images, embed=embed, quantized=quantized, log=log)  # fmt: skip
+    summary.size = summary.path.stat().st_size  # the embedded graph may have replaced the file
+    return reports
 
 
 def _exported_metrics(metrics: Metrics | None) -> dict[str, Any]:
@@ -229,16 +286,32 @@ def verify_file(
 
     Without a run, random inputs of the file's own input shape stand in for images.
     """
+    from pipeline.export.target_checks import (
+        file_embedded,
+        pixel_inputs,
+        register_target_checks,
+        verify_written,
+    )
     from pipeline.export.verify import verify_file as check_file
 
+    register_target_checks()  # --runtimes openvino,tflite,web: the deployment targets
     onnx_path = Path(onnx_path)
-    torch_model, inputs = None, None
+    torch_model, inputs, written = None, None, {}
+    embedded = file_embedded(onnx_path)  # a file that takes pixels is checked on pixels
     if run_dir is not None:
         loaded = load_run(Path(run_dir), models_dir=models_dir, catalog=catalog)
-        torch_model, inputs = loaded.model, gate_inputs(loaded)
+        samples = gate_split(loaded.split)[1][:MAX_VERIFY_IMAGES]
+        # Deployment targets: RUN/deploy/<target>/ as written, against PyTorch.
+        written = verify_written(loaded, onnx_path, samples, runtimes)
+        if embedded is None:
+            torch_model, inputs = loaded.model, gate_inputs(loaded)
+    if embedded is not None:
+        inputs = pixel_inputs(onnx_path, any_size=embedded)
+    others = [name for name in runtimes if name not in written]
     report = check_file(
-        onnx_path, torch_model=torch_model, inputs=inputs, runtimes=runtimes, atol=atol, rtol=rtol
+        onnx_path, torch_model=torch_model, inputs=inputs, runtimes=others, atol=atol, rtol=rtol
     )
+    report.runtimes.update(written)
     return report
 
 
@@ -269,14 +342,32 @@ class Prediction:
     image: str
     top: list[tuple[str, float]]  # (label, probability), best first
     error: str | None = None
+    # The file's unknown score for the image (zoo.ood; None for a file without one), and whether
+    # it is past the threshold: the image is "none of these" (never, with --no-reject).
+    ood_score: float | None = None
+    unknown: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         if self.error:
             return {"image": self.image, "error": self.error}
-        return {
+        found = {
             "image": self.image,
             "top": [{"label": label, "probability": p} for label, p in self.top],
         }
+        if self.ood_score is not None:
+            found.update(unknown=self.unknown, ood_score=self.ood_score)
+        return found
+
+    def line(self) -> str:
+        """What `zoo predict` prints for the image: its top labels, `unknown`, or why unreadable."""
+        if self.error:
+            return f"{self.image}: unreadable ({self.error})"
+        top = ", ".join(f"{label} {prob:.3f}" for label, prob in self.top)
+        if self.unknown:
+            top = (
+                f"unknown (unlike the training images, score {self.ood_score:.4g}; closest: {top})"
+            )
+        return f"{self.image}: {top}"
 
 
 def _imagenet_or_numbered(count: int) -> list[str]:
@@ -333,12 +424,14 @@ def predict(
     top_k: int = 5,
     provider: str = "cpu",
     preprocess: PreprocessRequest | None = None,
+    reject: bool = True,
 ) -> list[Prediction]:
-    """Top-K labels per image using only the ONNX file (and onnxruntime); `preprocess`: the user's flags."""
-    import numpy as np
-
+    """Top-K labels per image using only the ONNX file (and onnxruntime); `preprocess`: the user's
+    flags. With `reject`, an image past the file's unknown threshold (zoo.ood) is `unknown`."""
+    from pipeline.core.metadata import read_metadata
     from pipeline.core.sessions import as_input_type, create_session, run_fixed, session_input_type
-    from pipeline.data.images import open_for, preprocess_image
+    from pipeline.data.images import open_for
+    from pipeline.export.embed import embedded_input, image_input
 
     onnx_path = Path(onnx_path)
     labels, preprocess, input_name = labels_and_preprocess(onnx_path, catalog, preprocess)
@@ -352,9 +445,13 @@ def predict(
         )
     predictions = []
     output_names = [o.name for o in session.get_outputs()]
+    ood = read_metadata(onnx_path).ood
+    first = session.get_inputs()[0]  # with the preprocessing inside, it takes decoded pixels
+    embedded = embedded_input(first.name, first.type, list(first.shape))
     for path in paths:
         try:
-            batch = preprocess_image(open_for(str(path), preprocess), preprocess)[None]
+            img = open_for(str(path), preprocess)
+            batch = image_input(img, preprocess, embedded=embedded)[None]
         except (ZooError, OSError) as exc:
             predictions.append(Prediction(str(path), [], error=str(exc)))
             continue
@@ -367,13 +464,34 @@ def predict(
                 strict=True,
             )
         )
-        if "probs" in outputs:
-            probs = outputs["probs"].reshape(-1)
-        else:
-            scores = next(iter(outputs.values())).reshape(-1).astype(np.float64)
-            probs = np.exp(scores - scores.max())
-            probs /= probs.sum()
-        order = np.argsort(-probs)[:top_k]
-        names = labels if len(labels) == len(probs) else [str(i) for i in range(len(probs))]
-        predictions.append(Prediction(str(path), [(names[i], float(probs[i])) for i in order]))
+        found = _prediction(str(path), outputs, labels, top_k=top_k)
+        predictions.append(_judged(found, outputs, ood, reject=reject))
     return predictions
+
+
+def _prediction(
+    image: str, outputs: dict[str, np.ndarray], labels: Sequence[str], *, top_k: int
+) -> Prediction:
+    """The top-k labels of one image from the file's outputs: `probs`, else a softmax of the first."""
+    import numpy as np
+
+    if "probs" in outputs:
+        probs = outputs["probs"].reshape(-1)
+    else:
+        scores = next(iter(outputs.values())).reshape(-1).astype(np.float64)
+        probs = np.exp(scores - scores.max())
+        probs /= probs.sum()
+    order = np.argsort(-probs)[:top_k]
+    names = labels if len(labels) == len(probs) else [str(i) for i in range(len(probs))]
+    return Prediction(image, [(names[i], float(probs[i])) for i in order])
+
+
+def _judged(
+    found: Prediction, outputs: dict[str, np.ndarray], ood: OodRecord | None, *, reject: bool
+) -> Prediction:
+    """`found` with the image's unknown score, and `unknown` when it is past the threshold."""
+    score = outputs.get(ood.output) if ood is not None else None
+    if score is None:
+        return found
+    value = float(score.reshape(-1)[0])
+    return dataclasses.replace(found, ood_score=value, unknown=reject and ood.is_unknown(value))

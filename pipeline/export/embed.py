@@ -13,16 +13,25 @@ centre crop rounds half to even as Python's `round` does (ONNX `Round` does too)
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 from onnx import TensorProto, compose, helper, numpy_helper, version_converter
+from PIL import Image
 
+from pipeline.core.trust import OOD_OUTPUT
+from pipeline.data.images import center_crop, preprocess_image, resize_for
 from zoo.catalog import Preprocess
 
 EMBED_OPSET = 18  # Resize with antialias
 PIXELS = "pixels"  # the input: uint8 [N, H, W, C]
+TIE = 2e-4  # float32 error of a resized pixel (~255 * 2^-23 per term) that still counts as a tie
 PROBS = "probs"  # the first output: softmax probabilities [N, classes]
 PREFIX = "pre_"  # names of the preprocessing nodes and values
+INPUT_NAME_KEY = "zoo.input_name"  # metadata: the file's input, `pixels` once embedded
+EMBEDDED_KEY = "zoo.embedded"  # metadata: {"input": "uint8 NHWC", "any_size": bool}
+PREPROCESS_KEY = "zoo.preprocess"  # metadata: the preprocessing inside, for a file without it
 
 
 def _const(name: str, values: np.ndarray | list[float] | list[int], dtype: type) -> TensorProto:
@@ -51,24 +60,41 @@ def _resize_nodes(preprocess: Preprocess) -> tuple[list[onnx.NodeProto], list[Te
             _node("Div", ["scaled", "short"], "floor_hw"),  # integer division: floor
             _node("Max", ["floor_hw", "size"], "out_hw"),
         ]
-    inits.append(_const("no_roi", [], np.float32))
-    inits.append(_const("no_scales", [], np.float32))
-    nodes.append(
-        _node(
-            "Resize",
-            ["rgb", "no_roi", "no_scales", "out_hw"],
-            "resized_float",
-            mode="linear",
-            antialias=1,
-            axes=[1, 2],
-            coordinate_transformation_mode="half_pixel",
-        )
-    )
-    inits += [_const("zero", 0.0, np.float32), _const("max", 255.0, np.float32)]
-    nodes += [
-        _node("Round", ["resized_float"], "resized_round"),
-        _node("Clip", ["resized_round", "zero", "max"], "resized"),
+    inits += [
+        _const("no_roi", [], np.float32),
+        _const("no_scales", [], np.float32),
+        _const("h_index", [0], np.int64),
+        _const("w_index", [1], np.int64),
+        _const("half", 0.5 + TIE, np.float32),
+        _const("zero", 0.0, np.float32),
+        _const("max", 255.0, np.float32),
     ]
+    nodes += [
+        _node("Gather", ["out_hw", "w_index"], "out_w", axis=0),
+        _node("Gather", ["out_hw", "h_index"], "out_h", axis=0),
+    ]
+    # Pillow resizes an 8-bit image in two passes, the width first, and rounds each pass to
+    # uint8 (half up, then clipped): one 2-D resize rounded once differs by one level in ~15% of
+    # the pixels, enough to flip the top-1 of a few percent of small upscaled images. Pillow sums
+    # in fixed point, so the exact halves of upscales by simple ratios (1.2x: weights 1/4, 3/4)
+    # are ties it rounds up; float32 lands them a few 1e-6 below, hence `TIE`.
+    for axis, size_name, stage in ((2, "out_w", "wide"), (1, "out_h", "resized")):
+        source = "rgb" if axis == 2 else "wide"
+        nodes += [
+            _node(
+                "Resize",
+                [source, "no_roi", "no_scales", size_name],
+                f"{stage}_float",
+                mode="linear",
+                antialias=1,
+                axes=[axis],
+                coordinate_transformation_mode="half_pixel",
+                exclude_outside=1,  # as Pillow: taps past the border dropped, the rest reweighted
+            ),
+            _node("Add", [f"{stage}_float", "half"], f"{stage}_half"),
+            _node("Floor", [f"{stage}_half"], f"{stage}_round"),
+            _node("Clip", [f"{stage}_round", "zero", "max"], stage),
+        ]
     return nodes, inits
 
 
@@ -113,7 +139,9 @@ def _normalise_nodes(preprocess: Preprocess) -> tuple[list[onnx.NodeProto], list
     return nodes, inits
 
 
-def preprocess_graph(preprocess: Preprocess, *, any_size: bool = True) -> onnx.ModelProto:
+def preprocess_graph(
+    preprocess: Preprocess, *, any_size: bool = True, opset: int = EMBED_OPSET
+) -> onnx.ModelProto:
     """The preprocessing alone: uint8 NHWC pixels -> the model's float input.
 
     `any_size`: the graph resizes and crops images of any size; otherwise it takes the crop size
@@ -140,14 +168,17 @@ def preprocess_graph(preprocess: Preprocess, *, any_size: bool = True) -> onnx.M
     shape = ["batch", channels, size, size] if preprocess.layout == "NCHW" else ["batch", size, size, channels]  # fmt: skip
     output = helper.make_tensor_value_info(PREFIX + "model_input", TensorProto.FLOAT, shape)
     graph = helper.make_graph(nodes, "zoo_preprocess", [pixels], [output], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", EMBED_OPSET)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     return model
 
 
+def _opset_of(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 def _at_embed_opset(classifier: onnx.ModelProto) -> onnx.ModelProto:
-    opset = next((o.version for o in classifier.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset >= EMBED_OPSET:
+    if _opset_of(classifier) >= EMBED_OPSET:
         return classifier
     return version_converter.convert_version(classifier, EMBED_OPSET)
 
@@ -162,14 +193,19 @@ def embed_preprocess(
     """`classifier` (float input -> outputs incl. `probs_output`) behind its preprocessing.
 
     The result takes uint8 pixels [N, H, W, C] named `pixels` (any H, W with `any_size`, else the
-    crop size) and gives `probs` first, then the classifier's other outputs.
+    crop size) and gives `probs` first, the unknown score second when the classifier has one
+    (`ood_score`, pipeline.train.trust), then its other outputs.
     """
-    classifier = _at_embed_opset(classifier)
-    front = preprocess_graph(preprocess, any_size=any_size)
+    # Only the antialiased Resize needs opset 18; the fixed-size graph keeps the file's opset,
+    # which its converters (OpenVINO, onnx2tf) already took.
+    classifier = _at_embed_opset(classifier) if any_size else classifier
+    opset = max(_opset_of(classifier), EMBED_OPSET if any_size else 13)
+    front = preprocess_graph(preprocess, any_size=any_size, opset=opset)
     front.ir_version = classifier.ir_version = max(classifier.ir_version, front.ir_version)
     input_name = classifier.graph.input[0].name
     outputs = [o.name for o in classifier.graph.output]
-    ordered = [probs_output, *(o for o in outputs if o != probs_output)]
+    second = [o for o in outputs if o == OOD_OUTPUT]
+    ordered = [probs_output, *second, *(o for o in outputs if o not in (probs_output, OOD_OUTPUT))]
     merged = compose.merge_models(
         front,
         classifier,
@@ -180,11 +216,43 @@ def embed_preprocess(
     del merged.graph.output[:]
     merged.graph.output.extend(by_name[name] for name in ordered)  # probabilities first
     del merged.opset_import[:]
-    merged.opset_import.append(helper.make_opsetid("", EMBED_OPSET))
+    merged.opset_import.append(helper.make_opsetid("", opset))
     merged.opset_import.extend(
         o for o in classifier.opset_import if o.domain not in ("", "ai.onnx")
     )
     del merged.metadata_props[:]
-    merged.metadata_props.extend(classifier.metadata_props)
+    merged.metadata_props.extend(
+        p for p in classifier.metadata_props if p.key not in (INPUT_NAME_KEY, EMBEDDED_KEY)
+    )
+    merged.metadata_props.add(key=INPUT_NAME_KEY, value=PIXELS)
+    embedded = {"input": "uint8 NHWC", "any_size": any_size}
+    merged.metadata_props.add(key=EMBEDDED_KEY, value=json.dumps(embedded, sort_keys=True))
+    if not any(p.key == PREPROCESS_KEY for p in merged.metadata_props):  # what the graph does
+        merged.metadata_props.add(key=PREPROCESS_KEY, value=json.dumps(preprocess.to_dict()))
     onnx.checker.check_model(merged)
     return merged
+
+
+def embedded_input(name: str, element_type: str, shape: list[object]) -> bool | None:
+    """None unless an input (as onnxruntime describes it) takes embedded pixels; then whether it
+    takes any size (True) or only the crop size (False)."""
+    if name != PIXELS or element_type != "tensor(uint8)" or len(shape) != 4:
+        return None
+    return not all(isinstance(d, int) and d > 0 for d in shape[1:3])
+
+
+def pixels_for(img: Image.Image, preprocess: Preprocess, *, any_size: bool) -> np.ndarray:
+    """uint8 [H, W, C] for an embedded file: the decoded image itself (any size), or Pillow's
+    resize and centre crop of it, as the app does for a fixed-size file."""
+    if not any_size:
+        img = center_crop(resize_for(img, preprocess), preprocess.crop)
+    pixels = np.asarray(img, dtype=np.uint8)
+    return pixels[:, :, None] if pixels.ndim == 2 else pixels
+
+
+def image_input(img: Image.Image, preprocess: Preprocess, *, embedded: bool | None) -> np.ndarray:
+    """One decoded image as a file takes it: the Python preprocessing (`embedded` None), or the
+    pixels of a file with the preprocessing inside (`embedded`: whether it takes any size)."""
+    if embedded is None:
+        return preprocess_image(img, preprocess)
+    return pixels_for(img, preprocess, any_size=embedded)

@@ -19,6 +19,7 @@ import numpy as np
 
 from pipeline.convert.probe import probe
 from pipeline.core.sessions import create_session
+from pipeline.core.trust import OOD_OUTPUT
 from pipeline.export.runtimes import logits_of, run_session
 from pipeline.export.verify import VerifyInputs
 from zoo.errors import DataError, UnsupportedModel
@@ -147,7 +148,29 @@ def _float_nodes(prepared: Path) -> list[str]:
     # bundled Lite0's feature head on digits: 74% INT8 against 94% fp32, 93% with it float).
     prepared_model = onnx.load(str(prepared))
     softmax = [n.name for n in prepared_model.graph.node if n.op_type == "Softmax"]
-    return softmax + _head_nodes(prepared_model)
+    return softmax + _head_nodes(prepared_model) + _score_only_nodes(prepared_model)
+
+
+def _score_only_nodes(model: onnx.ModelProto) -> list[str]:
+    """The nodes that compute the unknown score (pipeline.train.trust) and nothing else: float,
+    because its threshold was chosen on the float score, in units that one int8 scale would blur."""
+    producer = {value: node for node in model.graph.node for value in node.output}
+
+    def ancestors(value: str) -> set[str]:
+        found: set[str] = set()
+        stack = [value]
+        while stack:
+            node = producer.get(stack.pop())
+            if node is not None and node.name not in found:
+                found.add(node.name)
+                stack.extend(node.input)
+        return found
+
+    outputs = [o.name for o in model.graph.output]
+    if OOD_OUTPUT not in outputs:
+        return []
+    shared = set().union(*(ancestors(o) for o in outputs if o != OOD_OUTPUT))
+    return sorted(ancestors(OOD_OUTPUT) - shared)
 
 
 def _quantize_static(prepared: Path, staged: Path, reader: Any, *, per_channel: bool) -> None:

@@ -256,7 +256,7 @@ class GateImages:
     resized: np.ndarray  # uint8 [N, S, S, C] resized by Pillow to S, the resize size: the
     # any-size graph's own resize is then the identity, so its numbers can be held to 1e-3
     cropped: np.ndarray  # uint8 [N, crop, crop, C]: what the fixed-size graph takes
-    decoded: list[np.ndarray]  # uint8 [H, W, C] at their own sizes, as an app decodes them
+    decoded: list[np.ndarray]  # uint8 [H, W, C] at their own sizes, decoded as `zoo predict` does
 
     def inputs(self, *, embedded: bool, any_size: bool) -> np.ndarray:
         """The batch a target file of that kind takes."""

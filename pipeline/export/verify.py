@@ -52,6 +52,9 @@ class ProviderResult:
     accuracy_onnx: float | None  # on the labelled images, from onnxruntime
     accuracy_torch: float | None  # on the same images, from torch
     failures: list[str] = field(default_factory=list)
+    # max |onnx - torch| of each output beyond the logits that the torch model also gives
+    # (calibrated `probs`, `ood_score`), held to the same tolerance.
+    outputs_max_abs: dict[str, float] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -169,6 +172,53 @@ def torch_logits(model: torch.nn.Module, inputs: np.ndarray) -> np.ndarray:
                 out = out[0]
             outputs.append(torch.flatten(out, 1).float().numpy())
     return np.concatenate(outputs)
+
+
+def torch_outputs(model: torch.nn.Module, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    """Every output the exported graph has, from torch: `logits` alone for a plain model; all of
+    `model.output_names` for one that computes them (pipeline.train.trust.TrustedModel)."""
+    import torch
+
+    if not hasattr(model, "outputs"):
+        return {"logits": torch_logits(model, inputs)}
+    names = tuple(model.output_names)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    with eval_on_cpu(model), torch.no_grad():
+        for start in range(0, len(inputs), CHUNK):
+            computed = model.outputs(torch.from_numpy(inputs[start : start + CHUNK]))
+            for name, value in zip(names, computed, strict=True):
+                parts[name].append(value.float().numpy())
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def _output_failures(
+    result: ProviderResult,
+    onnx_outputs: dict[str, np.ndarray],
+    references: dict[str, np.ndarray],
+    *,
+    atol: float,
+    rtol: float,
+) -> None:
+    """Hold each output beyond the logits to the logits' tolerance, at batch N and at batch 1."""
+    for name, reference in references.items():
+        batched = onnx_outputs.get(f"{name}@batchN")
+        if batched is None:
+            result.failures.append(f"the file has no {name} output; torch computes one")
+            continue
+        single = onnx_outputs.get(f"{name}@batch1", batched[:0])
+        got = np.concatenate([batched, single]).reshape(-1).astype(np.float64)
+        want = np.concatenate([reference, reference[: len(single)]]).reshape(-1).astype(np.float64)
+        if got.shape != want.shape or not (np.isfinite(got).all() and np.isfinite(want).all()):
+            result.failures.append(f"{name}: shape or finiteness differs from torch's")
+            continue
+        diff = np.abs(got - want)
+        result.outputs_max_abs[name] = float(diff.max()) if len(diff) else 0.0
+        excess = diff - (atol + rtol * np.abs(want))
+        if len(excess) and excess.max() > 0:
+            worst = int(np.argmax(excess))
+            result.failures.append(
+                f"{name}: |diff| {diff[worst]:.3g} exceeds atol {atol:g} + rtol {rtol:g}·|{want[worst]:.4g}|"
+            )
 
 
 def failed_result(provider: str, n_inputs: int, message: str) -> ProviderResult:
@@ -332,7 +382,8 @@ def verify(
     torch the same values, so that both engines see one input.
     """
     batch = as_input_type(inputs.all_inputs, _file_input_type(onnx_path)).astype(np.float32)
-    reference = torch_logits(torch_model, batch).astype(np.float64)
+    others = torch_outputs(torch_model, batch)
+    reference = others.pop("logits").astype(np.float64)
     labels = None if inputs.labels is None else inputs.labels[: inputs.n_images]
     if providers is None:
         chosen, skipped = default_providers(onnx_path)
@@ -355,9 +406,10 @@ def verify(
                 failed_result(provider, len(batch), f"onnxruntime failed to run: {message}")
             )
             continue
-        results.append(
-            compare_logits(provider, outputs, reference, labels=labels, atol=atol, rtol=rtol)
-        )
+        result = compare_logits(provider, outputs, reference, labels=labels, atol=atol, rtol=rtol)
+        if result.max_abs != float("inf"):  # logits that could be compared: the rest too
+            _output_failures(result, outputs, others, atol=atol, rtol=rtol)
+        results.append(result)
     return VerifyReport(
         onnx_path=str(onnx_path), atol=atol, rtol=rtol, results=results, skipped=skipped
     )

@@ -72,6 +72,11 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
+def output_names(model: Any) -> tuple[str, ...]:
+    """The exported file's outputs: `logits`, `probs`, then any the model adds (`ood_score`)."""
+    return tuple(getattr(model, "output_names", OUTPUT_NAMES))
+
+
 class _WithProbs:
     """Builds the export wrapper lazily so importing this module does not import torch."""
 
@@ -84,11 +89,15 @@ class _WithProbs:
                 super().__init__()
                 self.inner = inner
 
-            def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
                 if (
                     cast_input
                 ):  # the file keeps its source's uint8/float64 input; torch computes in float32
                     x = x.to(torch.float32)
+                # A model with its own outputs (pipeline.train.trust.TrustedModel: calibrated
+                # probs, the unknown score) gives them all, `output_names` naming them.
+                if hasattr(self.inner, "outputs"):
+                    return tuple(self.inner.outputs(x))
                 logits = torch.flatten(self.inner(x), 1)  # 4-D [B,N,1,1] heads become [B,N]
                 return logits, torch.softmax(logits, dim=1)
 
@@ -120,7 +129,8 @@ def _torch_export(model: torch.nn.Module, path: Path, *, input_name: str, input_
     dummy = torch.from_numpy(
         as_input_type(np.random.default_rng(0).uniform(0, 255, (1, *input_shape)), input_type)
     )
-    dynamic = {name: {0: "batch"} for name in (input_name, *OUTPUT_NAMES)}
+    outputs = output_names(model)
+    dynamic = {name: {0: "batch"} for name in (input_name, *outputs)}
     with warnings.catch_warnings():
         # The legacy exporter warns that it is legacy; dynamo needs onnxscript, which we do not ship.
         warnings.simplefilter("ignore")
@@ -129,7 +139,7 @@ def _torch_export(model: torch.nn.Module, path: Path, *, input_name: str, input_
             (dummy,),
             str(path),
             input_names=[input_name],
-            output_names=list(OUTPUT_NAMES),
+            output_names=list(outputs),
             dynamic_axes=dynamic,
             opset_version=opset,
             do_constant_folding=True,
@@ -332,6 +342,8 @@ def _describe(graph: onnx.ModelProto, props: Mapping[str, str], *, num_classes: 
         f"zoo classifier: {num_classes} classes; outputs logits and probs [batch, {num_classes}]; "
         "metadata_props zoo.labels and zoo.preprocess say how to use it"
     )
+    if len(graph.graph.output) > 2:  # the unknown score: zoo.ood says how to read it
+        graph.doc_string += f"; {graph.graph.output[2].name} [batch] with its threshold in zoo.ood"
 
 
 def _save_checked(graph: onnx.ModelProto, staged: Path, *, data_name: str | None) -> None:

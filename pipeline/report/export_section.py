@@ -113,6 +113,7 @@ def _export_block(export: dict[str, Any]) -> str:
         body += _provider_rows(report)
     elif not export.get("verified"):
         body += warning("Exported with --no-verify: the file was not compared with PyTorch.")
+    body += _targets_block(export.get("targets") or [])
     int8 = export.get("int8")
     if int8:
         body += "<h3>INT8 copy</h3>" + key_values(
@@ -127,6 +128,37 @@ def _export_block(export: dict[str, Any]) -> str:
     if notes:
         body += "<ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>"
     return body
+
+
+def _targets_block(targets: list[dict[str, Any]]) -> str:
+    """One row per deployment target of `zoo export --target`: its gate figures and its folder."""
+    if not targets:
+        return ""
+    rows, classes = [], []
+    for t in targets:
+        written = t.get("path") if t.get("passed") else None
+        own_sizes = t.get("resize_agreement")
+        rows.append(
+            (
+                esc(t.get("target")),
+                "pass" if t.get("passed") else ("not written" if t.get("skipped") else "FAIL"),
+                percent(t.get("top1_agreement")) if not t.get("skipped") else "–",
+                f"{t['max_prob_diff']:.2e}" if not t.get("skipped") else "–",
+                "–" if own_sizes is None else percent(own_sizes),
+                f"{t.get('size', 0) / 1e6:.2f} MB" if written else "–",
+                f"{t.get('convert_seconds', 0):.1f} s" if t.get("convert_seconds") else "–",
+                esc(written or t.get("skipped") or "; ".join(t.get("disagreeing") or [])),
+            )
+        )
+        classes.append("" if t.get("passed") else "fail")
+    headers = ["target", "verdict", "top-1 agreement", "max |prob diff|", "at own sizes", "size", "conversion", "folder, or why not"]  # fmt: skip
+    intro = (
+        "<p>Each target converted from the ONNX file by its own tool and run in its own runtime "
+        "on the held-out images against PyTorch; written only when top-1 agreement is at least "
+        "99.5% and probabilities differ by at most 1e-3 (files with the preprocessing inside: "
+        "also 99% top-1 agreement on the images at their own sizes).</p>"
+    )
+    return "<h3>Deployment targets</h3>" + intro + table(headers, rows, numeric=(2, 3, 4, 5, 6), row_classes=classes, raw=True)  # fmt: skip
 
 
 def _verify_block(checked: dict[str, Any]) -> str:

@@ -25,6 +25,7 @@ from pipeline.core.rundir import (
     ROC_PLOT,
     RunDir,
 )
+from pipeline.report.check_section import data_check_section
 from pipeline.report.compare import COMPARE_FILE, comparison_page
 from pipeline.report.export_section import verification_section
 from pipeline.report.heatmaps import heatmaps_section
@@ -44,6 +45,7 @@ from pipeline.report.page import (
     warning,
 )
 from pipeline.report.predictions import resolve_ref
+from pipeline.report.trust_section import trust_section
 from pipeline.train.solve import is_solve
 from zoo.errors import NotFound, ZooError
 from zoo.files import atomic_write, write_json
@@ -128,6 +130,7 @@ def run_page(run_dir: Path, record: RunRecord) -> str:
     source = record.data_source or "?"
     sections = [
         ("model", "Model and data", _model_and_data(run, record)),
+        ("data", "Data check", data_check_section(run_dir)),
         ("strategy", "Strategy and training", _strategy(record, solve=_is_solve(run))),
         ("curves", "Loss and accuracy", _curves(run)),
         ("metrics", "Per-class metrics and confusion matrix", _metrics(run, metrics)),
@@ -137,6 +140,7 @@ def run_page(run_dir: Path, record: RunRecord) -> str:
     sections += [
         ("mistakes", "Worst mistakes", _mistakes(predictions, source=source, metrics=metrics)),
         ("confused", "Most confused classes", _confused(metrics, predictions, source=source)),
+        ("trust", "Calibration and unknown inputs", trust_section(run_dir, record)),
         ("heatmaps", "Where the model looked", heatmaps_section(run_dir)),
         ("verification", "Export and verification", verification_section(run_dir)),
     ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pipeline.core.results import Metrics, write_predictions
 from pipeline.core.rundir import RunDir
+from pipeline.report.check_section import held_out_without_twins
 from pipeline.report.heatmaps import write_heatmaps
 from pipeline.report.html import refresh_report
 from pipeline.report.metrics import write_run_report
@@ -26,7 +27,18 @@ def write_results(
         class_names=run.split.class_names,
         title=f"{run.source.name} → {run.split.source_name}, {choice.strategy}",
         split=metrics_split,
-        extra={"best_epoch": state.best_epoch, "strategy": choice.strategy},
+        extra={
+            "best_epoch": state.best_epoch,
+            "strategy": choice.strategy,
+            # The figures again without held-out images that have a twin in training (check.json).
+            **held_out_without_twins(
+                run.run_dir,
+                run.split,
+                labels=scored.labels.numpy(),
+                scores=scored.logits.numpy(),
+                metrics_split=metrics_split,
+            ),
+        },
     )
     held_out = run.split.test if metrics_split == "test" else run.split.val
     predictions = image_predictions(

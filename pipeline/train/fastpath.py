@@ -23,7 +23,7 @@ from pipeline.surgery.strategies import get_strategy
 from pipeline.train.features import EVAL_BATCH as EVAL_BATCH  # re-exported: its old home
 from pipeline.train.features import FeatureCache
 from pipeline.train.features import preprocessed_batch as preprocessed_batch  # re-exported
-from pipeline.train.loaders import feature_loaders, image_loaders
+from pipeline.train.loaders import drawn_by_class, feature_loaders, image_loaders
 from pipeline.train.solve import FeatureSet
 
 if TYPE_CHECKING:
@@ -193,6 +193,7 @@ def _frozen_part_setup(
         flip=flip,
         storage=PREFIX_STORAGE,
     )
+    make_train = drawn_by_class(make_train, split.train, config)
     model = _SuffixModel(
         suffix, adapted.pool, adapted.head, channels_last=config.device == "cpu" and not head_only
     ).to(config.device)
@@ -260,6 +261,7 @@ def prepare(
     make_train, val, test = image_loaders(
         split, preprocess, augment=augment, flip=flip, config=config, dist=dist
     )
+    make_train = drawn_by_class(make_train, split.train, config)
     model = adapted.to(config.device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -7,13 +7,14 @@ per batch in onnxruntime when they do (augmentation) or when the cache has no ro
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
 from pipeline.core.distributed import SINGLE, Workers
 from pipeline.core.sessions import as_input_type, session_input_type
@@ -44,12 +45,35 @@ class _TrainLoader:
     options: dict[str, Any] = field(default_factory=dict)  # passed on to the DataLoader
     frozen: FeatureCache | None = None
     cut: str = ""
+    draws: Sequence[float] | None = None  # per training image: drawn with replacement by these
 
     def __call__(self, batch_size: int) -> Iterable:
-        loader = self.dist.train_loader(self.dataset, batch_size, seed=self.seed, **self.options)
+        if self.draws is not None and self.dist.alone:
+            # The sampler shares the loader's generator, which the epoch loop reseeds.
+            generator = torch.Generator().manual_seed(self.seed)
+            sampler = WeightedRandomSampler(
+                list(self.draws), len(self.draws), replacement=True, generator=generator
+            )
+            loader = DataLoader(
+                self.dataset, batch_size, sampler=sampler, generator=generator, **self.options
+            )
+        else:
+            loader = self.dist.train_loader(
+                self.dataset, batch_size, seed=self.seed, **self.options
+            )
         if self.frozen is None:
             return loader
         return _PrefixBatches(loader, self.frozen.session(self.cut), self.frozen.input_name)
+
+
+def drawn_by_class(
+    make_train: Callable[[int], Iterable], train: Sequence[Sample], config: TrainConfig
+) -> Callable[[int], Iterable]:
+    """`make_train` drawing each class equally often when `config` balances by a sampler."""
+    if config.balance != "sampler" or not config.class_weights:
+        return make_train
+    weights = config.class_weights
+    return dataclasses.replace(make_train, draws=[weights[s.label] for s in train])
 
 
 def image_loaders(

@@ -45,6 +45,18 @@ class TrainConfig:
     device: str = "cpu"  # resolved: "cpu" or "cuda"
     amp: bool = False  # bf16 autocast (CUDA only)
     channels_last: bool = False
+    # Unequal classes (pipeline.train.balance): "none", "weights" (in the loss) or "sampler"
+    # (each class drawn equally often); class_weights per class, mean 1 over the training images.
+    balance: str = "none"
+    class_weights: tuple[float, ...] | None = None
+
+    def loss_weights(self, device: str) -> torch.Tensor | None:
+        """The per-class weights of the training loss; None unless balancing by weights."""
+        if self.balance != "weights" or not self.class_weights:
+            return None
+        import torch
+
+        return torch.tensor(self.class_weights, dtype=torch.float32, device=device)
 
 
 @dataclass
@@ -152,6 +164,7 @@ def train_one_epoch(
 
     set_train_mode(model)
     warmup_steps = int(config.warmup_epochs * total_steps / max(1, config.epochs))
+    weights = config.loss_weights(config.device)
     loss_sum, correct, seen, step = 0.0, 0, 0, 0
     for inputs, labels in loader:
         inputs = inputs.to(config.device, non_blocking=True)
@@ -164,7 +177,9 @@ def train_one_epoch(
         )
         with torch.autocast(device_type=config.device, dtype=torch.bfloat16, enabled=config.amp):
             logits = model(inputs)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+            loss = F.cross_entropy(
+                logits.float(), labels, weight=weights, label_smoothing=config.label_smoothing
+            )
         if not torch.isfinite(loss):
             raise NonFiniteLoss(float(loss.detach()))
         optimizer.zero_grad(set_to_none=True)

@@ -4,7 +4,9 @@ Each score is a small torch module over what the adapted model computes anyway, 
 features that enter the head and the (temperature-scaled) logits, so that it exports into the
 ONNX graph as one more output and every runtime computes it. Higher always means more unusual.
 The candidates are registered in `SCORES`; `DEFAULT_SCORE` is the one measured best
-(BENCHMARKS.md, "Calibration and unknown inputs"): flowers5 against textures10 and digits.
+(BENCHMARKS.md, "Calibration and unknown inputs"): on a fine-tuned flowers5 model, `knn` had an
+AUROC of 0.989 against textures10 and 0.998 against digits, `mahalanobis` 0.960 and 0.994,
+`max_softmax` 0.883 and 0.961, `energy` 0.887 and 0.929.
 
 - `max_softmax`: 1 - the top probability (Hendrycks and Gimpel 2017).
 - `energy`: -logsumexp(logits) (Liu et al. 2020).
@@ -29,8 +31,11 @@ from torch import nn
 from pipeline.core.registry import Registry
 from zoo.errors import DataError
 
-DEFAULT_SCORE = "mahalanobis"
+DEFAULT_SCORE = "knn"
 KNN_K = 5  # neighbours for `knn`: the k-th nearest training feature
+# Training features `knn` keeps at most (evenly from each class): 2,048 x 1,280 float32 features
+# of EfficientNet-Lite0 add 10 MB to the exported file. Sun et al. (2022) keep 1% of ImageNet.
+KNN_BANK = 2048
 EIGEN_FLOOR = 1e-6  # relative to the largest eigenvalue: directions without variance stay finite
 
 
@@ -68,20 +73,28 @@ class Energy(nn.Module):
 
 class Mahalanobis(nn.Module):
     """min over classes of (f - mean_c)^T Σ^-1 (f - mean_c), computed as squared distances of
-    whitened features (`whitening` W with W W^T = Σ^-1) to the whitened class means."""
+    whitened features (`whitening` W with W W^T = Σ^-1) to the whitened class means.
 
-    def __init__(self, whitening: torch.Tensor, projected_means: torch.Tensor) -> None:
+    The features are centred on the mean of the class means first: the expansion of the squared
+    distance below then subtracts numbers of the size of the distances, not of the features'
+    norms, and float32 keeps the score of an ordinary image to about 1e-5 of itself.
+    """
+
+    def __init__(
+        self, whitening: torch.Tensor, projected_means: torch.Tensor, centre: torch.Tensor
+    ) -> None:
         super().__init__()
         self.register_buffer("whitening", whitening.contiguous())
         self.register_buffer("projected_means", projected_means.contiguous())
         self.register_buffer("mean_norms", (projected_means * projected_means).sum(dim=1))
+        self.register_buffer("centre", centre.contiguous())
 
     @classmethod
     def from_state(cls, state: Mapping[str, torch.Tensor]) -> Mahalanobis:
-        return cls(state["whitening"], state["projected_means"])
+        return cls(state["whitening"], state["projected_means"], state["centre"])
 
     def forward(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        z = features @ self.whitening
+        z = (features - self.centre) @ self.whitening
         # |z - m|^2 = |z|^2 - 2 z.m + |m|^2: a [N, C] matrix, never an [N, C, D] tensor.
         squared = (z * z).sum(dim=1, keepdim=True) - 2.0 * z @ self.projected_means.T
         distances = squared + self.mean_norms
@@ -126,16 +139,35 @@ def fit_mahalanobis(features: np.ndarray, labels: np.ndarray, num_classes: int) 
     eigenvalues, eigenvectors = np.linalg.eigh(covariance)
     eigenvalues = np.maximum(eigenvalues, EIGEN_FLOOR * max(float(eigenvalues.max()), 1e-12))
     whitening = eigenvectors / np.sqrt(eigenvalues)
+    centre = means.mean(axis=0)
     return Mahalanobis(
         torch.from_numpy(whitening.astype(np.float32)),
-        torch.from_numpy((means @ whitening).astype(np.float32)),
+        torch.from_numpy(((means - centre) @ whitening).astype(np.float32)),
+        torch.from_numpy(centre.astype(np.float32)),
     )
 
 
 def fit_knn(features: np.ndarray, labels: np.ndarray, num_classes: int) -> KNearest:
-    """The training features themselves, at unit length."""
-    bank = torch.from_numpy(np.asarray(features, np.float32))
+    """The training features themselves at unit length, at most KNN_BANK of them."""
+    if len(features) == 0:
+        raise DataError("no training images to compare new images with; add training images")
+    kept = _evenly(np.asarray(labels, np.int64), KNN_BANK)
+    bank = torch.from_numpy(np.asarray(features, np.float32)[kept])
     return KNearest(nn.functional.normalize(bank, dim=1).T)
+
+
+def _evenly(labels: np.ndarray, limit: int) -> np.ndarray:
+    """Indices of at most `limit` rows, the classes taking turns (seeded: the same every run)."""
+    if len(labels) <= limit:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(0)
+    queues = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in np.unique(labels)]
+    chosen: list[int] = []
+    while len(chosen) < limit:
+        for queue in queues:
+            if queue and len(chosen) < limit:
+                chosen.append(queue.pop())
+    return np.sort(np.asarray(chosen))
 
 
 SCORES.add("max_softmax", ScoreKind(MaxSoftmax, _no_fit(MaxSoftmax)))

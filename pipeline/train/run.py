@@ -23,11 +23,13 @@ from pipeline.core.options import AdaptOptions
 from pipeline.core.record import RecordedChoice, RunRecord
 from pipeline.core.rundir import LiveRecord, RunDir
 from pipeline.core.samples import DataSplit
+from pipeline.data.check import class_balance
 from pipeline.data.prepare import flip_for
 from pipeline.surgery import discover_blocks, make_plan
 from pipeline.surgery.build import BuiltModel
 from pipeline.surgery.strategies import get_strategy
 from pipeline.train import fastpath
+from pipeline.train.balance import plan_balance
 from pipeline.train.loop import EvalResult, TrainConfig, TrainState, evaluate, fit
 from pipeline.train.solve import fit_head
 from pipeline.train.strategy_choice import (
@@ -69,13 +71,14 @@ class Trained(NamedTuple):
     record: LiveRecord
 
 
-def train_config(
-    options: AdaptOptions, strategy: str, device: str, *, train_images: int
-) -> TrainConfig:
-    """The hyperparameters of a run with `strategy`: the options, defaults filled in by strategy."""
+def train_config(run: RunContext, strategy: str, device: str) -> TrainConfig:
+    """The hyperparameters of a run with `strategy`: the options, defaults filled in by strategy
+    and, for unequal classes, by the data (pipeline.train.balance)."""
+    options, split = run.options, run.split
     epochs = options.epochs or default_epochs(
-        strategy, train_images=train_images, batch_size=options.batch_size
+        strategy, train_images=len(split.train), batch_size=options.batch_size
     )
+    balance = plan_balance(options.balance, class_balance(split), workers=run.dist.world_size)
     return TrainConfig(
         epochs=epochs,
         batch_size=options.batch_size,
@@ -90,6 +93,8 @@ def train_config(
         # oneDNN's depthwise convolutions run faster channels-last: a whole-model step of
         # EfficientNet-Lite0 on the 2-core CPU 1.7x at 224 px, 1.4x at 128 (batch 32).
         channels_last=device in ("cuda", "cpu"),
+        balance=balance.mode,
+        class_weights=balance.class_weights,
     )
 
 
@@ -105,7 +110,7 @@ def _choose(run: RunContext, built: BuiltModel, device: str, *, num_blocks: int)
         split=split,
         native=run.source.native,
         preprocess=built.preprocess,
-        config=train_config(options, "finetune", device, train_images=len(split.train)),
+        config=train_config(run, "finetune", device),
         num_blocks=num_blocks,
         cache_dir=run.workspace.features_dir,
         model_sha256=run.source.sha256,
@@ -253,7 +258,7 @@ def _probe_again(
 ) -> Trained | None:
     """The probe's head on the pretrained weights, solved again on the cached features."""
     plan = _freeze_plan(run, pretrained, trained.choice, built.preprocess)
-    config = train_config(run.options, "feature", device, train_images=len(run.split.train))
+    config = train_config(run, "feature", device)
     trained.record.update(hyperparameters=dataclasses.asdict(config))
     setup = _setup(run, trained.record, "feature", built, pretrained, plan, config)
     if not run.dist.is_main and not setup.dist.enabled:
@@ -274,7 +279,7 @@ def train_run(
     pretrained = copy.deepcopy(built.adapted) if settles(choice) else None
     adapted = built.adapted
     plan = _freeze_plan(run, adapted, choice, built.preprocess)
-    config = train_config(run.options, choice.strategy, device, train_images=len(run.split.train))
+    config = train_config(run, choice.strategy, device)
     record = _start_record(run, choice, [b.name for b in blocks], config, built)
     setup = _setup(run, record, choice.strategy, built, adapted, plan, config)
     record.update(timings=laps("cache"))  # filled as the run goes; run.json has them when done

@@ -56,6 +56,8 @@ class FeatureSet:
 
     features: torch.Tensor
     labels: torch.Tensor
+    # Per-class weights of the training loss (pipeline.train.balance); None: every image counts 1.
+    class_weights: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,7 @@ def _solve_linear(
     import torch.nn.functional as F
 
     inputs, labels = train.features, train.labels
+    classes = None if train.class_weights is None else train.class_weights.to(inputs)
     weight = torch.zeros(num_classes, inputs.shape[1], dtype=inputs.dtype)
     bias = torch.zeros(num_classes, dtype=inputs.dtype)
     if start is not None:
@@ -184,7 +187,7 @@ def _solve_linear(
         nonlocal evaluations
         optimizer.zero_grad(set_to_none=False)
         logits = inputs @ weight.T + bias
-        loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
+        loss = F.cross_entropy(logits, labels, weight=classes, label_smoothing=smoothing)
         loss = loss + 0.5 * weight_decay * weight.pow(2).sum()
         loss.backward()
         evaluations += 1
@@ -212,7 +215,7 @@ def _standardised(train: FeatureSet, val: FeatureSet) -> _Scaled:
     return _Scaled(
         mean,
         std,
-        FeatureSet((train.features - mean) / std, train.labels),
+        FeatureSet((train.features - mean) / std, train.labels, train.class_weights),
         FeatureSet((val.features - mean) / std, val.labels),
     )
 
@@ -230,7 +233,7 @@ def fit_linear(
     import torch
 
     scaled = _standardised(
-        FeatureSet(train.features.double(), train.labels),
+        dataclasses.replace(train, features=train.features.double()),
         FeatureSet(val.features.double(), val.labels),
     )
     num_classes = linear.out_features
@@ -406,7 +409,12 @@ def _adam_epoch(
     for first in range(0, count, config.batch_size):
         batch = order[first : first + config.batch_size]
         logits = head(features[batch])
-        loss = F.cross_entropy(logits, labels[batch], label_smoothing=config.label_smoothing)
+        loss = F.cross_entropy(
+            logits,
+            labels[batch],
+            weight=scaled.train.class_weights,
+            label_smoothing=config.label_smoothing,
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -479,6 +487,12 @@ def _fit(
     max_epochs: int | None,
     log: Callable[[str], None],
 ) -> HeadFit:
+    # A sampler's balance, in expectation, is the weights' balance: the solver weights the loss.
+    weights = config.class_weights if config.balance in ("weights", "sampler") else None
+    if weights:
+        import torch
+
+        train = dataclasses.replace(train, class_weights=torch.tensor(weights))
     if is_linear_head(head):
         result = fit_linear(
             _first_linear(head),

@@ -25,6 +25,7 @@ from torch import nn
 
 from pipeline.core.rundir import RunDir
 from pipeline.core.trust import LOGITS_NOTE, OOD_OUTPUT, CalibrationRecord, OodRecord
+from pipeline.data.split import ImageDataset
 from pipeline.train.calibrate import calibrate
 from pipeline.train.features import EVAL_BATCH
 from pipeline.train.ood import DEFAULT_SCORE, fit_score, load_score, score, threshold_for
@@ -81,12 +82,27 @@ def head_inputs(
 
 @dataclasses.dataclass(frozen=True)
 class Trust:
-    """What `fit_trust` found: the two records, the fitted score and the validation scores."""
+    """What `fit_trust` found: the two records, the fitted score, and what they were chosen and
+    measured on (kept in trust.safetensors, so that a threshold or temperature can be chosen again)."""
 
     calibration: CalibrationRecord
     ood: OodRecord
     scorer: nn.Module
     val_scores: np.ndarray
+    val: HeadInputs | None = None
+    held_out: HeadInputs | None = None
+    held_out_scores: np.ndarray | None = None
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """The arrays trust.safetensors keeps beside the score's own tensors."""
+        found = {"val_scores": np.asarray(self.val_scores, np.float64)}
+        for name, part in (("val", self.val), ("held_out", self.held_out)):
+            if part is not None:
+                found[f"{name}_logits"] = np.asarray(part.logits, np.float32)
+                found[f"{name}_labels"] = np.asarray(part.labels, np.int64)
+        if self.held_out_scores is not None:
+            found["held_out_scores"] = np.asarray(self.held_out_scores, np.float64)
+        return found
 
 
 def fit_on(
@@ -120,7 +136,7 @@ def fit_on(
         val_kept=round(float(np.mean(val_scores <= threshold)), 6),
         test_kept=round(float(np.mean(held_scores <= threshold)), 6) if len(held_scores) else None,
     )
-    return Trust(calibration, ood, scorer, val_scores)
+    return Trust(calibration, ood, scorer, val_scores, val, held_out, held_scores)
 
 
 def fit_trust(
@@ -142,8 +158,7 @@ def fit_trust(
     held_loader = setup.test_loader if held_out_split == "test" else setup.val_loader
     val = head_inputs(model, setup.val_loader, config=config, dist=dist)
     held_out = head_inputs(model, held_loader, config=config, dist=dist)
-    # The training images as training saw them (augmented, when the run augments).
-    train = head_inputs(model, setup.make_train_loader(EVAL_BATCH), config=config, dist=dist)
+    train = head_inputs(model, _unaugmented(setup.make_train_loader)(EVAL_BATCH), config=config, dist=dist)  # fmt: skip
     try:
         trust = fit_on(train, val, held_out, num_classes=val.logits.shape[1], keep=keep, held_out_split=held_out_split)  # fmt: skip
     except (DataError, ValueError, np.linalg.LinAlgError) as exc:
@@ -151,7 +166,7 @@ def fit_trust(
         return None
     record.update(calibration=trust.calibration, ood=trust.ood)
     if record.writes:
-        save_trust(record.run_dir, trust.scorer, trust.val_scores)
+        save_trust(record.run_dir, trust)
     calibration, ood = trust.calibration, trust.ood
     log(
         f"calibrated: temperature {calibration.temperature:.3f}, {held_out_split} ECE "
@@ -162,14 +177,24 @@ def fit_trust(
     return trust
 
 
-def save_trust(run: RunDir, scorer: nn.Module, val_scores: np.ndarray) -> None:
-    """trust.safetensors: the score's tensors and the validation scores, atomically."""
+def _unaugmented(make_train_loader: Any) -> Any:
+    """The run's training loader with its images as they are: the score describes the training
+    images as validation, test and new images are seen (pipeline.train.loaders._TrainLoader)."""
+    dataset = getattr(make_train_loader, "dataset", None)
+    if isinstance(dataset, ImageDataset) and dataset.augment != "none":
+        plain = ImageDataset(dataset.samples, dataset.preprocess)
+        return dataclasses.replace(make_train_loader, dataset=plain)
+    return make_train_loader
+
+
+def save_trust(run: RunDir, trust: Trust) -> None:
+    """trust.safetensors: the score's tensors, the validation and held-out logits and scores."""
     from safetensors.torch import save_file
 
     from zoo.files import atomic_write
 
-    tensors = {SCORER_PREFIX + k: v.detach().cpu().contiguous() for k, v in scorer.state_dict().items()}  # fmt: skip
-    tensors["val_scores"] = torch.from_numpy(np.asarray(val_scores, np.float64))
+    tensors = {SCORER_PREFIX + k: v.detach().cpu().contiguous() for k, v in trust.scorer.state_dict().items()}  # fmt: skip
+    tensors.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in trust.tensors().items()})  # fmt: skip
     atomic_write(run.trust_file, lambda tmp: save_file(tensors, tmp))
 
 
@@ -180,12 +205,12 @@ def load_trust(run: RunDir, ood: OodRecord) -> tuple[nn.Module, np.ndarray]:
 
     try:
         tensors = load_file(str(run.trust_file))
-    except (SafetensorError, OSError, ValueError) as exc:
+        state = {k[len(SCORER_PREFIX) :]: v for k, v in tensors.items() if k.startswith(SCORER_PREFIX)}  # fmt: skip
+        return load_score(ood.score, state), tensors["val_scores"].numpy()
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:
         raise ZooError(
-            f"{run.trust_file} is missing or damaged ({exc}); re-run `zoo adapt` to fit the unknown score again"
+            f"{run.trust_file} is missing or damaged ({exc!r}); re-run `zoo adapt` to fit the unknown score again"
         ) from exc
-    state = {k[len(SCORER_PREFIX) :]: v for k, v in tensors.items() if k.startswith(SCORER_PREFIX)}
-    return load_score(ood.score, state), tensors["val_scores"].numpy()
 
 
 class TrustedModel(nn.Module):

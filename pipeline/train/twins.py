@@ -20,6 +20,7 @@ all but CALIBRATION_MISS of them (`calibrate`).
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 from pipeline.core.samples import Sample
-from pipeline.data.facts import THUMB_PX, looks
+from pipeline.data.facts import looks
 from pipeline.data.images import open_image, preprocess_image
 from pipeline.train.features import EVAL_BATCH, FeatureCache, load_cached, store_cached
 
@@ -42,6 +43,11 @@ SHIFT_PX = 2  # step of the crop offsets, in thumbnail pixels
 CALIBRATION_COPIES = 48  # augmented copies measured to set the threshold
 CALIBRATION_MISS = 0.05  # the share of those copies the threshold may miss
 COPY_RECIPE = "twins-copies-v1"  # names the copies in the feature cache's key
+CHANCE_QUANTILE = 0.99  # of the scores of pairs joining two classes: the threshold's floor
+CHANCE_PAIRS = 20  # such pairs needed before the floor is trusted
+MIN_COMPARE_PX = (
+    32  # images whose shorter side is mostly under this are not compared (too few pixels)
+)
 
 
 @dataclass(frozen=True)
@@ -60,11 +66,13 @@ class Calibration:
     threshold: float
     copies: int  # augmented copies scored
     scores: list[float]  # their scores against their originals, lowest first
+    floor: float | None = None  # the chance floor, when it raised the threshold (`chance_floor`)
 
     def to_dict(self) -> dict[str, object]:
         return {
             "copies": self.copies,
-            "kept": CALIBRATION_MISS and 1 - CALIBRATION_MISS,
+            "raised_to_chance_floor": self.floor,
+            "kept": 1 - CALIBRATION_MISS,
             "recipe": "flip, crop to 80-95% per side, brightness and saturation x0.8-1.2, JPEG q70-90",
             "lowest_scores": [round(s, 3) for s in self.scores[:5]],
         }
@@ -77,7 +85,9 @@ def unit_rows(features: np.ndarray) -> np.ndarray:
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
-def nearest(unit: np.ndarray, others: np.ndarray, *, count: int, same: bool) -> tuple[np.ndarray, np.ndarray]:
+def nearest(
+    unit: np.ndarray, others: np.ndarray, *, count: int, same: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """(indices, cosines) of the `count` rows of `others` nearest each row of `unit`, best first.
 
     `same`: `unit` is `others`, and a row is not its own neighbour.
@@ -114,22 +124,36 @@ def _normalised(rows: np.ndarray) -> np.ndarray:
     return rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-6)
 
 
+@functools.lru_cache(maxsize=8)
+def _window_index(side: int, scales: tuple[float, ...]) -> tuple[np.ndarray, ...]:
+    """Where each crop's WINDOW_PX x WINDOW_PX cells begin and end in a flattened integral image
+    of a side x side thumbnail: (bottom-right, top-right, bottom-left, top-left, cell area)."""
+    corners: list[list[np.ndarray]] = [[], [], [], [], []]
+    for scale in scales:
+        width = scale * side
+        offsets = np.arange(0, side - width + 1e-6, SHIFT_PX) if scale < 1 else np.zeros(1)
+        cells = np.arange(WINDOW_PX + 1) * width / WINDOW_PX
+        edges = np.round(offsets[:, None] + cells).astype(int)
+        y0, y1 = edges[:, None, :-1, None], edges[:, None, 1:, None]
+        x0, x1 = edges[None, :, None, :-1], edges[None, :, None, 1:]
+        stride = side + 1
+        for slot, flat in enumerate(
+            (y1 * stride + x1, y0 * stride + x1, y1 * stride + x0, y0 * stride + x0)
+        ):
+            corners[slot].append(flat.reshape(-1, WINDOW_PX * WINDOW_PX))
+        area = np.maximum((y1 - y0) * (x1 - x0), 1)
+        corners[4].append(np.broadcast_to(area, flat.shape).reshape(-1, WINDOW_PX * WINDOW_PX))
+    return tuple(np.concatenate(c) for c in corners)
+
+
 def views(thumb: np.ndarray, scales: Sequence[float] = CROP_SCALES) -> np.ndarray:
     """[V, WINDOW_PX**2] normalised crops of a thumbnail (each scale at every SHIFT_PX offset),
     as area averages through an integral image."""
     side = thumb.shape[0]
-    integral = np.pad(thumb.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    out = []
-    for scale in scales:
-        width = scale * side
-        offsets = np.arange(0, side - width + 1e-6, SHIFT_PX) if scale < 1 else np.zeros(1)
-        edges = np.round(offsets[:, None] + np.arange(WINDOW_PX + 1) * width / WINDOW_PX).astype(int)
-        y0, y1 = edges[:, None, :-1, None], edges[:, None, 1:, None]
-        x0, x1 = edges[None, :, None, :-1], edges[None, :, None, 1:]
-        sums = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-        area = np.maximum((y1 - y0) * (x1 - x0), 1)
-        out.append((sums / area).reshape(-1, WINDOW_PX * WINDOW_PX))
-    return _normalised(np.concatenate(out)).astype(np.float32)
+    integral = np.pad(thumb.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0))).ravel()
+    br, tr, bl, tl, area = _window_index(side, tuple(scales))
+    sums = integral[br] - integral[tr] - integral[bl] + integral[tl]
+    return _normalised(sums / area).astype(np.float32)
 
 
 def pixel_agreement(thumbs: np.ndarray, pairs: Sequence[tuple[int, int]]) -> np.ndarray:
@@ -152,8 +176,8 @@ def pixel_agreement(thumbs: np.ndarray, pairs: Sequence[tuple[int, int]]) -> np.
 # ----------------------------------------------------------------------------- pairs
 
 
-def near_pairs(unit: np.ndarray, thumbs: np.ndarray, *, threshold: float) -> list[Pair]:
-    """Every pair of images whose score reaches `threshold`, best first."""
+def scored_pairs(unit: np.ndarray, thumbs: np.ndarray, *, at_least: float) -> list[Pair]:
+    """Each image with its CANDIDATES nearest, scored, where the score can reach `at_least`."""
     if len(unit) < 2:
         return []
     index, sims = nearest(unit, unit, count=max(CANDIDATES, DENSITY_RANKS[1]), same=True)
@@ -162,7 +186,7 @@ def near_pairs(unit: np.ndarray, thumbs: np.ndarray, *, threshold: float) -> lis
     for a in range(len(unit)):
         for b, sim in zip(index[a, :CANDIDATES], sims[a, :CANDIDATES], strict=True):
             local = 2 * float(sim) - dens[a] - dens[int(b)]
-            if local + PIXEL_WEIGHT >= threshold:  # could reach it if the pixels agree fully
+            if local + PIXEL_WEIGHT >= at_least:  # could reach it if the pixels agree fully
                 found[(min(a, int(b)), max(a, int(b)))] = local
     candidates = sorted(found)
     agreement = pixel_agreement(thumbs, candidates)
@@ -170,7 +194,20 @@ def near_pairs(unit: np.ndarray, thumbs: np.ndarray, *, threshold: float) -> lis
         Pair(a, b, found[(a, b)] + PIXEL_WEIGHT * float(ncc))
         for (a, b), ncc in zip(candidates, agreement, strict=True)
     ]
-    return sorted((p for p in pairs if p.score >= threshold), key=lambda p: -p.score)
+    return sorted(pairs, key=lambda p: -p.score)
+
+
+def chance_floor(pairs: Sequence[Pair], labels: Sequence[int]) -> float | None:
+    """Where chance look-alikes score: the CHANCE_QUANTILE of the pairs joining two classes.
+
+    Two images of different classes are rarely one picture, so their scores show how far chance
+    similarity reaches in this data (8x8 digits: past the copies' own); the top share is left
+    out, as it may hold real duplicates under two labels. None with too few such pairs.
+    """
+    across = [p.score for p in pairs if labels[p.a] != labels[p.b]]
+    if len(across) < CHANCE_PAIRS:
+        return None
+    return float(np.quantile(across, CHANCE_QUANTILE))
 
 
 def groups_of(count: int, links: Sequence[tuple[int, int]]) -> list[int]:
@@ -215,7 +252,9 @@ def _copies(samples: Sequence[Sample]) -> list[Image.Image]:
     return [augmented_copy(open_image(s.ref), rng) for s in samples]
 
 
-def copy_features(cache: FeatureCache, originals: Sequence[Sample], copies: Sequence[Image.Image]) -> np.ndarray:
+def copy_features(
+    cache: FeatureCache, originals: Sequence[Sample], copies: Sequence[Image.Image]
+) -> np.ndarray:
     """The frozen features of in-memory copies, cached under their originals' key."""
     key = cache.key(originals, f"{cache.feature_name}#{COPY_RECIPE}")
     keep = bool(cache.model_sha256)
@@ -224,18 +263,24 @@ def copy_features(cache: FeatureCache, originals: Sequence[Sample], copies: Sequ
         return found
     session = cache.session(cache.feature_name)
     batches = [
-        np.stack([preprocess_image(img, cache.preprocess) for img in copies[start : start + EVAL_BATCH]])
+        np.stack(
+            [preprocess_image(img, cache.preprocess) for img in copies[start : start + EVAL_BATCH]]
+        )
         for start in range(0, len(copies), EVAL_BATCH)
     ]
     from pipeline.core.sessions import run_batches
 
-    result = run_batches(session, input_name=cache.input_name, batches=(b.astype(np.float32) for b in batches))
+    result = run_batches(
+        session, input_name=cache.input_name, batches=(b.astype(np.float32) for b in batches)
+    )
     if keep:
         store_cached(cache.cache_dir, key, result)
     return result
 
 
-def calibrate(cache: FeatureCache, samples: Sequence[Sample], unit: np.ndarray, thumbs: np.ndarray) -> Calibration:
+def calibrate(
+    cache: FeatureCache, samples: Sequence[Sample], unit: np.ndarray, thumbs: np.ndarray
+) -> Calibration:
     """The threshold that keeps all but CALIBRATION_MISS of measured augmented copies.
 
     Copies of CALIBRATION_COPIES images spread over the list are scored against their originals
@@ -246,19 +291,16 @@ def calibrate(cache: FeatureCache, samples: Sequence[Sample], unit: np.ndarray, 
     originals = [samples[i] for i in chosen]
     copies = _copies(originals)
     copy_unit = unit_rows(copy_features(cache, originals, copies))
-    _, copy_sims = nearest(copy_unit, unit, count=DENSITY_RANKS[1], same=False)
-    _, own_sims = nearest(unit[chosen], unit, count=DENSITY_RANKS[1], same=False)
     cos = np.sum(copy_unit * unit[chosen], axis=1)
-    # The original among the copy's neighbours is its twin; without it, the rest is the density.
-    own_density = density(own_sims[:, 1:])  # rank 0 is the original itself
-    copy_density = density(copy_sims[:, 1:])
+    # As if the copy were in the data: the original is among the copy's neighbours, and the copy
+    # among the original's (in place of the original itself, its rank 0 here).
+    _, copy_sims = nearest(copy_unit, unit, count=DENSITY_RANKS[1], same=False)
+    _, own_sims = nearest(unit[chosen], unit, count=DENSITY_RANKS[1] + 1, same=False)
+    own_sims = -np.sort(-np.concatenate([cos[:, None], own_sims[:, 1:]], axis=1), axis=1)
+    own_density, copy_density = density(own_sims), density(copy_sims)
     copy_thumbs = np.stack([looks(img)[1] for img in copies])
     both = np.concatenate([thumbs[chosen], copy_thumbs])
     agreement = pixel_agreement(both, [(i, len(chosen) + i) for i in range(len(chosen))])
     scores = np.sort(2 * cos - own_density - copy_density + PIXEL_WEIGHT * agreement)
     threshold = float(np.quantile(scores, CALIBRATION_MISS)) if len(scores) else 2.0 + PIXEL_WEIGHT
     return Calibration(threshold, len(scores), [float(s) for s in scores])
-
-
-def thumb_shape_ok(thumbs: np.ndarray) -> bool:
-    return thumbs.ndim == 3 and thumbs.shape[1:] == (THUMB_PX, THUMB_PX)

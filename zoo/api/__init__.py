@@ -12,6 +12,7 @@ the `zoo.errors` hierarchy.
 
 from __future__ import annotations
 
+from zoo.api.data import check
 from zoo.api.models import Model, cache_entries, fetch, info, inspect, list_models, rank
 from zoo.api.runs import Run, evaluate, export, open_run, predict, predictions, report, verify
 from zoo.api.training import adapt, compare
@@ -21,6 +22,7 @@ __all__ = [
     "Run",
     "adapt",
     "cache_entries",
+    "check",
     "compare",
     "evaluate",
     "export",

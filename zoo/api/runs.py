@@ -173,6 +173,7 @@ def export(
     quantize: str | None = None,
     targets: str | Sequence[str] = "onnx",
     embed_preprocess: bool | None = None,
+    keep: float | None = None,
     models_dir: PathLike | None = None,
     catalog: CatalogLike = None,
     log: Log | None = None,
@@ -182,6 +183,7 @@ def export(
     `targets`: "onnx,openvino,tflite,web" or "all" (every installed one); each target but onnx
     is converted from the ONNX file, gated again and written to RUN/deploy/<target>/ if it passes.
     `embed_preprocess`: the preprocessing inside the files (None: each target's default).
+    `keep`: choose the unknown threshold again to keep this share of validation images.
 
     >>> summary = zoo.export("models/efficientnet-lite0-digits-10c")  # doctest: +SKIP
     >>> summary.path, summary.verified  # doctest: +SKIP
@@ -202,6 +204,7 @@ def export(
         quantize=quantize,
         targets=targets,
         embed_preprocess=embed_preprocess,
+        keep=keep,
         log=logger(log),
     )
     record_export(summary.run_dir, summary, log=logger(log))  # export.json; report.html reads it
@@ -255,8 +258,12 @@ def predictions(
     provider: str = "cpu",
     preprocess: PreprocessLike = None,
     catalog: CatalogLike = None,
+    reject: bool = True,
 ) -> list[Prediction]:
     """One Prediction (image, top-k, or why it is unreadable) per image; folders and globs expand.
+
+    A file with an unknown score gives each image's `ood_score`; with `reject`, `unknown` is True
+    for the images past its threshold (zoo.ood in the file's metadata).
 
     >>> [p.top[0] for p in zoo.predictions("run/model.onnx", "photos/")]  # doctest: +SKIP
     [('cat', 0.97), ('dog', 0.88)]
@@ -270,6 +277,7 @@ def predictions(
         top_k=top_k,
         provider=provider,
         preprocess=preprocess_request(preprocess),
+        reject=reject,
     )
 
 
@@ -280,20 +288,25 @@ def predict(
     top_k: int = 5,
     preprocess: PreprocessLike = None,
     catalog: CatalogLike = None,
+    reject: bool = True,
 ) -> list[list[tuple[str, float]]]:
     """Top-k (label, probability) per image, from the ONNX file alone; DataError if one is unreadable.
+
+    With `reject`, an image past the file's unknown threshold gives [("unknown", its score)].
 
     >>> zoo.predict("run/model.onnx", ["a.png", "b.png"], top_k=1)  # doctest: +SKIP
     [[('7', 0.98)], [('1', 0.95)]]
     """
-    found = predictions(path, images, top_k=top_k, preprocess=preprocess, catalog=catalog)
+    found = predictions(
+        path, images, top_k=top_k, preprocess=preprocess, catalog=catalog, reject=reject
+    )
     unreadable = [p for p in found if p.error]
     if unreadable:
         raise DataError(
             f"{unreadable[0].image} is unreadable ({unreadable[0].error}); "
             "pass image files only, or use zoo.predictions to skip such files"
         )
-    return [p.top for p in found]
+    return [[("unknown", p.ood_score)] if p.unknown else p.top for p in found]
 
 
 def evaluate(
@@ -303,8 +316,12 @@ def evaluate(
     plot: PathLike | None = None,
     preprocess: PreprocessLike = None,
     catalog: CatalogLike = None,
+    reject: bool = True,
 ) -> Metrics:
     """Accuracy, macro precision/recall/F1 and confusion of an ONNX file on every image of `data`.
+
+    With `reject` and a file with an unknown score, `unknown` counts the images past its
+    threshold and `kept_accuracy` is the accuracy on the others.
 
     >>> zoo.evaluate("run/model.onnx", "builtin:digits").accuracy  # doctest: +SKIP
     0.91
@@ -317,6 +334,7 @@ def evaluate(
         catalog=catalog_of(catalog),
         plot=Path(plot) if plot is not None else None,
         preprocess=preprocess_request(preprocess),
+        reject=reject,
     )
 
 

@@ -1,0 +1,215 @@
+"""Calibration and "none of these" (issue 26, items 2 and 3), measured on the real photo sets.
+
+    python -m bench.trust candidates RUN      # the unknown-score candidates on a flowers5 run
+    python -m bench.trust calibration         # ECE before/after: flowers5 finetune, textures10
+                                              # feature, three seeds each
+    python -m bench.trust unknown RUN         # the exported file in onnxruntime: AUROC, rejected,
+                                              # kept, against textures10 and built-in digits
+
+In-distribution: flowers5's held-out images. Out-of-distribution: every textures10 image and the
+built-in digits (a fixed sample for the candidates, all 1,797 for the exported file). Figures go
+to stdout as markdown; BENCHMARKS.md's section "Calibration and unknown inputs" holds them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import MODEL_NAME, markdown_table
+
+SHARED = Path(os.environ.get("ZOO_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+FLOWERS = SHARED / "datasets" / "flowers5"
+TEXTURES = SHARED / "datasets" / "textures10"
+DIGITS = "builtin:digits"
+CANDIDATE_DIGITS = 600  # digits sampled for the candidate table (the exported file sees all)
+SEEDS = (0, 1, 2)
+
+
+def _images_of(source: str) -> list[Any]:
+    """Every image of a data source (all its splits)."""
+    from pipeline.data.sources import load_source
+
+    split = load_source(source, seed=0)
+    return split.train + split.val + split.test
+
+
+def _head_inputs(model: Any, samples: Sequence[Any], preprocess: Any, *, cache: Path) -> Any:
+    """Pooled features, logits and labels of `samples` through the run's torch model (kept in
+    `cache`, an .npz file, so that a second look costs nothing)."""
+    import torch
+
+    from pipeline.train.features import preprocessed_batch
+    from pipeline.train.loop import TrainConfig
+    from pipeline.train.trust import HeadInputs, head_inputs
+
+    if cache.is_file():
+        saved = np.load(cache)
+        return HeadInputs(saved["features"], saved["logits"], saved["labels"])
+
+    def batches() -> Any:
+        for start in range(0, len(samples), 32):
+            chunk = samples[start : start + 32]
+            images = torch.from_numpy(preprocessed_batch(chunk, preprocess))
+            yield images, torch.tensor([s.label for s in chunk])
+
+    config = TrainConfig(epochs=1, device="cpu", channels_last=False)
+    found = head_inputs(model, batches(), config=config)
+    np.savez(cache, features=found.features, logits=found.logits, labels=found.labels)
+    return found
+
+
+def candidate_table(run_dir: Path, *, models_dir: Path) -> str:
+    """AUROC of each registered score, fitted on the run's unaugmented training features."""
+    from pipeline.export.deploy import load_run
+    from pipeline.train.calibrate import fit_temperature
+    from pipeline.train.ood import SCORES, auroc, fit_score, score, threshold_for
+    from zoo.catalog import load_catalog
+
+    loaded = load_run(run_dir, models_dir=models_dir, catalog=load_catalog())
+    model, pre, split = loaded.model.model, loaded.preprocess, loaded.split
+    digits = random.Random(0).sample(_images_of(DIGITS), CANDIDATE_DIGITS)
+    parts = {"train": split.train, "val": split.val, "test": split.test, "textures10": _images_of(str(TEXTURES)), "digits": digits}  # fmt: skip
+    (run_dir / "bench-trust").mkdir(exist_ok=True)
+    found = {k: _head_inputs(model, v, pre, cache=run_dir / "bench-trust" / f"{k}.npz") for k, v in parts.items()}  # fmt: skip
+    train, val, test = found["train"], found["val"], found["test"]
+    unknown = {"textures10": found["textures10"], "digits": found["digits"]}
+    temperature = fit_temperature(val.logits, val.labels)
+    rows = []
+    for name in SCORES:
+        scorer = fit_score(name, train.features, train.labels, val.logits.shape[1])
+        values = {
+            key: score(scorer, part.features, part.logits / temperature)
+            for key, part in {"val": val, "test": test, **unknown}.items()
+        }
+        threshold = threshold_for(values["val"], 0.95)
+        row = [name]
+        for key in unknown:
+            row += [f"{auroc(values['test'], values[key]):.4f}", f"{np.mean(values[key] > threshold):.1%}"]  # fmt: skip
+        rows.append([*row, f"{np.mean(values['test'] <= threshold):.1%}"])
+    columns = ["score", "AUROC textures10", "rejected", "AUROC digits", "rejected", "flowers5 test kept"]  # fmt: skip
+    return markdown_table(columns, rows)
+
+
+def _adapted(data: Path, strategy: str, seed: int, *, models_dir: Path, out: Path) -> Path:
+    """One `zoo adapt` run (kept when `out` already holds a finished one)."""
+    import zoo
+
+    record = out / "run.json"
+    if not (record.is_file() and json.loads(record.read_text()).get("status") == "done"):
+        shutil.rmtree(out, ignore_errors=True)
+        zoo.adapt(MODEL_NAME, data=data, strategy=strategy, seed=seed, out=out, models_dir=models_dir, log=lambda _: None)  # fmt: skip
+    return out
+
+
+def _eces(run_dir: Path) -> list[float]:
+    """Test ECE: before; after the NLL temperature; after the Brier one; after the NLL one fitted
+    on the validation images the unknown threshold keeps; and those three temperatures (from the
+    run's trust.safetensors, which keeps the validation and test logits and scores)."""
+    from safetensors.numpy import load_file
+
+    from pipeline.train.calibrate import calibrate
+
+    saved = load_file(str(run_dir / "trust.safetensors"))
+    threshold = json.loads((run_dir / "run.json").read_text())["ood"]["threshold"]
+    kept = saved["val_scores"] <= threshold
+    held = {"measure_logits": saved["held_out_logits"], "measure_labels": saved["held_out_labels"]}
+    nll = calibrate(saved["val_logits"], saved["val_labels"], **held)
+    brier = calibrate(saved["val_logits"], saved["val_labels"], **held, objective="brier")
+    known = calibrate(saved["val_logits"][kept], saved["val_labels"][kept], **held)
+    return [nll.ece_before, nll.ece_after, brier.ece_after, known.ece_after, nll.temperature, brier.temperature, known.temperature]  # fmt: skip
+
+
+def calibration_table(*, models_dir: Path, work: Path) -> str:
+    """Test ECE before and after the temperature (NLL and Brier), per seed, and their means."""
+    rows = []
+    for data, strategy in ((FLOWERS, "finetune"), (TEXTURES, "feature")):
+        figures = []
+        for seed in SEEDS:
+            run_dir = _adapted(data, strategy, seed, models_dir=models_dir, out=work / f"{data.name}-{strategy}-{seed}")  # fmt: skip
+            figures.append(_eces(run_dir))
+            rows.append(
+                [data.name, strategy, seed, *(f"{v:.4f}" for v in figures[-1]), run_dir.name]
+            )
+            print(rows[-1], file=sys.stderr, flush=True)
+        mean = np.mean(figures, axis=0)
+        goal = max(mean[0] / 2, 0.03)
+        verdict = f"goal <= {goal:.4f}: " + ", ".join(f"{name} {'met' if value <= goal else 'NOT met'}" for name, value in zip(("NLL", "Brier", "NLL kept"), mean[1:4], strict=True))  # fmt: skip
+        rows.append([data.name, strategy, "mean", *(f"{v:.4f}" for v in mean), verdict])
+    columns = ["data", "strategy", "seed", "ECE before", "after (NLL T)", "after (Brier T)", "after (NLL T, kept)", "T (NLL)", "T (Brier)", "T (NLL, kept)", "run / goal"]  # fmt: skip
+    return markdown_table(columns, rows)
+
+
+def _onnx_outputs(session: Any, samples: Sequence[Any], preprocess: Any) -> dict[str, np.ndarray]:
+    """Every output of the exported file for `samples`, from onnxruntime."""
+    from pipeline.core.sessions import run_outputs
+    from pipeline.train.features import preprocessed_batch
+
+    names = [o.name for o in session.get_outputs()]
+    batches = (preprocessed_batch(samples[i : i + 64], preprocess) for i in range(0, len(samples), 64))  # fmt: skip
+    input_name = session.get_inputs()[0].name
+    values = run_outputs(session, input_name=input_name, batches=batches, names=names)
+    return dict(zip(names, values, strict=True))
+
+
+def unknown_table(run_dir: Path, *, models_dir: Path) -> str:
+    """The exported file alone, in onnxruntime: AUROC, rejected and kept at its stored threshold."""
+    import zoo
+    from pipeline.core.metadata import read_metadata
+    from pipeline.core.rundir import RunDir
+    from pipeline.core.sessions import create_session
+    from pipeline.train.ood import auroc
+    from zoo.catalog import load_catalog
+
+    onnx_path = run_dir / "model.onnx"
+    zoo.export(run_dir, out=onnx_path, models_dir=models_dir, catalog=load_catalog(), log=lambda _: None)  # fmt: skip
+    metadata = read_metadata(onnx_path)
+    ood, pre = metadata.ood, metadata.preprocess
+    session = create_session(onnx_path, "CPUExecutionProvider")
+    split = RunDir(run_dir).split()
+    known = _onnx_outputs(session, split.test, pre)[ood.output]
+    kept = float(np.mean(known <= ood.threshold))
+    rows = []
+    for name, source in (("textures10", str(TEXTURES)), ("digits", DIGITS)):
+        scores = _onnx_outputs(session, _images_of(source), pre)[ood.output]
+        rejected = float(np.mean(scores > ood.threshold))
+        rows.append([name, len(scores), f"{auroc(known, scores):.4f}", f"{rejected:.1%}", f"{kept:.1%}"])  # fmt: skip
+    columns = ["unknown images", "count", "AUROC", "rejected", f"flowers5 test kept ({len(known)})"]
+    title = f"`{onnx_path.name}` in onnxruntime, {ood.score} threshold {ood.threshold:.4g} (keep {ood.keep})"  # fmt: skip
+    return f"{title}\n\n{markdown_table(columns, rows)}"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["candidates", "calibration", "unknown"])
+    parser.add_argument("run", nargs="?", type=Path, help="a flowers5 run (candidates, unknown)")
+    parser.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "zoo-bench-trust")  # fmt: skip
+    args = parser.parse_args(argv)
+    if not FLOWERS.is_dir():
+        sys.exit(f"no flowers5 at {FLOWERS}; set ZOO_SHARED to the folder holding datasets/")
+    import zoo
+
+    zoo.fetch(MODEL_NAME, models_dir=args.models_dir)
+    if args.what == "calibration":
+        work = args.models_dir / "calibration-runs"
+        print(calibration_table(models_dir=args.models_dir, work=work))
+    elif args.run is None:
+        sys.exit(f"`{args.what}` needs RUN, a flowers5 run directory of zoo adapt")
+    elif args.what == "candidates":
+        print(candidate_table(args.run, models_dir=args.models_dir))
+    else:
+        print(unknown_table(args.run, models_dir=args.models_dir))
+
+
+if __name__ == "__main__":
+    main()
