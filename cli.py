@@ -347,7 +347,8 @@ def inspect_command(ctx: click.Context, name: str, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def export_command(ctx: click.Context, no_verify: bool, as_json: bool, **values: Any) -> None:
-    """Export a run (default: the latest) to ONNX; fails unless onnxruntime matches PyTorch."""
+    """Export a run (default: the latest) to ONNX, and with --target to OpenVINO, LiteRT or a web
+    page; each file is written only if its own runtime matches PyTorch on the held-out images."""
     summary = zoo.export(verify=not no_verify, log=console.info, **values, **_where(ctx))
     if as_json:
         console.emit_json(summary.to_dict())

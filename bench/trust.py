@@ -127,7 +127,26 @@ def _eces(run_dir: Path) -> list[float]:
     nll = calibrate(saved["val_logits"], saved["val_labels"], **held)
     brier = calibrate(saved["val_logits"], saved["val_labels"], **held, objective="brier")
     known = calibrate(saved["val_logits"][kept], saved["val_labels"][kept], **held)
-    return [nll.ece_before, nll.ece_after, brier.ece_after, known.ece_after, nll.temperature, brier.temperature, known.temperature]  # fmt: skip
+    floor = _ece_floor(saved["held_out_logits"] / brier.temperature)
+    return [nll.ece_before, nll.ece_after, brier.ece_after, known.ece_after, floor, nll.temperature, brier.temperature, known.temperature]  # fmt: skip
+
+
+def _ece_floor(logits: np.ndarray, draws: int = 400) -> float:
+    """The mean ECE of a perfectly calibrated model with these confidences on this many images:
+    each image right with the probability it gives (what binning and sampling alone add)."""
+    from scipy.special import softmax
+
+    from pipeline.train.calibrate import reliability
+
+    probs = softmax(np.asarray(logits, np.float64), axis=1)
+    confidence, predicted = probs.max(axis=1), probs.argmax(axis=1)
+    rng = np.random.default_rng(0)
+    found = []
+    for _ in range(draws):
+        right = rng.random(len(confidence)) < confidence
+        labels = np.where(right, predicted, (predicted + 1) % probs.shape[1])
+        found.append(reliability(probs, labels).ece)
+    return float(np.mean(found))
 
 
 def calibration_table(*, models_dir: Path, work: Path) -> str:
@@ -146,7 +165,7 @@ def calibration_table(*, models_dir: Path, work: Path) -> str:
         goal = max(mean[0] / 2, 0.03)
         verdict = f"goal <= {goal:.4f}: " + ", ".join(f"{name} {'met' if value <= goal else 'NOT met'}" for name, value in zip(("NLL", "Brier", "NLL kept"), mean[1:4], strict=True))  # fmt: skip
         rows.append([data.name, strategy, "mean", *(f"{v:.4f}" for v in mean), verdict])
-    columns = ["data", "strategy", "seed", "ECE before", "after (NLL T)", "after (Brier T)", "after (NLL T, kept)", "T (NLL)", "T (Brier)", "T (NLL, kept)", "run / goal"]  # fmt: skip
+    columns = ["data", "strategy", "seed", "ECE before", "after (NLL T)", "after (Brier T)", "after (NLL T, kept)", "floor", "T (NLL)", "T (Brier)", "T (NLL, kept)", "run / goal"]  # fmt: skip
     return markdown_table(columns, rows)
 
 
@@ -162,8 +181,9 @@ def _onnx_outputs(session: Any, samples: Sequence[Any], preprocess: Any) -> dict
     return dict(zip(names, values, strict=True))
 
 
-def unknown_table(run_dir: Path, *, models_dir: Path) -> str:
-    """The exported file alone, in onnxruntime: AUROC, rejected and kept at its stored threshold."""
+def unknown_table(run_dir: Path, *, models_dir: Path, keep: float | None = None) -> str:
+    """The exported file alone, in onnxruntime: AUROC, rejected and kept at its stored threshold
+    (with `keep`, chosen again from the run's validation scores, as `zoo export --keep` does)."""
     import zoo
     from pipeline.core.metadata import read_metadata
     from pipeline.core.rundir import RunDir
@@ -172,7 +192,7 @@ def unknown_table(run_dir: Path, *, models_dir: Path) -> str:
     from zoo.catalog import load_catalog
 
     onnx_path = run_dir / "model.onnx"
-    zoo.export(run_dir, out=onnx_path, models_dir=models_dir, catalog=load_catalog(), log=lambda _: None)  # fmt: skip
+    zoo.export(run_dir, out=onnx_path, keep=keep, models_dir=models_dir, catalog=load_catalog(), log=lambda _: None)  # fmt: skip
     metadata = read_metadata(onnx_path)
     ood, pre = metadata.ood, metadata.preprocess
     session = create_session(onnx_path, "CPUExecutionProvider")
@@ -192,7 +212,8 @@ def unknown_table(run_dir: Path, *, models_dir: Path) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["candidates", "calibration", "unknown"])
-    parser.add_argument("run", nargs="?", type=Path, help="a flowers5 run (candidates, unknown)")
+    parser.add_argument("run", nargs="*", type=Path, help="flowers5 runs (candidates: one)")
+    parser.add_argument("--keep", type=float, help="unknown: choose the threshold again")
     parser.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "zoo-bench-trust")  # fmt: skip
     args = parser.parse_args(argv)
     if not FLOWERS.is_dir():
@@ -203,12 +224,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.what == "calibration":
         work = args.models_dir / "calibration-runs"
         print(calibration_table(models_dir=args.models_dir, work=work))
-    elif args.run is None:
+    elif not args.run:
         sys.exit(f"`{args.what}` needs RUN, a flowers5 run directory of zoo adapt")
     elif args.what == "candidates":
-        print(candidate_table(args.run, models_dir=args.models_dir))
+        print(candidate_table(args.run[0], models_dir=args.models_dir))
     else:
-        print(unknown_table(args.run, models_dir=args.models_dir))
+        for run_dir in args.run:
+            print(unknown_table(run_dir, models_dir=args.models_dir, keep=args.keep), flush=True)
 
 
 if __name__ == "__main__":

@@ -90,7 +90,8 @@ def test_every_score_ranks_far_inputs_higher_and_loads_back(name: str) -> None:
 def test_the_threshold_keeps_the_share_asked_for() -> None:
     scores = np.random.default_rng(0).normal(size=200)
     threshold = threshold_for(scores, 0.95)
-    assert np.mean(scores <= threshold) == 0.95
+    assert np.mean(scores <= threshold) == 0.955  # the 191st of 200: ceil(0.95 * 201)
+    assert threshold_for(scores[:19], 0.95) == scores[:19].max()  # ceil(0.95 * 20) = 19
     assert threshold_for(scores, 1.0) == scores.max()
     for keep in (0.0, 1.5):
         with pytest.raises(DataError, match="give a number in"):
@@ -169,8 +170,8 @@ def test_the_embedded_graph_gives_probs_then_the_score(tmp_path: Path) -> None:
 def test_keep_chooses_the_threshold_again_from_the_validation_scores() -> None:
     model = trusted_tiny()
     model.val_scores = np.arange(1.0, 101.0)
-    assert model.with_keep(0.5).threshold == 50.0 and model.ood.keep == 0.5
-    assert model.metadata()["ood"]["threshold"] == 50.0
+    assert model.with_keep(0.5).threshold == 51.0 and model.ood.keep == 0.5  # ceil(0.5 * 101)
+    assert model.metadata()["ood"]["threshold"] == 51.0 and model.ood.val_kept == 0.51
     bare = TrustedModel(TinyAdapted())
     with pytest.raises(ZooError, match="re-run `zoo adapt`"):
         bare.with_keep(0.9)

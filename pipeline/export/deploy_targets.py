@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline.core.sessions import create_session, fixed_batch, run_fixed
 from pipeline.data.images import center_crop, open_for, preprocess_image, resize_for
-from pipeline.export.embed import embed_preprocess, embedded_input, pixels_for
+from pipeline.export.embed import embed_preprocess
 from pipeline.export.targets import (
     DEPLOY_DIR,
     GateImages,
@@ -244,14 +244,3 @@ def export_run_targets(
             "Export without --embed-preprocess, or send the images that disagree with the run"
         )
     return reports
-
-
-def embedded_pixels(
-    session_input: object, img: object, preprocess: Preprocess
-) -> np.ndarray | None:
-    """uint8 [H, W, C] pixels for a file that takes them (any size, or resized and cropped),
-    None for a file that takes the preprocessed float tensor."""
-    kind = embedded_input(session_input.name, session_input.type, list(session_input.shape))  # type: ignore[attr-defined]
-    if kind is None:
-        return None
-    return pixels_for(img, preprocess, any_size=kind)  # type: ignore[arg-type]

@@ -112,7 +112,7 @@ def find_twins(
     labels = [s.label for s in order]
     # Scored once per model, preprocessing, image files and labels: a second check reads them.
     digest = hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes()).hexdigest()[:12]
-    key = cache.key(order, f"{cache.feature_name}#{TWINS_RECORD}-{digest}")
+    key = cache.key(order, f"{cache.feature_name}#{TWINS_RECORD}-{twins.SETTINGS}-{digest}")
     stored = load_cached(cache.cache_dir, key) if cache.model_sha256 else None
     if stored is not None:
         near, calibration = _twins_from_array(stored)

@@ -197,7 +197,12 @@ def score(scorer: nn.Module, features: np.ndarray, logits: np.ndarray) -> np.nda
 
 
 def threshold_for(scores: np.ndarray, keep: float) -> float:
-    """The smallest threshold under which (score <= threshold) at least `keep` of `scores` fall."""
+    """The threshold that keeps `keep` of new images like `scores`' (score <= threshold).
+
+    The ceil(keep * (n + 1))-th smallest of the n scores, as split conformal prediction takes
+    it: a new image drawn like them then scores at most that with probability >= `keep`. (The
+    plain quantile, the ceil(keep * n)-th, keeps a little less than `keep` of new images.)
+    """
     if not 0.0 < keep <= 1.0:
         raise DataError(
             f"--keep {keep} is not a share of images; give a number in (0, 1], e.g. 0.95"
@@ -207,7 +212,7 @@ def threshold_for(scores: np.ndarray, keep: float) -> float:
         raise DataError(
             "no validation images to choose the unknown threshold on; add a val/ folder"
         )
-    kept = max(1, math.ceil(keep * len(ordered) - 1e-9))
+    kept = min(len(ordered), max(1, math.ceil(keep * (len(ordered) + 1) - 1e-9)))
     return float(ordered[kept - 1])
 
 

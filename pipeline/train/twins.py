@@ -40,13 +40,16 @@ BLOCK = 1024  # rows of the similarity matrix computed at once
 WINDOW_PX = 24  # thumbnails are compared at this size
 CROP_SCALES = (1.0, 0.95, 0.9, 0.85, 0.8)  # the shares of a thumbnail tried as the other's view
 SHIFT_PX = 2  # step of the crop offsets, in thumbnail pixels
-CALIBRATION_COPIES = 48  # augmented copies measured to set the threshold
-CALIBRATION_MISS = 0.05  # the share of those copies the threshold may miss
+CALIBRATION_COPIES = 64  # augmented copies measured to set the threshold
+CALIBRATION_MISS = 0.02  # the share of those copies the threshold may miss
 COPY_RECIPE = "twins-copies-v1"  # names the copies in the feature cache's key
 CHANCE_QUANTILE = 0.99  # of the scores of pairs joining two classes: the threshold's floor
 CHANCE_PAIRS = 20  # such pairs needed before the floor is trusted
-MIN_COMPARE_PX = (
-    32  # images whose shorter side is mostly under this are not compared (too few pixels)
+MIN_COMPARE_PX = 32  # images mostly smaller than this are not compared: too few pixels
+# Everything a stored result depends on besides the images and the model (part of its cache key).
+SETTINGS = (
+    f"w{PIXEL_WEIGHT}-d{DENSITY_RANKS}-k{CANDIDATES}-v{WINDOW_PX}{CROP_SCALES}{SHIFT_PX}"
+    f"-c{CALIBRATION_COPIES}-m{CALIBRATION_MISS}-q{CHANCE_QUANTILE}-{COPY_RECIPE}"
 )
 
 
