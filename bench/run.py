@@ -32,6 +32,7 @@ BENCHMARKS = {
     "fidelity": "bench.fidelity",
     "targets": "bench.deploy_targets",
     "check": "bench.data_check",
+    "trust": "bench.trust",
 }
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "BENCHMARKS.md"

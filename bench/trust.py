@@ -1,21 +1,22 @@
 """Calibration and "none of these" (issue 26, items 2 and 3), measured on the real photo sets.
 
-    python -m bench.trust candidates RUN      # the unknown-score candidates on a flowers5 run
+`make bench` runs it as benchmark "trust" (`python -m bench.run --only trust`); its parts also run
+on their own, printing markdown:
+
     python -m bench.trust calibration         # ECE before/after: flowers5 finetune, textures10
-                                              # feature, three seeds each
-    python -m bench.trust unknown RUN         # the exported file in onnxruntime: AUROC, rejected,
+                                              # feature, three seeds each (the runs are kept)
+    python -m bench.trust candidates RUN      # the unknown-score candidates on a flowers5 run
+    python -m bench.trust unknown RUN...      # the exported file in onnxruntime: AUROC, rejected,
                                               # kept, against textures10 and built-in digits
 
 In-distribution: flowers5's held-out images. Out-of-distribution: every textures10 image and the
-built-in digits (a fixed sample for the candidates, all 1,797 for the exported file). Figures go
-to stdout as markdown; BENCHMARKS.md's section "Calibration and unknown inputs" holds them.
+built-in digits (a fixed sample for the candidates, all 1,797 for the exported file).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import sys
@@ -26,11 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import MODEL_NAME, markdown_table
+from bench.common import MODEL_NAME, Scale, Section, markdown_table
+from bench.transfer import SHARED_DIR
 
-SHARED = Path(os.environ.get("ZOO_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-FLOWERS = SHARED / "datasets" / "flowers5"
-TEXTURES = SHARED / "datasets" / "textures10"
+KEY = "trust"
+TITLE = "12. Calibration and unknown inputs (temperature, ECE, out-of-distribution score)"
+FLOWERS = SHARED_DIR / "datasets" / "flowers5"
+TEXTURES = SHARED_DIR / "datasets" / "textures10"
 DIGITS = "builtin:digits"
 CANDIDATE_DIGITS = 600  # digits sampled for the candidate table (the exported file sees all)
 SEEDS = (0, 1, 2)
@@ -101,14 +104,14 @@ def candidate_table(run_dir: Path, *, models_dir: Path) -> str:
     return markdown_table(columns, rows)
 
 
-def _adapted(data: Path, strategy: str, seed: int, *, models_dir: Path, out: Path) -> Path:
+def _adapted(data: Path, strategy: str, seed: int, *, models_dir: Path, out: Path, epochs: int | None = None) -> Path:  # fmt: skip
     """One `zoo adapt` run (kept when `out` already holds a finished one)."""
     import zoo
 
     record = out / "run.json"
     if not (record.is_file() and json.loads(record.read_text()).get("status") == "done"):
         shutil.rmtree(out, ignore_errors=True)
-        zoo.adapt(MODEL_NAME, data=data, strategy=strategy, seed=seed, out=out, models_dir=models_dir, log=lambda _: None)  # fmt: skip
+        zoo.adapt(MODEL_NAME, data=data, strategy=strategy, seed=seed, epochs=epochs, out=out, models_dir=models_dir, log=lambda _: None)  # fmt: skip
     return out
 
 
@@ -149,13 +152,13 @@ def _ece_floor(logits: np.ndarray, draws: int = 400) -> float:
     return float(np.mean(found))
 
 
-def calibration_table(*, models_dir: Path, work: Path) -> str:
+def calibration_table(*, models_dir: Path, work: Path, seeds: Sequence[int] = SEEDS, epochs: int | None = None) -> str:  # fmt: skip
     """Test ECE before and after the temperature (NLL and Brier), per seed, and their means."""
     rows = []
     for data, strategy in ((FLOWERS, "finetune"), (TEXTURES, "feature")):
         figures = []
-        for seed in SEEDS:
-            run_dir = _adapted(data, strategy, seed, models_dir=models_dir, out=work / f"{data.name}-{strategy}-{seed}")  # fmt: skip
+        for seed in seeds:
+            run_dir = _adapted(data, strategy, seed, models_dir=models_dir, out=work / f"{data.name}-{strategy}-{seed}", epochs=epochs)  # fmt: skip
             figures.append(_eces(run_dir))
             rows.append(
                 [data.name, strategy, seed, *(f"{v:.4f}" for v in figures[-1]), run_dir.name]
@@ -209,6 +212,34 @@ def unknown_table(run_dir: Path, *, models_dir: Path, keep: float | None = None)
     return f"{title}\n\n{markdown_table(columns, rows)}"
 
 
+def run(scale: Scale, *, work: Path) -> Section:
+    """Benchmark "trust" of `make bench`: the three tables, on runs it trains in `work`."""
+    if not FLOWERS.is_dir() or not TEXTURES.is_dir():
+        body = [f"Skipped: {FLOWERS.parent} is absent (it ships beside the repository, not in it)."]
+        return Section(KEY, TITLE, body, command=scale.command(KEY))
+    import zoo
+
+    models_dir, runs = work / "models", work / "trust-runs"
+    zoo.fetch(MODEL_NAME, models_dir=models_dir)
+    seeds, epochs = (SEEDS, None) if scale.name == "full" else ((0,), 1)
+    calibration = calibration_table(models_dir=models_dir, work=runs, seeds=seeds, epochs=epochs)
+    flowers_runs = [runs / f"flowers5-finetune-{seed}" for seed in seeds]
+    candidates = candidate_table(flowers_runs[0], models_dir=models_dir)
+    unknown = [unknown_table(r, models_dir=models_dir) for r in flowers_runs]
+    body = [
+        "Test ECE (15 equal-width bins) before and after temperature scaling fitted on the "
+        "validation split; `floor` is the ECE a perfectly calibrated model with the calibrated "
+        "confidences would show on the same number of test images (binning and sampling alone).",
+        calibration,
+        f"The unknown-score candidates on `{flowers_runs[0].name}`, each fitted on the training "
+        "images' pooled features (unaugmented), threshold keeping 95% of the validation images.",
+        candidates,
+        "The exported file alone, in onnxruntime, at its stored threshold:",
+        *unknown,
+    ]
+    return Section(KEY, TITLE, body, command=scale.command(KEY))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["candidates", "calibration", "unknown"])
@@ -217,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "zoo-bench-trust")  # fmt: skip
     args = parser.parse_args(argv)
     if not FLOWERS.is_dir():
-        sys.exit(f"no flowers5 at {FLOWERS}; set ZOO_SHARED to the folder holding datasets/")
+        sys.exit(f"no flowers5 at {FLOWERS}; set ZOO_SHARED to the folder that holds datasets/")
     import zoo
 
     zoo.fetch(MODEL_NAME, models_dir=args.models_dir)

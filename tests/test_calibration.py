@@ -63,6 +63,15 @@ def test_the_temperature_undoes_over_confidence() -> None:
     assert fit_temperature(logits / 3.0, labels) == pytest.approx(1.0, rel=0.15)
 
 
+def test_one_absurd_validation_image_does_not_set_the_temperature() -> None:
+    logits, labels = over_confident(n=400, sharpen=1.0)
+    absurd = np.zeros((1, NUM_CLASSES))
+    absurd[0, 1] = 1500.0  # certain of class 1; the image is class 0
+    with_it = np.concatenate([logits, absurd]), np.concatenate([labels, [0]])
+    assert fit_temperature(*with_it) == pytest.approx(1.0, rel=0.2)
+    assert nll(*with_it, cap=np.inf) > 3.0  # the plain NLL: this one image dominates it
+
+
 def test_nothing_to_fit_on_keeps_the_logits() -> None:
     assert fit_temperature(np.zeros((0, NUM_CLASSES)), np.zeros(0, np.int64)) == 1.0
     assert fit_temperature(np.ones((4, 1)), np.zeros(4, np.int64)) == 1.0  # one class

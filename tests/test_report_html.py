@@ -30,18 +30,19 @@ from pipeline.core.results import (
     EpochRecord,
     ImagePrediction,
     read_predictions,
+    write_history,
     write_predictions,
 )
 from pipeline.core.rundir import PREDICTIONS_FILE, RunDir
 from pipeline.core.samples import DataSplit, Sample
 from pipeline.report import html as report_html
 from pipeline.report.html import REPORT_FILE, gallery_items, refresh_report, write_report
-from pipeline.report.metrics import write_run_report
+from pipeline.report.metrics import kept_epoch, write_run_report
 from pipeline.report.predictions import image_predictions
 
 MODEL = "efficientnet-lite0"
 MAX_BYTES = 5 * 1024 * 1024
-RUN_SECTIONS = ("model", "strategy", "curves", "metrics", "mistakes", "confused", "heatmaps", "verification")  # fmt: skip
+RUN_SECTIONS = ("model", "data", "strategy", "curves", "metrics", "mistakes", "confused", "trust", "heatmaps", "verification")  # fmt: skip
 
 
 class Page(HTMLParser):
@@ -251,7 +252,7 @@ def test_two_classes_get_a_roc_curve(tmp_path: Path) -> None:
     run = build_run(tmp_path, ["no", "yes"], per_class=6, accuracy=0.7)
     path = write_report(run)
     page = parse(path)
-    assert page.sections == [*RUN_SECTIONS[:4], "roc", *RUN_SECTIONS[4:]]
+    assert page.sections == [*RUN_SECTIONS[:5], "roc", *RUN_SECTIONS[5:]]
     assert path.read_text(encoding="utf-8").count("data:image/png;base64") == 3
     assert "Area under the curve" in path.read_text(encoding="utf-8")
 
@@ -483,3 +484,41 @@ def test_predictions_csv_round_trips(tmp_path: Path) -> None:
     assert read_predictions(tmp_path / "p.csv") == records
     with open(tmp_path / "p.csv", newline="") as handle:
         assert next(csv.reader(handle)) == ["image", "label", "predicted", "confidence", "loss"]
+
+
+# ----------------------------------------------------------------------------- a solved head
+
+
+def _solve_history(passes: int = 19, lowest: int = 8) -> list[EpochRecord]:
+    """An L-BFGS solve's passes, its validation loss lowest at pass `lowest` and not at the last."""
+    return [
+        EpochRecord(p, 1.0 / p, 0.9, 0.5 + abs(p - lowest) / 100, 0.8, "lbfgs wd=0.01", 10, 8, 0.01)
+        for p in range(1, passes + 1)
+    ]
+
+
+def test_a_solve_keeps_its_last_pass_and_a_training_its_lowest_loss() -> None:
+    assert kept_epoch(_solve_history()) == (19, "solution: pass 19")
+    assert kept_epoch(_history()) == (4, "best epoch 4")  # validation loss falls every epoch
+    training = [EpochRecord(e, 1.0, 0.5, abs(e - 3) + 1.0, 0.5, "0.001", 10, 8, 0.1) for e in range(1, 7)]  # fmt: skip
+    assert kept_epoch(training) == (3, "best epoch 3")
+
+
+def test_a_solved_head_says_what_its_passes_are_once(tmp_path: Path) -> None:
+    run = build_run(tmp_path, ["a", "b", "c"])
+    write_history(run / rundir.HISTORY_FILE, _solve_history())
+    record = json.loads((run / "run.json").read_text())
+    summary = (
+        "head solved with L-BFGS on standardised features; weight decay 0.01 picked on validation"
+    )
+    record.update(strategy="feature", epochs_run=19, best_epoch=19, stopped="converged after 19 passes of L-BFGS", head_fit={"method": "lbfgs", "summary": summary})  # fmt: skip
+    (run / "run.json").write_text(json.dumps(record), encoding="utf-8")
+    text = write_report(run).read_text(encoding="utf-8")
+    assert "<th>solver passes</th><td>19</td>" in text
+    assert "<th>solution</th><td>pass 19, the last</td>" in text
+    assert "best epoch" not in text and "epochs run" not in text
+    assert text.count("A solver pass evaluates the loss once") == 1 and summary in text
+    # Trained by epochs, the same page keeps its words.
+    build_run(tmp_path / "trained", ["a", "b"])
+    text = write_report(tmp_path / "trained" / "run").read_text(encoding="utf-8")
+    assert "<th>best epoch</th><td>4</td>" in text and "solver pass" not in text

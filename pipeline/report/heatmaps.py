@@ -396,11 +396,16 @@ def heatmaps_section(run_dir: Path) -> str:
     if not record.heatmaps:
         return warning("No held-out image could be read to draw a heatmap on.")
     wrong = sum(not h.correct for h in record.heatmaps)
+    shown = (
+        f"the {wrong} worst mistakes (red frame), then the most confident correct images of each "
+        "class (green frame)"
+        if wrong
+        else "the most confident correct images of each class"
+    )
     intro = (
-        f"<p>{esc(record.method)} of the predicted class, at the backbone's last feature map "
+        f"<p>{esc(record.method)} of the predicted class at the backbone's last feature map, "
         f"<code>{esc(record.layer)}</code>: red where the evidence for the prediction lies, the "
-        f"circle at its peak. The {wrong} worst mistakes (red frame), then the most confident "
-        f"correct images of each class (green frame); {len(record.heatmaps)} images in "
+        f"circle at its peak. Shown: {shown}; {len(record.heatmaps)} images in "
         f"{record.seconds:.1f} s.</p>"
     )
     figures = "".join(_figure(h) for h in record.heatmaps)

@@ -86,6 +86,18 @@ def _save_figure(fig: Any, path: Path) -> None:
     plt.close(fig)
 
 
+def kept_epoch(history: Sequence[EpochRecord]) -> tuple[int, str]:
+    """The epoch whose weights the run kept, and its label on the curves.
+
+    A training keeps its lowest validation loss ("best epoch"); a solve keeps its solution, the
+    last pass, whatever the validation loss did on the way (pipeline.train.solve.is_solve).
+    """
+    if is_solve(history):
+        return history[-1].epoch, f"solution: pass {history[-1].epoch}"
+    best = min(history, key=lambda r: r.val_loss)
+    return best.epoch, f"best epoch {best.epoch}"
+
+
 def plot_curves(path: Path, history: Sequence[EpochRecord], *, title: str) -> None:
     """curves.png: loss and accuracy per epoch (per pass of a solver), train against validation.
 
@@ -93,8 +105,7 @@ def plot_curves(path: Path, history: Sequence[EpochRecord], *, title: str) -> No
     a solve (pipeline.train.solve.is_solve says what a pass is), as run.json's best_epoch says.
     """
     plt = _figure()
-    solve = is_solve(history)
-    step = "solver pass" if solve else "epoch"
+    step = "solver pass" if is_solve(history) else "epoch"
     epochs = [r.epoch for r in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
     loss_ax.plot(epochs, [r.train_loss for r in history], "o-", label="train")
@@ -104,10 +115,9 @@ def plot_curves(path: Path, history: Sequence[EpochRecord], *, title: str) -> No
     acc_ax.plot(epochs, [r.val_acc for r in history], "o-", label="validation")
     acc_ax.set(xlabel=step, ylabel="accuracy", title="Accuracy", ylim=(0, 1.02))
     if history:
-        kept = history[-1] if solve else min(history, key=lambda r: r.val_loss)
-        mark = f"solution: pass {kept.epoch}" if solve else f"best epoch {kept.epoch}"
+        kept, mark = kept_epoch(history)
         for ax in (loss_ax, acc_ax):
-            ax.axvline(kept.epoch, color="grey", linestyle=":", label=mark)
+            ax.axvline(kept, color="grey", linestyle=":", label=mark)
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.legend()

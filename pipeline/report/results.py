@@ -56,6 +56,7 @@ def write_results(
         seconds=round(seconds, 2),
     )
     record.save()
-    write_heatmaps(run.run_dir, models_dir=run.workspace.models_dir, log=run.log)  # where it looked
+    where = run.workspace
+    write_heatmaps(run.run_dir, models_dir=where.models_dir, catalog=where.catalog, log=run.log)
     refresh_report(run.run_dir, log=run.log)  # a failure to draw the page is logged, not raised
     return metrics

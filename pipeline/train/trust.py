@@ -3,8 +3,9 @@
 `fit_trust` runs once the best weights are back. On the validation split it fits the temperature
 (pipeline.train.calibrate) and chooses the threshold that keeps `--keep` of the images; the unknown
 score (pipeline.train.ood) is fitted on the training images' pooled features, which the head's
-input already is. run.json gets the two records, the run's trust.safetensors the score's tensors
-and the validation scores (`zoo export --keep` chooses the threshold again from them).
+input already is, as the images are (unaugmented). run.json gets the two records; the run's
+trust.safetensors the score's tensors, and the validation and held-out logits, labels and scores
+(`zoo export --keep` chooses the threshold again from the validation scores).
 
 `TrustedModel` puts them around the adapted model for export: `forward` gives the logits divided
 by the temperature (so every check that takes a softmax of the logits sees the calibrated
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from pipeline.train.loop import TrainConfig
 
 DEFAULT_KEEP = 0.95  # share of in-distribution validation images the unknown threshold keeps
-SCORER_PREFIX = "scorer."  # the score's tensors in trust.safetensors; "val_scores" beside them
+SCORER_PREFIX = "scorer."  # the score's tensors in trust.safetensors; Trust.tensors() beside them
 
 
 class HeadInputs(NamedTuple):
