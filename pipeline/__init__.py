@@ -10,6 +10,6 @@
     export/   the ONNX file back, quantization, the verification gate, runtimes, deployment
     report/   metrics, plots, predictions, the HTML page, comparison, evaluation of a file
 
-`adapt` and `compare` conduct the stages; `zoo.api` sits on top. A stage imports only itself and
+`adapt`, `compare` and `check` conduct the stages; `zoo.api` sits on top. A stage imports only itself and
 earlier stages (tests/test_imports.py).
 """

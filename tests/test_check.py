@@ -86,6 +86,11 @@ def test_duplicate_groups_stay_in_one_part_and_singletons_change_nothing() -> No
     for group in set(groups):
         assert len({part_of[i] for i in range(60) if groups[i] == group}) == 1
     assert parts[1] and parts[2]  # groups still spread over train, val and test
+    giant = [0 if i < 30 else i for i in range(60)]  # half the images one group: it trains
+    train, val, test = stratified_split(
+        [0] * 60, seed=1, val_fraction=0.2, test_fraction=0.2, groups=giant
+    )
+    assert set(range(30)) <= set(train) and len(test) == len(val) == 12
 
 
 def test_file_facts_hash_size_and_colour(tmp_path: Path) -> None:

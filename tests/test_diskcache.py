@@ -127,8 +127,13 @@ def test_two_concurrent_adapts_on_the_same_data_both_finish(
     from pipeline.convert import importcache
 
     cached = diskcache.entries(models_dir)
-    assert {entry.kind for entry in cached} == {"features", "imports"}
-    load = {"features": features.load_cached, "imports": importcache.load}
+    # The data check's file facts (pipeline.data.facts) are cached beside the features.
+    assert {entry.kind for entry in cached} == {"features", "imports", "facts"}
+    load = {
+        "features": features.load_cached,
+        "imports": importcache.load,
+        "facts": lambda folder, key: np.load(folder / f"{key}.npy", allow_pickle=False),
+    }
     assert all(load[e.kind](e.path.parent, e.path.stem) is not None for e in cached)
     assert not list((models_dir / ".cache").glob("*/.*.tmp"))  # no temporary left behind
 

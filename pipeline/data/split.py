@@ -62,11 +62,16 @@ def stratified_split(
                 n_val -= 1
         left = list(units)
         for part, wanted in ((2, n_test), (1, n_val)):
-            taken = 0
-            while taken < wanted and len(left) > 1:  # the last unit always trains
-                unit = left.pop(0)
-                parts[part].extend(unit)
-                taken += len(unit)
+            # A group that would overfill the part trains instead: test and validation never
+            # take more than their share, so training keeps at least one image.
+            taken, rest = 0, []
+            for unit in left:
+                if taken + len(unit) <= wanted:
+                    parts[part].extend(unit)
+                    taken += len(unit)
+                else:
+                    rest.append(unit)
+            left = rest
         parts[0].extend(index for unit in left for index in unit)
     return sorted(parts[0]), sorted(parts[1]), sorted(parts[2])
 

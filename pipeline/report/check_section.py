@@ -20,7 +20,7 @@ from pipeline.report.page import bar, esc, fmt, percent, table, thumbnail, warni
 
 PAIRS_SHOWN = 12
 SUSPECTS_SHOWN = 12
-THUMB_PX = 96
+THUMB_PX = 100
 TWIN_FREE = "without_twins"  # metrics.json's key for the held-out figures without twinned images
 
 
@@ -116,7 +116,7 @@ def _pairs(twins: Sequence[Twin]) -> str:
         return ""
     cross = sorted(twins, key=lambda t: (t.split_a == t.split_b, -(t.score or 99)))
     figures = "".join(
-        f'<figure class="thumb twin">{_image(t.a)}{_image(t.b)}<figcaption>{esc(t.kind)} · '
+        f'<figure class="twin">{_image(t.a)}{_image(t.b)}<figcaption>{esc(t.kind)} · '
         f"{esc(t.split_a)} / {esc(t.split_b)}"
         + (f" · score {t.score:.2f}" if t.score is not None else "")
         + f'<div class="name" title="{esc(t.a)}">{esc(Path(t.a).name)}</div>'
@@ -131,7 +131,7 @@ def _suspects(suspects: Sequence[Suspect], flagged: int) -> str:
     if not suspects:
         return ""
     figures = "".join(
-        f'<figure class="thumb">{_image(s.ref)}<figcaption>given <b>{esc(s.given)}</b><br>'
+        f'<figure class="suspect">{_image(s.ref)}<figcaption>given <b>{esc(s.given)}</b><br>'
         f"suggested <b>{esc(s.suggested)}</b><br>p(given) {s.quality:.2f} · {esc(s.split)}"
         f'<div class="name" title="{esc(s.ref)}">{esc(Path(s.ref).name)}</div></figcaption></figure>'
         for s in suspects[:SUSPECTS_SHOWN]

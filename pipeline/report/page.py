@@ -57,8 +57,14 @@ img.plot { max-width: 100%; height: auto; border: 1px solid var(--line); border-
 figure.thumb { margin: 0; width: 148px; border: 2px solid var(--bad); border-radius: 8px;
                padding: 6px; background: #fff; font-size: 12px; line-height: 1.35; }
 figure.thumb.correct { border-color: var(--good); }
-figure.thumb.twin { width: 220px; border-color: var(--line); }
-figure.thumb.twin img, figure.thumb.twin .missing { display: inline-block; width: 96px; height: 96px; }
+figure.twin, figure.suspect { margin: 0; border: 2px solid var(--line); border-radius: 8px;
+               padding: 6px; background: #fff; font-size: 12px; line-height: 1.35; width: 220px; }
+figure.suspect { width: 124px; border-color: #bf8700; }
+figure.twin img, figure.suspect img, figure.twin .missing, figure.suspect .missing {
+               display: inline-block; width: 100px; height: 100px; object-fit: contain;
+               background: var(--soft); }
+figure.twin .name, figure.suspect .name { color: var(--muted); overflow: hidden;
+               text-overflow: ellipsis; white-space: nowrap; }
 figure.thumb img, figure.thumb .missing { display: block; width: 128px; height: 128px;
                margin: 0 auto 4px; object-fit: contain; background: var(--soft); }
 figure.thumb .missing { color: var(--muted); text-align: center; padding-top: 50px; }

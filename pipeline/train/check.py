@@ -178,7 +178,7 @@ def check_split(
         split_fixed=split_fixed,
         balance=class_balance(split),
         twins=pairs,
-        groups=_groups(items, order, found),
+        groups=_groups(order, found),
         threshold=found.calibration.threshold if found.calibration else None,
         calibration=found.calibration.to_dict() if found.calibration else {},
         small=small_images(refs, item_facts, input_px=cache.preprocess.crop),
@@ -213,9 +213,8 @@ def _twin_records(
     return records
 
 
-def _groups(
-    items: Sequence[tuple[Sample, str]], order: Sequence[Sample], found: Twins
-) -> list[list[str]]:
+def _groups(order: Sequence[Sample], found: Twins) -> list[list[str]]:
+    """The duplicate groups of two images or more, as refs."""
     by_group: dict[int, list[str]] = {}
     for sample, group in zip(order, found.groups(len(order)), strict=True):
         by_group.setdefault(group, []).append(sample.ref)
