@@ -215,22 +215,13 @@ def rank_command(ctx: click.Context, models: tuple[str, ...], as_json: bool, **v
 @click.pass_context
 def check_command(ctx: click.Context, model: str | None, as_json: bool, **values: Any) -> None:
     """Check your images before training: duplicates, likely label errors, class balance, odd files."""
-    found = zoo.check(
-        model=model,
-        log=console.info,
-        progress=not as_json and sys.stderr.isatty(),
-        **values,
-        **_where(ctx),
-    )
+    progress = not as_json and sys.stderr.isatty()
+    found = zoo.check(model=model, log=console.info, progress=progress, **values, **_where(ctx))
     if as_json:
         console.emit_json(found.to_dict())
         return
-    for line in found.notes or ["no problem found"]:
-        click.echo(line)
-    click.echo(
-        f"{found.images} images, {len(found.class_names)} classes, checked with {found.model} "
-        f"in {found.seconds:.1f} s"
-    )
+    summary = f"{found.images} images, {len(found.class_names)} classes, checked with {found.model} in {found.seconds:.1f} s"  # fmt: skip
+    click.echo("\n".join([*(found.notes or ["no problem found"]), summary]))
 
 
 @main.command("adapt")
@@ -304,23 +295,7 @@ def compare_command(ctx: click.Context, model: str | None, as_json: bool, **valu
     if as_json:
         console.emit_json(result.to_dict())
         return
-    rows = result.rows()
-    split = rows[0]["metrics_split"] if rows else "test"
-    console.table(
-        f"comparison in {result.folder}",
-        ["strategy", f"{split} accuracy", "macro F1", "best epoch", "time", "trainable params"],
-        [
-            (
-                r["strategy"],
-                f"{r['test_accuracy']:.4f}",
-                f"{r['macro_f1']:.4f}",
-                r["best_epoch"],
-                f"{r['seconds']:.0f} s",
-                f"{r['trainable_params']:,}",
-            )
-            for r in rows
-        ],
-    )
+    console.table(f"comparison in {result.folder}", *result.table())
     click.echo(str(result.folder))
 
 
@@ -357,10 +332,7 @@ def export_command(ctx: click.Context, no_verify: bool, as_json: bool, **values:
         console.info(summary.report.render())
     if summary.int8:
         i8 = summary.int8
-        console.info(
-            f"int8: {i8['path']} ({i8['ratio']:.0%} of fp32), accuracy {i8.get('accuracy_int8')} "
-            f"vs {i8.get('accuracy_fp32')} fp32, top-1 agreement {i8.get('top1_agreement')}"
-        )
+        console.info(f"int8: {i8['path']} ({i8['ratio']:.0%} of fp32), accuracy {i8.get('accuracy_int8')} vs {i8.get('accuracy_fp32')} fp32, top-1 agreement {i8.get('top1_agreement')}")  # fmt: skip
     click.echo(str(summary.path))
 
 

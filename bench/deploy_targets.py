@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ KEY = "targets"
 TITLE = "10. Deployment targets: OpenVINO, LiteRT (TFLite) and onnxruntime-web against onnxruntime"
 SHARED_DIR = Path(os.environ.get("ZOO_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 GPU_PROVIDERS = {"onnxruntime CUDA": "CUDAExecutionProvider", "onnxruntime TensorRT": "TensorrtExecutionProvider"}  # fmt: skip
-WEB_IMAGES = 8  # images per node run when timing the web page's runtime
+WEB_LATENCY = Path(__file__).resolve().parent / "web_latency.mjs"  # times it inside node
 
 
 def _adapted_run(work: Path, scale: Scale) -> tuple[Any, str]:
@@ -111,14 +110,19 @@ def _gpu_runners(onnx_path: Path) -> tuple[dict[str, Callable[[np.ndarray], Any]
 
 
 def _timings(
-    runners: dict[str, Callable[[np.ndarray], Any]], images: np.ndarray, scale: Scale
+    runners: dict[str, Callable[[np.ndarray], Any]],
+    images: np.ndarray,
+    scale: Scale,
+    *,
+    timed_alone: dict[str, Callable[[], float]],
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Interleaved batch-1 seconds per call and batch-N seconds per call, per runner."""
+    """Interleaved batch-1 seconds per call (with `timed_alone`, candidates that time themselves)
+    and batch-N seconds per call, per runner."""
     single = np.ascontiguousarray(images[:1])
     reps = int(np.ceil(scale.deploy_batch / len(images)))
     batch = np.ascontiguousarray(np.concatenate([images] * reps)[: scale.deploy_batch])
     latency = interleave(
-        {n: lambda f=f: per_call_seconds(f, single, calls=scale.deploy_latency_calls) for n, f in runners.items()},
+        {**{n: lambda f=f: per_call_seconds(f, single, calls=scale.deploy_latency_calls) for n, f in runners.items()}, **timed_alone},
         repetitions=scale.repetitions,
         warmup=True,
     )  # fmt: skip
@@ -130,23 +134,23 @@ def _timings(
     return latency, throughput
 
 
-def _web_seconds_per_image(model: Path, pixels: list[np.ndarray], scale: Scale) -> list[float]:
-    """The web page's runtime (onnxruntime-web wasm in node, one thread), one image at a time:
-    (T(k images) - T(1 image)) / (k - 1), so node's start-up drops out."""
-    from pipeline.export.target_web import run_web
+def _web_runner(model: Path, pixels: np.ndarray, scale: Scale) -> Callable[[], float]:
+    """A candidate for `interleave`: median seconds of the web page's runtime on one image, timed
+    inside node (bench/web_latency.mjs), so node's start-up and the model's load drop out."""
+    import json
+    import subprocess
+    import tempfile
 
-    times = []
-    for _ in range(scale.repetitions):
-        one = _timed(lambda: run_web(model, pixels[:1]))
-        many = _timed(lambda: run_web(model, pixels[:WEB_IMAGES]))
-        times.append((many - one) / (WEB_IMAGES - 1))
-    return times
+    folder = Path(tempfile.mkdtemp(prefix="zoo-web-bench-"))
+    (folder / "pixels.bin").write_bytes(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes())
+    shape = ",".join(str(d) for d in pixels.shape)
+    command = ["node", str(WEB_LATENCY), str(model), str(folder / "pixels.bin"), shape]
 
+    def seconds() -> float:
+        done = subprocess.run([*command, str(scale.deploy_latency_calls)], capture_output=True, text=True, check=True)  # fmt: skip
+        return median(json.loads(done.stdout)["ms"]) / 1000
 
-def _timed(action: Callable[[], Any]) -> float:
-    started = time.perf_counter()
-    action()
-    return time.perf_counter() - started
+    return seconds
 
 
 def _own_size_agreement(run: Any, data: str, embedded: Path) -> dict[str, float]:
@@ -179,13 +183,14 @@ def _own_size_agreement(run: Any, data: str, embedded: Path) -> dict[str, float]
     }
 
 
+WEB = "web page (onnxruntime-web, node, 1 thread)"
 RUNTIME_TARGET = {
     "onnxruntime (CPU)": "onnx",
     "OpenVINO (CPU, f32)": "openvino",
     "LiteRT (XNNPACK)": "tflite",
     "onnxruntime CUDA": "onnx",
     "onnxruntime TensorRT": "onnx",
-    "web page (onnxruntime-web, node, 1 thread)": "web",
+    WEB: "web",
 }
 
 
@@ -201,13 +206,13 @@ def _measure(run: Any, scale: Scale, work: Path) -> dict[str, Any]:
     runners = _cpu_runners(run.dir)
     gpu, notes = _gpu_runners(run.dir / "model.onnx")
     runners.update(gpu)
-    latency, throughput = _timings(runners, images, scale)
-    web_model = run.dir / "deploy" / "web" / "model.onnx"
+    web_model, alone = run.dir / "deploy" / "web" / "model.onnx", {}
     if web_model.is_file():  # pixels already at the resize size: the page's resize is identity
         size = max(preprocess.resize, preprocess.crop)
-        pixels = [np.asarray(center_crop(resize_for(open_for(s.ref, preprocess), preprocess), size)) for s in samples[:WEB_IMAGES]]  # fmt: skip
-        latency["web page (onnxruntime-web, node, 1 thread)"] = _web_seconds_per_image(web_model, pixels, scale)  # fmt: skip
-    return {"latency": latency, "throughput": throughput, "notes": notes}
+        pixels = np.asarray(center_crop(resize_for(open_for(samples[0].ref, preprocess), preprocess), size))  # fmt: skip
+        alone[WEB] = _web_runner(web_model, pixels, scale)
+    latency, throughput = _timings(runners, images, scale, timed_alone=alone)
+    return {"latency": latency, "throughput": throughput, "notes": notes, "load": os.getloadavg()}
 
 
 def _rows(measured: dict[str, Any], gate: dict[str, Any], scale: Scale) -> list[list[Any]]:
@@ -269,7 +274,9 @@ def run(scale: Scale, *, work: Path) -> Section:
         f"calls per repetition, {scale.repetitions} interleaved repetitions after a warm-up, every runtime on "
         "all cores in this process; ratios are to onnxruntime on the CPU in the same run (latency < 1× and "
         "throughput > 1× are faster). The web page's runtime runs one image at a time, single-threaded, in node "
-        "(the page's own wasm build), on pixels at the resize size; its figure is per image.",
+        "(the page's own wasm build, timed inside node by bench/web_latency.mjs, interleaved with the others), on "
+        f"pixels at the resize size. Load average at the end of the timings: {measured['load'][0]:.1f} on "
+        f"{os.cpu_count()} cores (a shared machine: the ratios, measured side by side, are the figures to read).",
         markdown_table(
             [
                 "runtime",
@@ -277,7 +284,7 @@ def run(scale: Scale, *, work: Path) -> Section:
                 f"batch-{scale.deploy_batch} throughput ÷ onnxruntime",
                 "batch-1 ms (context)",
                 "img/s (context)",
-                "file MB",
+                "file(s) MB",
                 "conversion s",
                 "top-1 agreement (held-out)",
                 "max \\|prob diff\\|",

@@ -181,9 +181,9 @@ def _onnx_outputs(session: Any, samples: Sequence[Any], preprocess: Any) -> dict
     return dict(zip(names, values, strict=True))
 
 
-def unknown_table(run_dir: Path, *, models_dir: Path, keep: float | None = None) -> str:
-    """The exported file alone, in onnxruntime: AUROC, rejected and kept at its stored threshold
-    (with `keep`, chosen again from the run's validation scores, as `zoo export --keep` does)."""
+def unknown_row(run_dir: Path, *, models_dir: Path, keep: float | None = None) -> list[Any]:
+    """The run's exported file alone, in onnxruntime: AUROC, rejected and kept at its stored
+    threshold (with `keep`, chosen again from the validation scores, as `zoo export --keep`)."""
     import zoo
     from pipeline.core.metadata import read_metadata
     from pipeline.core.rundir import RunDir
@@ -196,17 +196,23 @@ def unknown_table(run_dir: Path, *, models_dir: Path, keep: float | None = None)
     metadata = read_metadata(onnx_path)
     ood, pre = metadata.ood, metadata.preprocess
     session = create_session(onnx_path, "CPUExecutionProvider")
-    split = RunDir(run_dir).split()
-    known = _onnx_outputs(session, split.test, pre)[ood.output]
+    known = _onnx_outputs(session, RunDir(run_dir).split().test, pre)[ood.output]
     kept = float(np.mean(known <= ood.threshold))
-    rows = []
-    for name, source in (("textures10", str(TEXTURES)), ("digits", DIGITS)):
+    row: list[Any] = [run_dir.name, f"{ood.threshold:.4g}"]
+    met = kept >= 0.93
+    for source in (str(TEXTURES), DIGITS):
         scores = _onnx_outputs(session, _images_of(source), pre)[ood.output]
-        rejected = float(np.mean(scores > ood.threshold))
-        rows.append([name, len(scores), f"{auroc(known, scores):.4f}", f"{rejected:.1%}", f"{kept:.1%}"])  # fmt: skip
-    columns = ["unknown images", "count", "AUROC", "rejected", f"flowers5 test kept ({len(known)})"]
-    title = f"`{onnx_path.name}` in onnxruntime, {ood.score} threshold {ood.threshold:.4g} (keep {ood.keep})"  # fmt: skip
-    return f"{title}\n\n{markdown_table(columns, rows)}"
+        area, rejected = auroc(known, scores), float(np.mean(scores > ood.threshold))
+        met = met and area >= 0.95 and rejected >= 0.8
+        row += [f"{area:.4f}", f"{rejected:.1%}"]
+    return [*row, f"{kept:.1%}", "met" if met else "not met"]
+
+
+def unknown_table(run_dirs: Sequence[Path], *, models_dir: Path, keep: float | None = None) -> str:
+    """One `unknown_row` per run."""
+    rows = [unknown_row(r, models_dir=models_dir, keep=keep) for r in run_dirs]
+    columns = ["flowers5 run", "threshold", "AUROC textures10", "rejected", "AUROC digits", "rejected", "test kept", "goal"]  # fmt: skip
+    return markdown_table(columns, rows)
 
 
 def run(scale: Scale, *, work: Path) -> Section:
@@ -222,7 +228,7 @@ def run(scale: Scale, *, work: Path) -> Section:
     calibration = calibration_table(models_dir=models_dir, work=runs, seeds=seeds, epochs=epochs)
     flowers_runs = [runs / f"flowers5-finetune-{seed}" for seed in seeds]
     candidates = candidate_table(flowers_runs[0], models_dir=models_dir)
-    unknown = [unknown_table(r, models_dir=models_dir) for r in flowers_runs]
+    unknown = unknown_table(flowers_runs, models_dir=models_dir)
     body = [
         "Test ECE (15 equal-width bins) before and after temperature scaling fitted on the "
         "validation split; `floor` is the ECE a perfectly calibrated model with the calibrated "
@@ -231,8 +237,10 @@ def run(scale: Scale, *, work: Path) -> Section:
         f"The unknown-score candidates on `{flowers_runs[0].name}`, each fitted on the training "
         "images' pooled features (unaugmented), threshold keeping 95% of the validation images.",
         candidates,
-        "The exported file alone, in onnxruntime, at its stored threshold:",
-        *unknown,
+        "The exported file alone, in onnxruntime, at its stored threshold, against every "
+        "textures10 image and all 1,797 built-in digits. Goal: AUROC ≥ 0.95 on each, ≥ 80% of "
+        "them rejected, ≥ 93% of flowers5's test images kept.",
+        unknown,
     ]
     return Section(KEY, TITLE, body, command=scale.command(KEY))
 
@@ -257,8 +265,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.what == "candidates":
         print(candidate_table(args.run[0], models_dir=args.models_dir))
     else:
-        for run_dir in args.run:
-            print(unknown_table(run_dir, models_dir=args.models_dir, keep=args.keep), flush=True)
+        print(unknown_table(args.run, models_dir=args.models_dir, keep=args.keep))
 
 
 if __name__ == "__main__":

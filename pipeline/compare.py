@@ -28,6 +28,24 @@ class ComparisonResult:
     folder: Path
     results: list[AdaptResult]
 
+    def table(self) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """The command's table: headers, and one row per strategy."""
+        rows = self.rows()
+        split = rows[0]["metrics_split"] if rows else "test"
+        headers = ["strategy", f"{split} accuracy", "macro F1", "best epoch", "time", "trainable params"]  # fmt: skip
+        cells = [
+            (
+                r["strategy"],
+                f"{r['test_accuracy']:.4f}",
+                f"{r['macro_f1']:.4f}",
+                r["best_epoch"],
+                f"{r['seconds']:.0f} s",
+                f"{r['trainable_params']:,}",
+            )  # fmt: skip
+            for r in rows
+        ]
+        return headers, cells
+
     def rows(self) -> list[dict[str, Any]]:
         return [
             {
