@@ -52,8 +52,9 @@ def test_errors_are_one_line_without_traceback(tmp_path) -> None:
     lines = process.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("zoo: error: no model named 'nosuchmodel'")
     assert "Traceback" not in process.stderr
-    code, _, err = zoo("adapt", "--classes", "10", models_dir=tmp_path)
-    assert code == 1 and "zoo fetch efficientnet-lite0" in err
+    # (No model at all is no error now: zoo adapt then takes the best bundled model by probe.)
+    code, _, err = zoo("adapt", "nosuchmodel", "--classes", "10", models_dir=tmp_path)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "zoo fetch nosuchmodel" in err
 
 
 @pytest.mark.parametrize("command", ["predict", "verify", "evaluate"])

@@ -218,6 +218,7 @@ def digit_images(run: zoo.Run, folder: Path, count: int = 6) -> list[Path]:
     return paths
 
 
+@pytest.mark.slow
 def test_a_run_records_both_and_predict_says_unknown(digits_run: zoo.Run, tmp_path: Path) -> None:
     record = digits_run.record
     assert record.calibration is not None and record.calibration.temperature > 0
@@ -241,6 +242,7 @@ def test_a_run_records_both_and_predict_says_unknown(digits_run: zoo.Run, tmp_pa
     assert "unknown" not in result.output
 
 
+@pytest.mark.slow
 def test_evaluate_counts_unknown_and_export_keep_rechooses(digits_run: zoo.Run, tmp_path: Path) -> None:  # fmt: skip
     model = digits_run.dir / "model.onnx"
     scored = zoo.evaluate(model, "builtin:digits")

@@ -2,7 +2,9 @@
 
 `zoo adapt` and `zoo compare` balance by default when the largest training class has at least
 IMBALANCE_RATIO times the images of the smallest (pipeline.data.check), with class weights: they
-work on every path (the solved head, the epoch loop, several workers). `--balance` overrides.
+work on every path (the epoch loop, several workers). A linear head solved on cached features
+reaches the same balanced target by shifting its bias by the log class priors (logit adjustment,
+pipeline.train.solve), measured better than weighting its loss. `--balance` overrides.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def plan_balance(requested: str | None, balance: Balance, *, workers: int = 1) -
             " (class weights instead of a sampler: the workers each draw their own shard)",
         )
     how = (
-        "class weights in the loss"
+        "class weights in the loss (a solved feature head: the log class priors in its bias)"
         if mode == "weights"
         else "a sampler drawing each class equally often"
     )

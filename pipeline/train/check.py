@@ -95,10 +95,19 @@ class Twins:
         return twins.groups_of(count, [*self.exact, *((p.a, p.b) for p in self.near)])
 
 
+def comparable(facts: FileFacts) -> bool:
+    """Whether images are large enough for near duplicates to be told (not 8x8 digits)."""
+    return len(facts.refs) >= 3 and np.median(facts.short_side) >= twins.MIN_COMPARE_PX
+
+
 def find_twins(
-    cache: FeatureCache, order: Sequence[Sample], features: np.ndarray, facts: FileFacts
+    cache: FeatureCache | None,
+    order: Sequence[Sample],
+    features: np.ndarray | None,
+    facts: FileFacts,
 ) -> Twins:
-    """Exact duplicates by file hash, near ones by pair score over the measured threshold."""
+    """Exact duplicates by file hash, near ones by pair score over the measured threshold
+    (none without features, or for images too small to compare)."""
     first: dict[bytes, int] = {}
     exact = []
     for index in range(len(order)):
@@ -107,8 +116,8 @@ def find_twins(
             exact.append((first[digest], index))
         elif digest:
             first[digest] = index
-    if len(order) < 3 or np.median(facts.short_side) < twins.MIN_COMPARE_PX:
-        return Twins(exact, [], None)  # too few, or too small to compare (8x8 digits)
+    if cache is None or features is None or not comparable(facts):
+        return Twins(exact, [], None)
     labels = [s.label for s in order]
     # Scored once per model, preprocessing, image files and labels: a second check reads them.
     digest = hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes()).hexdigest()[:12]

@@ -20,7 +20,7 @@ from pipeline.convert.normalisation import normalise
 from pipeline.convert.probe import probe
 from pipeline.core.samples import Sample
 from pipeline.data.facts import facts_dir, file_facts
-from pipeline.train.check import canonical, find_twins, source_features
+from pipeline.train.check import canonical, comparable, find_twins, source_features
 from pipeline.train.features import FeatureCache
 from zoo.bundled import DEFAULT_BUNDLED, build_bundled
 from zoo.errors import NotFound
@@ -61,9 +61,10 @@ class TwinGrouper:
         order = canonical(samples)
         if len(order) < 3:
             return list(range(len(samples)))
-        cache = self.feature_cache()
         facts = file_facts([s.ref for s in order], cache_dir=self.facts_dir)
-        features = source_features(cache, None, order)
+        # Images too small to compare are grouped by their bytes alone: no model needed.
+        cache = self.feature_cache() if comparable(facts) else None
+        features = source_features(cache, None, order) if cache is not None else None
         groups = find_twins(cache, order, features, facts).groups(len(order))
         group_of = dict(zip((s.ref for s in order), groups, strict=True))
         by_group: dict[int, list[str]] = {}
@@ -84,22 +85,31 @@ def split_grouper(workspace: Workspace, log: Callable[[str], None]) -> TwinGroup
     return TwinGrouper(lambda: grouping_cache(workspace, log), facts_dir(workspace.models_dir), log)
 
 
+_GRAPHS: dict[str, Backbone] = {}  # normalised bundled graphs by sha256, made once per process
+
+
 def grouping_cache(workspace: Workspace, log: Callable[[str], None]) -> FeatureCache:
     """The frozen backbone of the bundled EfficientNet-Lite0, at its own preprocessing."""
     path, sha256 = bundled_file(workspace)
+    if sha256 not in _GRAPHS:
+        _GRAPHS[sha256] = _normalised_backbone(workspace, path)
+    return FeatureCache(
+        imported=_GRAPHS[sha256],
+        preprocess=workspace.catalog.resolve(DEFAULT_BUNDLED).preprocess,
+        cache_dir=workspace.features_dir,
+        model_sha256=sha256,
+        log=log,
+    )
+
+
+def _normalised_backbone(workspace: Workspace, path: Path) -> Backbone:
     # Normalising the graph takes seconds: kept with the checked imports, keyed by the file.
     key = importcache.cache_key(path, purpose="frozen features")
     found = importcache.load(workspace.imports_dir, key)
     graph = found[0] if found else normalise(load_onnx(path))[0]
     if found is None:
         importcache.store(workspace.imports_dir, key, graph, {})
-    return FeatureCache(
-        imported=Backbone(graph, probe(graph)),
-        preprocess=workspace.catalog.resolve(DEFAULT_BUNDLED).preprocess,
-        cache_dir=workspace.features_dir,
-        model_sha256=sha256,
-        log=log,
-    )
+    return Backbone(graph, probe(graph))
 
 
 _BUILT: dict[str, Path] = {}  # bundled files built by this process: copied, not built again
