@@ -147,7 +147,7 @@ RECORD_MODULES = frozenset({"pipeline/core/record.py"})
 PARSERS = frozenset({"from_dict", "from_json", "load"})
 # Other formats that share some of the record's keys, by file and the expression read from.
 OTHER_FORMATS = {
-    "cli.py": {"r": "a row of ComparisonResult.rows()", "rows[0]": "the same rows"},
+    "pipeline/compare.py": {"r": "a row of ComparisonResult.rows()", "rows[0]": "the same rows"},
     "zoo/cache.py": {"card": "a model's card.json"},
     "zoo/catalog.py": {"raw": "a catalog entry"},
     "zoo/data/build_catalog.py": {"entry": "a catalog entry being built"},
