@@ -141,8 +141,9 @@ def test_failures_raise_the_zoo_hierarchy(workspace: Path, tmp_path: Path) -> No
         zoo.open_run(tmp_path)
     with pytest.raises(NotFound, match="no model named 'nosuchmodel'"):
         zoo.info("nosuchmodel")
-    with pytest.raises(NotFound, match="zoo fetch efficientnet-lite0"):
-        zoo.adapt(data="builtin:digits", models_dir=tmp_path / "empty")
+    # (No model at all is no error now: adapt takes the best bundled model by probe.)
+    with pytest.raises(NotFound, match="zoo fetch nosuchmodel"):
+        zoo.adapt("nosuchmodel", data="builtin:digits", models_dir=tmp_path / "empty")
     with pytest.raises(DataError, match="does not exist"):
         zoo.adapt(MODEL, data=tmp_path / "nodata", models_dir=workspace)
     with pytest.raises(InvalidModelFile):
