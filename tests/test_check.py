@@ -394,3 +394,33 @@ def test_flowers5_planted_copies_are_found(
     found = DataCheck.from_dict(json.loads(output[output.index("{") :]))
     score = score_pairs(found.twins, planted, FLOWERS5_OWN)
     assert score.found >= 38 and score.false <= 2, score
+
+
+def test_bench_scores_planted_pairs_and_renders_its_section(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench import data_check
+    from bench.common import QUICK
+
+    planted = [
+        data_check.Planted("t/c/p1.jpg", "r/c/o1.jpg", "exact"),
+        data_check.Planted("t/c/p2.jpg", "r/c/o2.jpg", "augmented"),
+    ]
+    reported = [
+        Twin("r/c/o1.jpg", "t/c/p1.jpg", "train", "test", "exact"),
+        Twin("r/c/a.jpg", "t/c/b.jpg", "train", "test", "near", 3.3),  # flowers5's own
+        Twin("r/c/x.jpg", "r/c/y.jpg", "train", "train", "near", 3.2),  # false
+    ]
+    score = data_check.score_pairs(reported, planted, [("a.jpg", "b.jpg")])
+    assert (score.found, score.planted, score.false) == (1, 2, 1)
+    assert score.false_pairs == [("x.jpg", "y.jpg")]
+    body = data_check._body(
+        [[0, "39/40", 0, 44, 0]],
+        [[0, 40, 80, 0.9]],
+        [[0, "roses", 0.8, 0.75, 0.05]],
+        (100, 50.0, 4.0),
+    )
+    text = "\n".join(body)
+    assert "≥ 38 of 40 found" in text and ": met." in text and "8.0%" in text
+    monkeypatch.setattr(data_check, "SHARED_DIR", tmp_path / "absent")
+    assert "Not run" in data_check.run(QUICK, work=tmp_path).markdown()

@@ -70,7 +70,7 @@ def tiny_entry(**changes: object) -> ModelEntry:
 def untrusted_probe_forbidden(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """Records every child-process probe: a file the catalog vouches for must not need one."""
     probed: list[Path] = []
-    monkeypatch.setattr("zoo.sandbox.probe_in_child", lambda path, **_: probed.append(path))
+    monkeypatch.setattr("zoo.cache.probe_in_child", lambda path, **_: probed.append(path))
     return probed
 
 
