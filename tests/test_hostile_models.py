@@ -25,7 +25,7 @@ from test_archive import _file, _special, make_tar
 from test_cache import catalog_of, entry
 
 from cli import main
-from zoo import sandbox
+from zoo import cache, sandbox
 from zoo.cache import fetch
 from zoo.errors import InvalidModelFile, UnsafeFile, UnsupportedModel, ZooError
 from zoo.onnxfile import load_onnx
@@ -359,7 +359,7 @@ def test_catalog_files_with_their_sha256_skip_the_child(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[Path] = []
-    monkeypatch.setattr(sandbox, "probe_in_child", lambda path, **_: calls.append(Path(path)))
+    monkeypatch.setattr(cache, "probe_in_child", lambda path, **_: calls.append(Path(path)))
     model = tiny_model_bytes(seed=1)
     source = tmp_path / "tiny-1.onnx"
     source.write_bytes(model)
