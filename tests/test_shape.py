@@ -33,7 +33,9 @@ def test_long_function_finder_counts_from_def_to_last_line(tmp_path: Path) -> No
     package.mkdir()
     (tmp_path / "pipeline").mkdir()
     body = "\n".join(f"    x{i} = {i}" for i in range(3))
-    (package / "m.py").write_text(f'def short():\n    """Doc."""\n{body}\n\n\ndef other():\n    pass\n')
+    (package / "m.py").write_text(
+        f'def short():\n    """Doc."""\n{body}\n\n\ndef other():\n    pass\n'
+    )
     assert long_functions(tmp_path, limit=5) == []
     assert long_functions(tmp_path, limit=4) == ["zoo/m.py:1 short (5 lines)"]
 
