@@ -31,6 +31,7 @@ from pipeline.export.targets import (
     load_targets,
     require,
     target_missing,
+    target_names,
 )
 from zoo.catalog import Preprocess
 from zoo.errors import UnsupportedModel
@@ -129,7 +130,7 @@ def target_check(name: str) -> RuntimeCheck:
 
 def register_target_checks() -> None:
     """One runtime check per deployment target, beside OpenCV's (idempotent)."""
-    for name in load_targets():
+    for name in target_names():
         if name not in RUNTIME_CHECKS:
             RUNTIME_CHECKS.add(name, target_check(name))
 

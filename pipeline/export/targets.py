@@ -85,8 +85,10 @@ def load_targets() -> Registry[DeployTarget]:
 
 
 def target_names() -> list[str]:
-    """The targets besides `onnx`, in registration order."""
-    return list(load_targets())
+    """The targets besides `onnx`: the built-in ones in `TARGET_MODULES` order (whichever module was
+    imported first), then any other in registration order."""
+    builtin = [module.rsplit("target_", 1)[1] for module in TARGET_MODULES]
+    return sorted(load_targets(), key=lambda n: builtin.index(n) if n in builtin else len(builtin))
 
 
 def parse_targets(spec: str | Sequence[str]) -> list[str]:
