@@ -165,23 +165,26 @@ def test_balance_by_default_from_three_times() -> None:
     assert "--balance none turns it off" in plan_balance(None, _balance({"a": 9, "b": 3})).reason
 
 
-def test_solver_weights_raise_the_small_class_recall() -> None:
+def test_balanced_solved_head_raises_the_small_class_recall() -> None:
     import torch
 
-    from pipeline.train.solve import FeatureSet, _solve_linear
+    from pipeline.train.solve import FeatureSet, fit_linear
 
     rng = np.random.default_rng(1)
-    labels = np.array([0] * 300 + [1] * 20)
-    features = rng.normal(0, 1, (320, 8)) + labels[:, None] * 0.5
-    plain = FeatureSet(torch.tensor(features), torch.tensor(labels))
-    weighted = dataclasses.replace(plain, class_weights=torch.tensor(class_weights([300, 20])))
+
+    def drawn(counts: list[int]) -> FeatureSet:
+        labels = np.repeat([0, 1], counts)
+        features = rng.normal(0, 1, (len(labels), 8)) + labels[:, None] * 0.5
+        return FeatureSet(torch.tensor(features, dtype=torch.float32), torch.tensor(labels))
+
+    train, val, test = drawn([300, 20]), drawn([60, 60]), drawn([200, 200])
+    weighted = dataclasses.replace(train, class_weights=torch.tensor(class_weights([300, 20])))
     recalls = []
-    for train in (plain, weighted):
-        weight, bias, _, _ = _solve_linear(
-            train, num_classes=2, weight_decay=1e-3, max_evaluations=200, smoothing=0.0
-        )
-        predicted = (train.features @ weight.T + bias).argmax(1).numpy()
-        recalls.append(float(np.mean(predicted[labels == 1] == 1)))
+    for chosen in (train, weighted):
+        linear = torch.nn.Linear(8, 2)
+        fit_linear(linear, train=chosen, val=val, max_evaluations=200, log=lambda _line: None)
+        predicted = linear(test.features).argmax(1)
+        recalls.append(float((predicted[test.labels == 1] == 1).float().mean()))
     assert recalls[1] > recalls[0] + 0.2
 
 

@@ -112,6 +112,22 @@ def test_probe_output_rank_and_feature_tensor(tmp_path: Path) -> None:
     assert not nhwc.dynamic_batch  # the raw graph fixes batch 1; normalise frees it
 
 
+@pytest.mark.parametrize(("scale", "found"), [(1.5, True), (-1.0, False)])
+def test_probe_sees_through_a_positive_logit_scale(scale: float, found: bool) -> None:
+    # A temperature (zoo's own exports) or a logit scale keeps the winning class: the head is
+    # found before it. A negative scale reverses the order, so it is no head's output.
+    model = TINY_GRAPHS["gemm"][0]()
+    gemm = next(node for node in model.graph.node if node.op_type == "Gemm")
+    gemm.output[0] = "raw"
+    model.graph.initializer.append(numpy_helper.from_array(np.array(scale, np.float32), "t"))
+    model.graph.node.append(onnx.helper.make_node("Div", ["raw", "t"], ["scores"], name="T/Div"))
+    if not found:
+        with pytest.raises(UnsupportedModel, match="T/Div"):
+            probe(model)
+        return
+    assert probe(model).head_nodes == ("fc/Gemm",)
+
+
 def test_head_kind_registry_refuses_duplicates_and_names_missing_keys() -> None:
     assert {"gemm", "matmul_add", "conv1x1"} <= set(HEAD_KINDS)
     with pytest.raises(ValueError, match="gemm"):

@@ -267,8 +267,23 @@ def probe(model_or_imported: Any) -> ProbeResult:
     )
 
 
+def _positive_scalar(index: GraphIndex, name: str) -> bool:
+    """Whether `name` is one constant number above zero (an initializer or a Constant node)."""
+    from onnx import numpy_helper
+
+    init = index.initializers.get(name)
+    producer = index.producer.get(name)
+    if init is None and producer is not None and producer.op_type == "Constant":
+        init = next((a.t for a in producer.attribute if a.name == "value"), None)
+    if init is None:
+        return False
+    value = numpy_helper.to_array(init)
+    return value.size == 1 and float(value.reshape(())) > 0
+
+
 def _walk_back(index: GraphIndex, output_name: str) -> tuple[onnx.NodeProto, str]:
-    """Skip trailing softmax/ReLU/pool/reshape/transpose/cast nodes from the output to the last scoring node.
+    """Skip trailing softmax/ReLU/pool/reshape/cast nodes and positive scalings (a temperature) to the
+    last scoring node.
 
     A Softmax on any axis makes the output probabilities; a LogSoftmax gives log-probabilities,
     which are logits as far as the arg-max and a softmax go.
@@ -281,6 +296,9 @@ def _walk_back(index: GraphIndex, output_name: str) -> tuple[onnx.NodeProto, str
             raise UnsupportedModel(
                 f"output {output_name!r} is not computed by any node; the graph is broken"
             )
+        if node.op_type in ("Div", "Mul") and _positive_scalar(index, node.input[1]):
+            name = node.input[0]  # a temperature or a logit scale: the same class wins
+            continue
         if node.op_type not in TRAILING_OPS:
             return node, kind
         if node.op_type == "Softmax" and kind == "logits":

@@ -56,7 +56,8 @@ class FeatureSet:
 
     features: torch.Tensor
     labels: torch.Tensor
-    # Per-class weights of the training loss (pipeline.train.balance); None: every image counts 1.
+    # Balance the classes (pipeline.train.balance): these weights in the loss of a head with a
+    # hidden layer; the log class priors in the bias of a linear head. None: no balancing.
     class_weights: torch.Tensor | None = None
 
 
@@ -163,7 +164,6 @@ def _solve_linear(
     import torch.nn.functional as F
 
     inputs, labels = train.features, train.labels
-    classes = None if train.class_weights is None else train.class_weights.to(inputs)
     weight = torch.zeros(num_classes, inputs.shape[1], dtype=inputs.dtype)
     bias = torch.zeros(num_classes, dtype=inputs.dtype)
     if start is not None:
@@ -187,7 +187,7 @@ def _solve_linear(
         nonlocal evaluations
         optimizer.zero_grad(set_to_none=False)
         logits = inputs @ weight.T + bias
-        loss = F.cross_entropy(logits, labels, weight=classes, label_smoothing=smoothing)
+        loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
         loss = loss + 0.5 * weight_decay * weight.pow(2).sum()
         loss.backward()
         evaluations += 1
