@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import MODEL_NAME, Scale, Section, goal_verdict, markdown_table
-from bench.scale import SHARED_DIR, fresh_workspace, run_child
+from bench.scale import SHARED_DIR, absent, fresh_workspace, model_template, run_child
 from bench.scale_data import class_sources, random_crops
 
 KEY = "check"
@@ -276,13 +276,8 @@ def run(scale: Scale, *, work: Path, log: Callable[[str], None] = print) -> Sect
     """Every part; a section that says so without flowers5."""
     source = SHARED_DIR / "datasets" / SOURCE
     if not source.is_dir():
-        return Section(KEY, TITLE, [f"Not run: {source} is absent (the real photos ship beside the repository, not in it)."], command=scale.command(KEY))  # fmt: skip
-    from zoo.cache import fetch
-    from zoo.catalog import load_catalog
-
-    template = work / "scale-models"
-    if not (template / MODEL_NAME / "model.onnx").exists():
-        fetch(MODEL_NAME, models_dir=template, catalog=load_catalog(), progress=False)
+        return absent(source, KEY, TITLE, scale)
+    template = model_template(work)
     seeds = SEEDS if scale.name == "full" else SEEDS[:1]
     with tempfile.TemporaryDirectory(dir=work) as scratch:
         models_dir = fresh_workspace(template, Path(scratch) / "models")

@@ -381,17 +381,29 @@ def reuse_body(runs: Sequence[tuple[str, Measured]], *, images: int) -> list[str
     ]
 
 
-def run(scale: Scale, *, work: Path, log: Callable[[str], None] = print) -> Section:
-    """All three parts on one workspace template; a section that says so without flowers5."""
-    source = SHARED_DIR / "datasets" / SOURCE
-    if not source.is_dir():
-        return Section(KEY, TITLE, [f"Not run: {source} is absent (the real photos ship beside the repository, not in it)."], command=scale.command(KEY))  # fmt: skip
+def absent(source: Path, key: str, title: str, scale: Scale) -> Section:
+    """The section of a benchmark whose real photos are not beside the repository."""
+    why = f"Not run: {source} is absent (the real photos ship beside the repository, not in it)."
+    return Section(key, title, [why], command=scale.command(key))
+
+
+def model_template(work: Path) -> Path:
+    """A workspace holding the bundled model, made once under `work` and copied by each run."""
     from zoo.cache import fetch
     from zoo.catalog import load_catalog
 
     template = work / "scale-models"
     if not (template / MODEL_NAME / "model.onnx").exists():
         fetch(MODEL_NAME, models_dir=template, catalog=load_catalog(), progress=False)
+    return template
+
+
+def run(scale: Scale, *, work: Path, log: Callable[[str], None] = print) -> Section:
+    """All three parts on one workspace template; a section that says so without flowers5."""
+    source = SHARED_DIR / "datasets" / SOURCE
+    if not source.is_dir():
+        return absent(source, KEY, TITLE, scale)
+    template = model_template(work)
     phone = measure_phone(scale, source=source, template=template, work=work)
     log(f"[bench] scale: phone photos {phone.sizes}: zoo ÷ floor {phone.marginal()[0] / phone.marginal()[1]:.2f}×")  # fmt: skip
     growth = measure_growth(scale, source=source, template=template, work=work, log=log)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import zoo
+from pipeline.core.metadata import read_metadata
 from pipeline.data.images import center_crop, preprocess_image, resize_for
 from pipeline.export.deploy import ExportSummary
 from pipeline.export.embed import preprocess_graph
@@ -59,6 +60,16 @@ def _recorded_targets(run: zoo.Run) -> dict[str, dict]:
     return {t["target"]: t for t in exported["targets"]}
 
 
+def _assert_unknown_described(run: zoo.Run, folder: Path) -> None:
+    """preprocess.json and README.md say how to read the second output, with the file's threshold."""
+    ood = read_metadata(run.dir / "model.onnx").ood
+    assert ood is not None
+    companions = json.loads((folder / "preprocess.json").read_text())
+    assert companions["ood"] == {"output": "ood_score", "score": ood.score, "threshold": ood.threshold}  # fmt: skip
+    readme = (folder / "README.md").read_text()
+    assert "Output `ood_score`" in readme and f"{ood.threshold:.6g}" in readme and "unknown" in readme  # fmt: skip
+
+
 @pytest.mark.slow
 def test_openvino_target_is_gated_written_and_checked_again(digits_run: zoo.Run) -> None:
     _missing_or_skip("openvino")
@@ -77,6 +88,11 @@ def test_openvino_target_is_gated_written_and_checked_again(digits_run: zoo.Run)
     assert files == {"model.xml", "model.bin", "README.md", "labels.txt", "preprocess.json"}
     assert tuple((folder / "labels.txt").read_text().split()) == DIGITS
     assert "INFERENCE_PRECISION_HINT" in (folder / "README.md").read_text()
+    _assert_unknown_described(digits_run, folder)
+    import openvino as ov
+
+    outputs = {name for out in ov.Core().read_model(folder / "model.xml").outputs for name in out.names}  # fmt: skip
+    assert {"probs", "ood_score"} <= outputs
     assert 'element_type="f16"' not in (folder / "model.xml").read_text()  # float32 weights
     assert _recorded_targets(digits_run)["openvino"]["passed"] is True
 
@@ -109,6 +125,7 @@ def test_tflite_target_takes_pixels_and_onnx_takes_any_size(digits_run: zoo.Run)
     assert {p.name for p in folder.iterdir()} == {"model.tflite", "README.md", "labels.txt", "preprocess.json"}  # fmt: skip
     assert json.loads((folder / "preprocess.json").read_text())["embedded"] is True
     assert "resizes and crops" in (folder / "README.md").read_text()
+    _assert_unknown_described(digits_run, folder)
     detail = Interpreter(model_path=str(folder / "model.tflite")).get_input_details()[0]
     assert detail["dtype"] == np.uint8 and list(detail["shape_signature"]) == [-1, 32, 32, 3]
 

@@ -196,6 +196,7 @@ def test_the_folder_holds_everything_and_nothing_remote(tmp_path: Path) -> None:
     assert (folder / "labels.txt").read_text(encoding="utf-8").splitlines() == LABELS
     preprocess = json.loads((folder / "preprocess.json").read_text())
     assert preprocess["channels"] == 1 and preprocess["embedded"] is True
+    assert "ood" not in preprocess  # a file without an unknown score: nothing to say of one
     page = (folder / "index.html").read_text()
     assert "<title>tiny-run · image classifier</title>" in page  # the run's name, escaped
     assert not re.search(
@@ -206,6 +207,7 @@ def test_the_folder_holds_everything_and_nothing_remote(tmp_path: Path) -> None:
     for fact in ("python -m http.server", "**uint8**", "**NHWC**", "[1, H, W, 1]", "**any size**",
                  "**first output is the probabilities**", "ort.InferenceSession.create('model.onnx')"):  # fmt: skip
         assert fact in readme, fact
+    assert "ood_score" not in readme
     embedded = onnx.load(folder / "model.onnx")
     assert embedded.graph.input[0].type.tensor_type.elem_type == TensorProto.UINT8
     assert embedded.graph.output[0].name == "probs"
@@ -281,23 +283,34 @@ def zoo(*args: str, models_dir: Path) -> str:
     return result.stdout
 
 
-def top1_of_predict(model: Path, images: list[Path], models_dir: Path) -> dict[str, dict]:
+def predict_json(model: Path, images: list[Path], models_dir: Path) -> dict[str, dict]:
     out = zoo("predict", str(model), *map(str, images), "--top-k", "2", "--json", models_dir=models_dir)  # fmt: skip
-    return {Path(p["image"]).name: p["top"] for p in json.loads(out)["predictions"]}
+    return {Path(p["image"]).name: p for p in json.loads(out)["predictions"]}
 
 
-def assert_page_agrees_with_predict(run: Path, images: list[Path], models_dir: Path) -> None:
-    """The run's web page in chromium: the same top-1 as `zoo predict` on each image."""
+def top1_of_predict(model: Path, images: list[Path], models_dir: Path) -> dict[str, dict]:
+    return {name: p["top"] for name, p in predict_json(model, images, models_dir).items()}
+
+
+def assert_page_agrees_with_predict(
+    run: Path, images: list[Path], models_dir: Path, *, count: int = 10
+) -> set[str]:
+    """The run's web page in chromium: the same top-1 as `zoo predict` on each image, and the same
+    images "unknown" (past the file's threshold); the names of those."""
     folder = web_folder(onnx.load(run / "model.onnx"), run / "deploy" / "web")
-    predicted = top1_of_predict(run / "model.onnx", images, models_dir)
+    predicted = predict_json(run / "model.onnx", images, models_dir)
     with serve_folder(folder) as url:
         page = classify_in_page(url, images, screenshot=run / "page.png")
     assert page.status == "ready", page.status_text
     assert page.labels == list(read_metadata(run / "model.onnx").labels)  # from the metadata
     shown = {row["name"]: row.get("top1") for row in page.rows}
-    expected = {name: top[0]["label"] for name, top in predicted.items()}
+    expected = {name: p["top"][0]["label"] for name, p in predicted.items()}
     assert shown == expected
-    assert len(page.rows) == len(images) == 10
+    unknown = {name for name, p in predicted.items() if p["unknown"]}
+    assert {row["name"] for row in page.rows if row.get("unknown") == "true"} == unknown
+    assert all("oodScore" in row for row in page.rows)  # the file's second output, read
+    assert len(page.rows) == len(images) == count
+    return unknown
 
 
 @needs_browser
@@ -320,7 +333,17 @@ def test_page_agrees_with_zoo_predict_on_generated_digits(
     tops = top1_of_predict(run / "model.onnx", sorted(candidates.iterdir()), workspace)
     margin = {name: top[0]["probability"] - top[1]["probability"] for name, top in tops.items()}
     chosen = sorted(sorted(margin, key=margin.get, reverse=True)[:10])
-    assert_page_agrees_with_predict(run, [candidates / name for name in chosen], workspace)
+    # And a picture of nothing the model knows: a smooth colour field.
+    stranger = candidates / "stranger.png"
+    ramp = np.linspace(0, 255, 160, dtype=np.float32)
+    field = np.stack([np.add.outer(ramp, ramp) / 2, np.add.outer(ramp, 255 - ramp) / 2,
+                      np.full((160, 160), 200.0)], axis=2)  # fmt: skip
+    Image.fromarray(field.astype(np.uint8)).save(stranger)
+    images = [candidates / name for name in chosen] + [stranger]
+    unknown = assert_page_agrees_with_predict(run, images, workspace, count=11)
+    # Both answers occur (these digits are stretched past anything in the 8 a class it saw), so the
+    # page's "unknown" was checked against zoo predict's either way.
+    assert 0 < len(unknown) < len(images)
 
 
 @needs_browser

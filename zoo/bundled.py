@@ -9,7 +9,6 @@ downloaded model.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 import tempfile
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zoo.errors import ChecksumMismatch, NotFound, UnsupportedModel
+from zoo.files import sha256_file
 
 OPSET = 13
 INPUT_NAME = "input"
@@ -115,14 +115,6 @@ def weights_path(name: str = DEFAULT_BUNDLED) -> Path:
     return Path(locator.get_model_file_path())
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_pretrained(name: str = DEFAULT_BUNDLED) -> "torch.nn.Module":  # noqa: F821, UP037 - torch is imported lazily
     """timm's architecture for bundled model `name` with the package's verified weights, in eval mode."""
     import timm
@@ -130,7 +122,7 @@ def load_pretrained(name: str = DEFAULT_BUNDLED) -> "torch.nn.Module":  # noqa: 
 
     model = bundled_model(name)
     path = weights_path(name)
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if actual != model.weights_sha256:
         raise ChecksumMismatch(
             f"{path} has sha256 {actual}, expected {model.weights_sha256}; "

@@ -139,11 +139,11 @@ class RunDir:
 
     def exported(self) -> dict[str, Any] | None:
         """export.json (an ExportSummary's figures); None before the first export."""
-        return _read_json(self.export_file)
+        return read_json(self.export_file)
 
     def verified(self) -> dict[str, Any] | None:
         """verification.json (a FileReport's figures); None before the first `zoo verify --run`."""
-        return _read_json(self.verification_file)
+        return read_json(self.verification_file)
 
 
 class LiveRecord:
@@ -167,8 +167,8 @@ class LiveRecord:
             self.run_dir.write_record(self.current)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON file of the run, None when it is not there."""
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON file of the run (or beside its files), None when it is not there."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -23,7 +23,7 @@ from PIL import Image
 from pipeline.core.diskcache import cache_root, keep_within_budget, touch
 from pipeline.core.progress import track
 from pipeline.data.images import BUILTIN_PREFIX, UnreadableImage, open_image
-from zoo.files import atomic_write
+from zoo.files import atomic_write, sha256_file
 
 FACTS_VERSION = 1  # part of every key: a change in what is stored makes old entries unused
 THUMB_PX = 48  # side of the grey thumbnail
@@ -135,7 +135,7 @@ def read_facts(ref: str) -> tuple[bytes, int, int, int, np.ndarray]:
             digest = hashlib.sha256(img.tobytes()).digest()
             width, height = img.size
         else:
-            digest = _file_sha256(ref)
+            digest = bytes.fromhex(sha256_file(ref))
             with Image.open(ref) as header:
                 width, height = header.size
             img = open_image(ref, draft=2 * THUMB_PX)
@@ -152,11 +152,3 @@ def looks(img: Image.Image) -> tuple[bool, np.ndarray]:
     spread = pixels.max(axis=2) - pixels.min(axis=2)
     grey = float(np.mean(spread > COLOUR_STEP)) < COLOUR_SHARE
     return grey, np.asarray(small.convert("L"), dtype=np.uint8)
-
-
-def _file_sha256(path: str) -> bytes:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.digest()

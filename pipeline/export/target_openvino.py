@@ -24,6 +24,7 @@ from pipeline.export.targets import (
     TargetInput,
     app_resize_python,
     as_batches,
+    ood_readme,
     probs_of,
     register_target,
     write_companions,
@@ -107,7 +108,7 @@ same answers (some CPUs otherwise compute in bf16).
 
 - Input: {takes}.
 - Output `probs`: probabilities `[N, {len(source.labels)}]` in the order of `labels.txt`.
-
+{ood_readme(source)}
 ```python
 import numpy as np, openvino as ov
 from PIL import Image

@@ -31,6 +31,7 @@ from pipeline.export.targets import (
     TargetInput,
     app_resize_python,
     as_batches,
+    ood_readme,
     probs_of,
     register_target,
     write_companions,
@@ -169,7 +170,7 @@ the run's held-out images, run by the `ai-edge-litert` interpreter.
 
 - Input: {takes}.
 - Output `probs`: probabilities `[N, {classes}]` in the order of `labels.txt`.
-
+{ood_readme(source)}
 ```python
 import numpy as np
 from PIL import Image

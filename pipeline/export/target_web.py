@@ -27,6 +27,7 @@ from pipeline.export.targets import (
     DeployTarget,
     TargetInput,
     as_batches,
+    ood_readme,
     probs_of,
     register_target,
     write_companions,
@@ -118,7 +119,7 @@ Pick or drop images; each gets its top-3 labels with their confidence. Nothing l
 - `model.onnx` takes **uint8** pixels, **NHWC** `[1, H, W, {channels}]`, {order}, at **any size**:
   the resize (antialiased, as Pillow's), centre crop and normalisation are inside the graph.
 - Its **first output is the probabilities** `[1, {len(source.labels)}]`, in the order of `labels.txt`.
-- `preprocess.json`: what the graph does (resize {source.preprocess.resize}, crop {source.preprocess.crop}).
+{ood_readme(source)}- `preprocess.json`: what the graph does (resize {source.preprocess.resize}, crop {source.preprocess.crop}).
 
 ```js
 // <script src="ort.wasm.min.js"></script> (ort-wasm-simd-threaded.wasm/.mjs beside it)

@@ -25,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.core.metadata import read_metadata
 from pipeline.core.registry import Registry
+from pipeline.core.trust import OodRecord
 from zoo.catalog import Preprocess
 from zoo.errors import ZooError
 
@@ -51,6 +53,11 @@ class TargetInput:
     labels: tuple[str, ...]
     input_name: str
     embedded: bool = False  # the file takes uint8 pixels and does its own preprocessing
+
+    @property
+    def ood(self) -> OodRecord | None:
+        """The file's unknown score (its second output) and threshold; None for a file without one."""
+        return read_metadata(self.onnx_path).ood
 
 
 @dataclass(frozen=True)
@@ -202,7 +209,24 @@ def write_companions(folder: Path, source: TargetInput) -> None:
     """labels.txt and preprocess.json beside a target's file, for apps that read them."""
     (folder / "labels.txt").write_text("\n".join(source.labels) + "\n", encoding="utf-8")
     preprocess = {**source.preprocess.to_dict(), "embedded": source.embedded}
+    ood = source.ood
+    if ood is not None:  # how an app tells "none of these" (the page reads it from here)
+        preprocess["ood"] = {"output": ood.output, "score": ood.score, "threshold": ood.threshold}
     (folder / "preprocess.json").write_text(json.dumps(preprocess, indent=2) + "\n")
+
+
+def ood_readme(source: TargetInput) -> str:
+    """The README's line on the second output, the unknown score; empty for a file without one."""
+    ood = source.ood
+    if ood is None:
+        return ""
+    return (
+        f"- Output `{ood.output}`: `[N]`, how unlike the training images each image is "
+        f"({ood.score} distance in the model's feature space). Above **{ood.threshold:.6g}** "
+        f"(`preprocess.json`'s `ood.threshold`, chosen to keep {ood.keep:.0%} of the validation "
+        'images) the image is none of the labels: show "unknown" instead of the top label, as '
+        "`zoo predict` does.\n"
+    )
 
 
 def publish(staging: Path, final: Path) -> None:

@@ -4,25 +4,13 @@ leave in a run: export.json, verification.json, and the gate's verify.json of a 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.rundir import RunDir
+from pipeline.core.rundir import RunDir, read_json
 from pipeline.report.page import esc, fmt, key_values, percent, table, verdict, warning
-from zoo.errors import ZooError
 
 GATE_REPORT = "verify.json"  # the export gate's own report, beside the exported file
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON file beside the run's files (the gate's report), None when it is not there."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except ValueError as exc:
-        raise ZooError(f"{path} is damaged ({exc}); re-run the command that wrote it") from exc
 
 
 def verification_section(run_dir: Path) -> str:
