@@ -73,3 +73,23 @@ def test_bundled_onnx_ranks_a_cat_first_for_chelsea(
     assert logits.shape == (2, 1000)  # dynamic batch
     top = int(np.argmax(logits[0]))
     assert 281 <= top <= 287, f"class {top} is not a cat"
+
+
+def test_zoo_predict_names_the_imagenet_classes_of_a_plain_zoo_file(
+    bundled_workspace: Path, tmp_path: Path
+) -> None:
+    """The bundled file as fetched (1000 classes, no zoo metadata): ImageNet's names, not numbers."""
+    from click.testing import CliRunner
+    from PIL import Image
+    from skimage import data
+
+    from cli import main
+
+    photo = tmp_path / "chelsea.png"
+    Image.fromarray(data.chelsea()).save(photo)
+    model = bundled_workspace / "efficientnet-lite0" / "model.onnx"
+    result = CliRunner().invoke(
+        main, ["--models-dir", str(bundled_workspace), "predict", str(model), str(photo)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "tabby" in result.stdout or "tiger cat" in result.stdout, result.stdout

@@ -20,6 +20,7 @@ from zoo.bundled import BUNDLED_MODELS, DEFAULT_BUNDLED, BundledModel
 from zoo.errors import NotFound, ZooError
 
 CATALOG_FILE = Path(__file__).with_name("data") / "catalog.json"
+IMAGENET_LABELS_FILE = Path(__file__).with_name("data") / "imagenet_labels.txt"  # 1000 names
 BUNDLED_NAME = DEFAULT_BUNDLED  # the bundled model `make demo` uses
 BUNDLED_SOURCE = BUNDLED_MODELS[DEFAULT_BUNDLED].source
 BUNDLED_PREFIX = "bundled:"  # sources of models built offline from a package's weights

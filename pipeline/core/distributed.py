@@ -361,7 +361,7 @@ def launch(request: Launch, *, argv: Sequence[str], out: Path | None = None) -> 
         monitor_interval=0.5,
     )
     # The workers re-enter this very `zoo` (the same cli.py), whatever sys.argv[0] is.
-    code_dir = str(Path(__file__).resolve().parent.parent)
+    code_dir = str(Path(__file__).resolve().parents[2])  # the checkout, where cli.py is
     bootstrap = f"import sys; sys.path.insert(0, {code_dir!r}); import cli; cli.run()"
     try:
         elastic_launch(config, sys.executable)("-c", bootstrap, *argv)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.core import runs
 from pipeline.core.rundir import RunDir
+from zoo.catalog import IMAGENET_LABELS_FILE
 from zoo.errors import DataError, NotFound, VerificationFailed, ZooError
 
 if TYPE_CHECKING:
@@ -373,8 +374,7 @@ class Prediction:
 def _imagenet_or_numbered(count: int) -> list[str]:
     """ImageNet's class names for a 1000-class head; otherwise the class numbers."""
     if count == 1000:
-        path = Path(__file__).parents[1] / "zoo" / "data" / "imagenet_labels.txt"
-        return path.read_text().splitlines()
+        return IMAGENET_LABELS_FILE.read_text(encoding="utf-8").splitlines()
     return [str(i) for i in range(count)]
 
 
