@@ -59,7 +59,7 @@ demo: $(STAMP) $(WEB_STAMP) $(TFLITE_STAMP)
 	$(ZOOD) adapt efficientnet-lite0 --classes 10 --out $(DEMO_RUN)
 	$(ZOOD) export $(DEMO_RUN)
 	$(ZOOD) verify $(DEMO_RUN)/model.onnx --run $(DEMO_RUN) --runtimes ort,opencv
-	@$(PY) -c "from pipeline.data.split import DataSplit; from pipeline.data.images import open_image; s = DataSplit.load('$(DEMO_RUN)/split.json'); [open_image(r).save(f'$(DEMO_SAMPLES)/test{i}-true-{s.class_names[y]}.png') for i, (r, y) in enumerate(s.test[:6])]"
+	@$(PY) -c "from pipeline.core.samples import DataSplit; from pipeline.data.images import open_image; s = DataSplit.load('$(DEMO_RUN)/split.json'); [open_image(r).save(f'$(DEMO_SAMPLES)/test{i}-true-{s.class_names[y]}.png') for i, (r, y) in enumerate(s.test[:6])]"
 	$(ZOOD) predict $(DEMO_RUN)/model.onnx $(DEMO_SAMPLES)/test*.png --top-k 2
 	@echo
 	@echo "Done. The fetched model:      $(DEMO_DIR)/efficientnet-lite0/model.onnx"

@@ -66,3 +66,16 @@ def test_architecture_names_only_what_exists() -> None:
     assert len(spans) > 20, "ARCHITECTURE.md names too little of the code"
     gone = missing(spans)
     assert not gone, f"ARCHITECTURE.md names what the code does not have: {gone}"
+
+
+def test_the_makefiles_inline_python_imports_what_exists() -> None:
+    """`make demo`'s one-liners import project names that a move must not leave behind."""
+    import importlib
+
+    text = (ROOT / "Makefile").read_text()
+    imports = re.findall(r"from ((?:pipeline|zoo|bench)[\w.]*) import ([\w, ]+)", text)
+    assert imports  # the demo does use some
+    for module, names in imports:
+        loaded = importlib.import_module(module)
+        for name in (n.strip() for n in names.split(",")):
+            assert hasattr(loaded, name), f"Makefile: {module} has no {name}"
