@@ -1,4 +1,4 @@
-"""Where the model looked: Grad-CAM heatmaps over a few held-out images, for report.html.
+"""Where the model looked: class-activation heatmaps (LayerCAM) over a few held-out images, for report.html.
 
 `zoo adapt` and `zoo report` compute them (`write_heatmaps`) on the worst mistakes and the most
 confident correct images of each class, and keep them in RUN/heatmaps.json with their thumbnails;
@@ -8,8 +8,16 @@ the layer and the images and draws the thumbnails.
 
 The layer is the backbone's last spatial feature map: the feature tensor that fed the old head
 when it is spatial, else (a head after a global pool and flatten, as in EfficientNet-Lite0) the
-last four-dimensional tensor of the converted graph. An identity module is tapped onto that value,
-so the library hooks a module whatever onnx2torch made the value with (a module or a function).
+last four-dimensional tensor of the converted graph; where that map is coarser than
+`FINE_SIDE` cells a side (4x4 at 128 px, 7x7 at 224), the last map of twice its resolution before
+it (stride 16). An identity module is tapped onto that value, so the library hooks a module
+whatever onnx2torch made the value with (a module or a function).
+
+The method is LayerCAM (Jiang et al. 2021): each cell weighted by its own positive gradient, not
+one weight a channel as Grad-CAM does, which keeps the place at the finer layer. Measured on
+EfficientNet-Lite0 fine-tuned on images whose class is a coloured patch alone (tests/test_heatmaps),
+share of peaks inside the patch: Grad-CAM on the last map 29% at 128 px and 25% at 224; LayerCAM on
+the stride-16 map 92% and 65%.
 """
 
 from __future__ import annotations
@@ -51,7 +59,8 @@ MAX_CORRECT = 16  # ...up to this many in all
 BATCH = 8  # images per backward pass
 BUDGET_S = 20.0  # no new batch starts after this long: a slow machine shows fewer maps, not waits
 TAP = "cam_tap"  # the identity module the library hooks
-METHOD = "Grad-CAM"
+METHOD = "LayerCAM"
+FINE_SIDE = 8  # a last map with fewer cells a side is passed over for the stride-16 one
 OVERLAY_PREFIX = "data:image/jpeg;base64,"  # the only thing the page embeds from the file
 
 logger = logging.getLogger(__name__)
@@ -77,7 +86,7 @@ class Heatmap:
 class HeatmapRecord:
     """heatmaps.json: the maps of one run, as the page shows them."""
 
-    method: str  # e.g. "Grad-CAM (grad-cam 1.5.7)"
+    method: str  # e.g. "LayerCAM (grad-cam 1.5.7)"
     layer: str  # the tensor the maps were taken at, with its size
     seconds: float  # to compute them, model rebuilt included
     heatmaps: list[Heatmap]
@@ -104,13 +113,14 @@ class HeatmapRecord:
 # ----------------------------------------------------------------------------- the layer
 
 
-def _last_spatial_node(backbone: fx.GraphModule) -> fx.Node:
-    """The last node whose value is an [N, C, H, W] map with more than one position.
+def _spatial_nodes(backbone: fx.GraphModule, *, until: fx.Node | None = None) -> list[fx.Node]:
+    """The nodes whose value is an [N, C, H, W] map with more than one position, in graph order
+    (up to `until`, included).
 
     The shapes are ShapeProp's, run before. A transpose (a TF export going back to channels-last
     before its pool) is passed over: its input is the same map, in the convolutions' layout.
     """
-    found = None
+    found = []
     for node in backbone.graph.nodes:
         shape = getattr(node.meta.get("tensor_meta"), "shape", None)
         if node.op in ("placeholder", "get_attr", "output") or shape is None or len(shape) != 4:
@@ -119,12 +129,35 @@ def _last_spatial_node(backbone: fx.GraphModule) -> fx.Node:
         if "Transpose" in type(module).__name__ or node.target in ("permute", "transpose"):
             continue
         if shape[2] * shape[3] > 1:
-            found = node
-    if found is None:
+            found.append(node)
+        if node is until:
+            break
+    return found
+
+
+def _last_spatial_node(backbone: fx.GraphModule) -> fx.Node:
+    """The last node whose value is an NCHW map with more than one position."""
+    found = _spatial_nodes(backbone)
+    if not found:
         raise UnsupportedModel(
             "the model has no spatial feature map to draw a heatmap on; the report shows none"
         )
-    return found
+    return found[-1]
+
+
+def _finer(backbone: fx.GraphModule, value: fx.Node) -> fx.Node:
+    """`value`, or where its NCHW map is coarser than FINE_SIDE a side, the last map before it
+    with at least twice its height and width (the stage before the last downsampling)."""
+    height, width = value.meta["tensor_meta"].shape[2:]
+    if min(height, width) >= FINE_SIDE:
+        return value
+    finer = [
+        node
+        for node in _spatial_nodes(backbone, until=value)
+        if node.meta["tensor_meta"].shape[2] >= 2 * height
+        and node.meta["tensor_meta"].shape[3] >= 2 * width
+    ]
+    return finer[-1] if finer else value
 
 
 def _tapped(backbone: fx.GraphModule, value: fx.Node) -> fx.GraphModule:
@@ -185,15 +218,26 @@ def _map_value(adapted: nn.Module) -> tuple[fx.Node, bool, str]:
         value = next(n for n in backbone.graph.nodes if n.op == "output").args[0]
         channels_last = bool(getattr(adapted.pool, "channels_last", False))
         shape = value.meta["tensor_meta"].shape
-        if (shape[1] * shape[2] if channels_last else shape[2] * shape[3]) > 1:
-            return value, channels_last, adapted.probe.feature_name
-    value = _last_spatial_node(backbone)  # a pooled feature tensor: the map before the pool
-    return value, False, (adapted.onnx_outputs.get(value.target) or (value.name,))[0]
+        if channels_last and shape[1] * shape[2] > 1:
+            return value, True, adapted.probe.feature_name
+        if not channels_last and shape[2] * shape[3] > 1:
+            finer = _finer(backbone, value)
+            if finer is value:
+                return value, False, adapted.probe.feature_name
+            return finer, False, _onnx_name(adapted, finer)
+    value = _finer(
+        backbone, _last_spatial_node(backbone)
+    )  # a pooled feature tensor: before the pool
+    return value, False, _onnx_name(adapted, value)
+
+
+def _onnx_name(adapted: nn.Module, value: fx.Node) -> str:
+    return (adapted.onnx_outputs.get(value.target) or (value.name,))[0]
 
 
 def _start_gradient(_tap: nn.Module, _inputs: Any, features: torch.Tensor) -> torch.Tensor:
-    """Grad-CAM needs d(score)/d(map) alone: the gradient starts at the map, so the backward pass
-    runs through the pool and the head only, never the backbone (and frozen weights cannot stop it)."""
+    """The CAM needs d(score)/d(map) alone: the gradient starts at the map, so the backward pass
+    runs from the head back to the map only, never further (and frozen weights cannot stop it)."""
     return features.detach().requires_grad_(True)
 
 
@@ -202,11 +246,11 @@ def _channels_first(features: torch.Tensor) -> torch.Tensor:
 
 
 def class_activation_maps(target: CamTarget, images: torch.Tensor) -> np.ndarray:
-    """[N, H, W] Grad-CAM maps in [0, 1] of each image's predicted class, at the images' size."""
+    """[N, H, W] LayerCAM maps in [0, 1] of each image's predicted class, at the images' size."""
     # Imported here: drawing a page from heatmaps.json needs none of it (OpenCV, SciPy, ttach).
-    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam import LayerCAM
 
-    cam = GradCAM(
+    cam = LayerCAM(
         model=target.model, target_layers=[target.layer], reshape_transform=target.reshape
     )
     try:
