@@ -229,6 +229,26 @@ def test_check_record_round_trips() -> None:
     assert again.twinned("test", ("train",)) == {"y"}
 
 
+def test_notes_name_images_with_their_class_folder_and_say_when_none_is_suspect() -> None:
+    from pipeline.data.check import Suspect
+    from pipeline.train.check import notes
+
+    check = DataCheck(
+        source="s",
+        model="m",
+        images=4,
+        class_names=["a", "b"],
+        split_fixed=False,
+        balance=Balance({"a": 2, "b": 2}, "b", "a", 1.0),
+        suspects=[Suspect("/d/a/1.jpg", "train", "a", "b", 0.4)],
+        small=["/d/a/1.jpg", "/d/b/1.jpg"],
+    )
+    assert any(line.endswith("a/1.jpg, b/1.jpg") for line in notes(check))  # not "1.jpg, 1.jpg"
+    assert "likely label errors: none flagged" in notes(check)
+    flagged = notes(dataclasses.replace(check, flagged=1))
+    assert "likely label errors: 1 flagged; most likely: a/1.jpg (a → b?)" in flagged
+
+
 # ----------------------------------------------------------------------------- with the bundled model
 
 

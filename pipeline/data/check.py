@@ -201,10 +201,16 @@ def too_few_to_split(split: DataSplit) -> list[str]:
     ]
 
 
+def short_name(ref: str) -> str:
+    """An image's name with its folder ("roses/a.jpg"): class folders often reuse file names."""
+    path = Path(ref)
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
 def names(refs: Iterable[str], limit: int = EXAMPLES) -> str:
-    """A few file names for a one-line note: "a.jpg, b.jpg, c.jpg and 4 more"."""
+    """A few file names for a one-line note: "a/1.jpg, a/2.jpg, b/1.jpg and 4 more"."""
     shown = list(refs)
-    text = ", ".join(Path(ref).name for ref in shown[:limit])
+    text = ", ".join(short_name(ref) for ref in shown[:limit])
     return text + (f" and {len(shown) - limit} more" if len(shown) > limit else "")
 
 

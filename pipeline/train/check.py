@@ -28,6 +28,7 @@ from pipeline.data.check import (
     labelled_parts,
     names,
     odd_colour,
+    short_name,
     small_images,
     too_few_to_split,
 )
@@ -287,9 +288,11 @@ def notes(check: DataCheck) -> list[str]:
             f"warning: {len(leaking)} of the test images have a twin in training or validation; metrics are given twice, "
             "on the whole test split and on the test images without one (remove the copies for one honest figure)"
         )
-    if check.suspects:
+    if check.suspects and not check.flagged:
+        lines.append("likely label errors: none flagged")
+    elif check.suspects:
         top = ", ".join(
-            f"{Path(s.ref).name} ({s.given} → {s.suggested}?)" for s in check.suspects[:3]
+            f"{short_name(s.ref)} ({s.given} → {s.suggested}?)" for s in check.suspects[:3]
         )
         lines.append(f"likely label errors: {check.flagged} flagged; most likely: {top}")
     if check.balance.imbalanced:
