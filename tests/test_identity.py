@@ -333,6 +333,11 @@ def test_quantized_graphs_are_refused_naming_the_float_sibling(tmp_path: Path, k
     assert not models.exists() or not any(p.name != "blobs" and not p.name.startswith(".") for p in models.iterdir())  # fmt: skip
     with pytest.raises(UnsupportedModel, match="quantized model"):
         import_model(orphan, name="orphan")
+    # `zoo check MODEL` and `zoo rank` open the frozen backbone without torch: the same line.
+    from pipeline.train.rank import open_backbone
+
+    with pytest.raises(UnsupportedModel, match="quantized model"):
+        open_backbone(orphan, name="orphan")
 
 
 def test_adapting_a_quantized_file_names_the_float_model_not_its_preprocessing(

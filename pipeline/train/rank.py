@@ -27,6 +27,7 @@ from zoo.cache import fetch
 from zoo.errors import DataError, NotFound, UnsupportedModel, ZooError
 from zoo.onnxfile import load_onnx
 from zoo.preprocess import model_preprocess
+from zoo.quantized import refuse_quantized
 from zoo.workspace import Workspace, list_workspace, open_model
 
 if TYPE_CHECKING:
@@ -111,6 +112,7 @@ def open_backbone(onnx_path: Path, *, name: str) -> FrozenBackbone:
     """The model's graph, normalised as `zoo adapt` imports it, with its head found (no torch)."""
 
     model = load_onnx(onnx_path)
+    refuse_quantized(model, label=name, path=onnx_path)  # not "custom operators": its fp32 sibling
     refuse_custom_domains(model, name)
     normalised, _notes = normalise(model)
     missing = unconvertible_ops(normalised)
