@@ -81,6 +81,8 @@ def test_openvino_target_is_gated_written_and_checked_again(digits_run: zoo.Run)
     assert (onnx.target, openvino.target) == ("onnx", "openvino") and onnx.passed
     assert openvino.passed, openvino.line()
     assert openvino.images == 256 and openvino.top1_agreement >= 0.995
+    # The unknown score (the second output) reaches the app alike: same side of the threshold.
+    assert openvino.unknown_agreement == 1.0 and openvino.max_score_diff <= 1e-4
     assert openvino.max_prob_diff <= 1e-3 and openvino.resize_agreement is None
     folder = digits_run.dir / "deploy" / "openvino"
     assert openvino.path == str(folder) and any(line.startswith("openvino: ") for line in lines)
@@ -119,6 +121,8 @@ def test_tflite_target_takes_pixels_and_onnx_takes_any_size(digits_run: zoo.Run)
     onnx, tflite = summary.targets
     assert tflite.passed, tflite.line()
     assert tflite.embedded and tflite.top1_agreement >= 0.995 and tflite.max_prob_diff <= 1e-3
+    assert tflite.unknown_agreement == 1.0 and tflite.max_score_diff <= 1e-4
+    assert "unknown flag agreement 100.0%" in tflite.line()
     # onnxruntime runs the any-size graph: images at their own sizes agree with Pillow's path.
     assert onnx.passed and onnx.embedded and onnx.resize_agreement >= 0.99, onnx.line()
     folder = digits_run.dir / "deploy" / "tflite"
@@ -238,13 +242,39 @@ def _write_model(source: object, folder: Path) -> Path:
     return folder / "model.bin"
 
 
-def _drifting(path: Path, inputs: np.ndarray) -> np.ndarray:
+def _drifting(path: Path, inputs: np.ndarray, *, output: str = "probs") -> np.ndarray:
     """onnxruntime's probabilities, 2e-3 off: a runtime that computes in low precision."""
     from pipeline.export.deploy_targets import run_onnxruntime
+    from pipeline.export.targets import onnx_output
 
-    probs = run_onnxruntime(path.parent.parent.parent / "model.onnx", inputs)
+    source = path.parent.parent.parent / "model.onnx"
+    if output != "probs":  # its unknown score as onnxruntime's
+        return onnx_output(source, inputs, output)
+    probs = run_onnxruntime(source, inputs)
     probs[:, 0] += 2e-3
     return probs
+
+
+@pytest.mark.slow
+def test_a_target_whose_unknown_score_moves_fails_the_gate(
+    digits_run: zoo.Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.export.deploy_targets import run_onnxruntime
+
+    def shifted(path: Path, inputs: np.ndarray, *, output: str = "probs") -> np.ndarray:
+        source = path.parent.parent.parent / "model.onnx"
+        if output == "probs":  # the same probabilities...
+            return run_onnxruntime(source, inputs)
+        ood = read_metadata(source).ood
+        return np.full(len(inputs), 10 * ood.threshold)  # ...but every image "unknown"
+
+    monkeypatch.setitem(TARGETS._entries, "shifted", _fake("shifted", missing=None, convert=_write_model, run=shifted))  # fmt: skip
+    summary, _ = _export(digits_run, targets=["onnx", "shifted"])
+    report = summary.targets[1]
+    assert report.top1_agreement == 1.0 and report.unknown_agreement < 0.9
+    assert not report.passed and "FAILED the gate" in report.line()
+    assert "unknown flag agreement" in report.line()
+    assert not (digits_run.dir / "deploy" / "shifted").exists()
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from pipeline.export.targets import (
     register_target,
     write_companions,
 )
-from zoo.errors import UnsupportedModel
+from zoo.errors import UnsupportedModel, ZooError
 
 MODEL_FILE = "model.xml"
 DEVICE = "CPU"
@@ -70,16 +70,23 @@ def compiled(model_path: Path) -> Any:
     return ov.Core().compile_model(str(model_path), DEVICE, F32)
 
 
-def run_openvino(model_path: Path, inputs: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-    """Probabilities [N, C] from OpenVINO's CPU plugin in float32."""
+def run_openvino(
+    model_path: Path, inputs: np.ndarray | Sequence[np.ndarray], *, output: str = "probs"
+) -> np.ndarray:
+    """Probabilities [N, C] from OpenVINO's CPU plugin in float32; or another output's values."""
     model = compiled(model_path)
-    port = next((o for o in model.outputs if "probs" in o.get_names()), model.output(0))
+    port = next((o for o in model.outputs if output in o.get_names()), None)
+    if port is None and output != "probs":
+        raise ZooError(f"openvino: the IR has no {output} output; export again")
+    port = port or model.output(0)
     input_shape = model.input(0).partial_shape
     fixed = input_shape[0].get_length() if input_shape[0].is_static else None
     request = model.create_infer_request()
     rows = []
     for batch in as_batches(inputs, fixed or CHUNK):
         rows.append(np.array(request.infer({0: batch})[port]))
+    if output != "probs":
+        return np.concatenate(rows).reshape(-1)
     return probs_of(np.concatenate(rows), named_probs="probs" in port.get_names())
 
 

@@ -126,19 +126,27 @@ def interpreter(model_path: Path) -> Any:
         return Interpreter(model_path=str(model_path), num_threads=os.cpu_count() or 1)
 
 
-def run_tflite(model_path: Path, inputs: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-    """Probabilities [N, C] from LiteRT; NCHW float inputs are fed transposed to NHWC."""
+def run_tflite(
+    model_path: Path, inputs: np.ndarray | Sequence[np.ndarray], *, output: str = "probs"
+) -> np.ndarray:
+    """Probabilities [N, C] from LiteRT, or another output's values; NCHW float inputs are fed
+    transposed to NHWC."""
     runner = interpreter(model_path).get_signature_runner()
     (input_name, detail), *_ = runner.get_input_details().items()
     signature = list(detail["shape_signature"])
     outputs = list(runner.get_output_details())
-    output = "probs" if "probs" in outputs else outputs[0]
+    wanted = output
+    if wanted not in outputs and wanted != "probs":
+        raise ZooError(f"tflite: the flatbuffer has no {wanted} output; export again")
+    output = output if output in outputs else outputs[0]
     fixed = signature[0] if signature and signature[0] > 0 else None
     rows = []
     for batch in as_batches(inputs, fixed or CHUNK):
         batch = _nhwc(batch, signature).astype(detail["dtype"], copy=False)
         with _quiet_stderr():
             rows.append(runner(**{input_name: batch})[output])
+    if wanted != "probs":
+        return np.concatenate(rows).reshape(-1)
     return probs_of(np.concatenate(rows), named_probs=output == "probs")
 
 

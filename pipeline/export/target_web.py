@@ -150,8 +150,11 @@ def _pixels_js(channels: int) -> str:
     )
 
 
-def run_web(model: Path, inputs: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-    """Probabilities [N, C] from onnxruntime-web's WebAssembly build, run by node, per image."""
+def run_web(
+    model: Path, inputs: np.ndarray | Sequence[np.ndarray], *, output: str = "probs"
+) -> np.ndarray:
+    """Probabilities [N, C] from onnxruntime-web's WebAssembly build, run by node, per image; or
+    another output's values."""
     missing = web_missing()
     if missing:
         raise ZooError(f"web: {missing}; {HOW_TO_GET}")
@@ -165,7 +168,7 @@ def run_web(model: Path, inputs: np.ndarray | Sequence[np.ndarray]) -> np.ndarra
             np.save(paths[-1], batch)
         (folder / "inputs.txt").write_text("".join(f"{p}\n" for p in paths))
         out = folder / "probs.bin"
-        command = ["node", str(RUNNER), str(model), str(folder / "inputs.txt"), str(out)]
+        command = ["node", str(RUNNER), str(model), str(folder / "inputs.txt"), str(out), output]
         timeout = NODE_SECONDS + SECONDS_PER_INPUT * len(batches)
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
@@ -176,8 +179,10 @@ def run_web(model: Path, inputs: np.ndarray | Sequence[np.ndarray]) -> np.ndarra
             raise ZooError(f"web: onnxruntime-web could not run {model.name} ({why}); check the file with `zoo verify`")  # fmt: skip
         values = np.fromfile(out, dtype=np.float32)
     rows = sum(len(b) for b in batches)
-    named_probs = json.loads(done.stdout.splitlines()[-1])["output"] == "probs"
-    return probs_of(values.reshape(rows, -1), named_probs=named_probs) if rows else values
+    named = json.loads(done.stdout.splitlines()[-1])["output"]
+    if output != "probs":
+        return values
+    return probs_of(values.reshape(rows, -1), named_probs=named == "probs") if rows else values
 
 
 WEB = register_target(

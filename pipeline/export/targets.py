@@ -27,6 +27,7 @@ import numpy as np
 
 from pipeline.core.metadata import read_metadata
 from pipeline.core.registry import Registry
+from pipeline.core.sessions import create_session, fixed_batch, run_fixed
 from pipeline.core.trust import OodRecord
 from zoo.catalog import Preprocess
 from zoo.errors import ZooError
@@ -69,7 +70,8 @@ class DeployTarget:
     extra: str  # how to install what it needs, for the one-line error
     missing: Callable[[], str | None]  # None when installed, else what is missing
     convert: Callable[[TargetInput, Path], Path]  # writes into the folder, returns the main file
-    run: Callable[[Path, np.ndarray], np.ndarray]  # main file, inputs -> probabilities [N, C]
+    # main file, inputs -> probabilities [N, C]; with output="ood_score", that output's values [N]
+    run: Callable[..., np.ndarray]
     takes_any_size: bool = False  # runs an embedded resize at any image size
     embed_by_default: bool = False  # the preprocessing goes inside the file unless told otherwise
     usage: Callable[[Path], str] | None = None  # folder -> how to use it, printed after it
@@ -131,15 +133,21 @@ class TargetReport:
     # images decoded at their own sizes; None where the app resizes (or nothing is embedded).
     resize_agreement: float | None = None
     resize_disagreeing: list[str] = field(default_factory=list)
+    # A file with an unknown score (zoo.ood): the share of images on the same side of its
+    # threshold as in onnxruntime, and the largest score difference; None without one.
+    unknown_agreement: float | None = None
+    max_score_diff: float | None = None
 
     @property
     def passed(self) -> bool:
         resize_ok = self.resize_agreement is None or self.resize_agreement >= MIN_RESIZE_AGREEMENT
+        unknown_ok = self.unknown_agreement is None or self.unknown_agreement >= MIN_TOP1_AGREEMENT
         return (
             self.skipped is None
             and self.top1_agreement >= MIN_TOP1_AGREEMENT
             and self.max_prob_diff <= MAX_PROB_DIFF
             and resize_ok
+            and unknown_ok
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,6 +166,8 @@ class TargetReport:
             "embedded": self.embedded,
             "resize_agreement": self.resize_agreement,
             "resize_disagreeing": self.resize_disagreeing,
+            "unknown_agreement": self.unknown_agreement,
+            "max_score_diff": self.max_score_diff,
         }
 
     def line(self) -> str:
@@ -170,6 +180,8 @@ class TargetReport:
         )
         if self.resize_agreement is not None:
             figures += f", {self.resize_agreement:.1%} at their own sizes"
+        if self.unknown_agreement is not None:
+            figures += f", unknown flag agreement {self.unknown_agreement:.1%}"
         if self.passed:
             notes = "".join(f"; {note}" for note in self.notes)
             return f"{self.target}: {self.path} ({figures}{notes})"
@@ -313,6 +325,10 @@ def gate_target(
         any_size = source.embedded and target.takes_any_size
         batch = images.inputs(embedded=source.embedded, any_size=any_size)
         compare_probs(report, images.reference, target.run(main, batch), images.names)
+        if source.ood is not None:
+            compare_unknown(
+                report, source, batch, target.run(main, batch, output=source.ood.output)
+            )
         if any_size:
             _resize_agreement(report, images, target.run(main, images.decoded))
         report.size = folder_size(staging)
@@ -327,6 +343,32 @@ def gate_target(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report
+
+
+def compare_unknown(
+    report: TargetReport, source: TargetInput, batch: np.ndarray, scores: np.ndarray
+) -> None:
+    """The target's unknown scores against onnxruntime's on the same file and inputs: whether
+    each image falls on the same side of the threshold (an app shows "unknown" alike)."""
+    ood = source.ood
+    assert ood is not None
+    reference = onnx_output(source.onnx_path, batch, ood.output)
+    scores = np.asarray(scores, dtype=np.float64).reshape(len(reference))
+    same = (reference > ood.threshold) == (scores > ood.threshold)
+    report.unknown_agreement = float(same.mean()) if len(same) else None
+    report.max_score_diff = float(np.abs(reference - scores).max()) if len(same) else None
+
+
+def onnx_output(onnx_path: Path, batch: np.ndarray, output: str) -> np.ndarray:
+    """One output of an ONNX file in onnxruntime on the CPU, flattened to [N]."""
+    session = create_session(onnx_path, "CPUExecutionProvider")
+    name = session.get_inputs()[0].name
+    step = fixed_batch(session) or 32
+    rows = [
+        run_fixed(session, [output], {name: batch[i : i + step]})[0]
+        for i in range(0, len(batch), step)
+    ]
+    return np.concatenate(rows).astype(np.float64).reshape(len(batch))
 
 
 def _resize_agreement(report: TargetReport, images: GateImages, probs: np.ndarray) -> None:

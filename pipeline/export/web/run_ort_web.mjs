@@ -1,11 +1,12 @@
 // The web target's gate: the same onnxruntime-web WebAssembly build as the page, run by node.
 //
-//   node run_ort_web.mjs MODEL.onnx INPUTS.txt OUT.bin
+//   node run_ort_web.mjs MODEL.onnx INPUTS.txt OUT.bin [OUTPUT]
 //
 // INPUTS.txt lists one .npy file per line (uint8 or float32, C order, with a batch dimension);
 // each is one run, so images of different sizes each go in at their own size. OUT.bin receives,
 // for every input in order, the probabilities as little-endian float32: the `probs` output when
-// the model has one (zoo files), else its first output. stdout gets one line of JSON:
+// the model has one (zoo files), else its first output; or the output named OUTPUT (ood_score).
+// stdout gets one line of JSON:
 //   {"ort_web_version": "1.31.1", "output": "probs", "dims": [[1, 5], ...], "ms": 812.3}
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
@@ -34,14 +35,17 @@ function readNpy(path) {
   return new ort.Tensor(type, new View(bytes), shape);
 }
 
-async function main(modelPath, listPath, outPath) {
+async function main(modelPath, listPath, outPath, wanted = 'probs') {
   ort.env.wasm.numThreads = 1; // as the page: threads need cross-origin isolation
   ort.env.logLevel = 'error';
   const started = performance.now();
   const session = await ort.InferenceSession.create(fs.readFileSync(modelPath), {
     executionProviders: ['wasm'],
   });
-  const output = session.outputNames.includes('probs') ? 'probs' : session.outputNames[0];
+  if (!session.outputNames.includes(wanted) && wanted !== 'probs') {
+    throw new Error(`the model has no ${wanted} output`);
+  }
+  const output = session.outputNames.includes(wanted) ? wanted : session.outputNames[0];
   const out = fs.openSync(outPath, 'w');
   const dims = [];
   for (const path of fs.readFileSync(listPath, 'utf8').split('\n').filter(Boolean)) {
@@ -57,8 +61,8 @@ async function main(modelPath, listPath, outPath) {
 }
 
 const args = process.argv.slice(2);
-if (args.length !== 3) {
-  process.stderr.write('usage: node run_ort_web.mjs MODEL.onnx INPUTS.txt OUT.bin\n');
+if (args.length !== 3 && args.length !== 4) {
+  process.stderr.write('usage: node run_ort_web.mjs MODEL.onnx INPUTS.txt OUT.bin [OUTPUT]\n');
   process.exit(2);
 }
 try {
