@@ -180,7 +180,9 @@ def test_node_gate_runs_a_plain_file_and_reads_its_probs(tmp_path: Path) -> None
     np.testing.assert_allclose(run_web(path, inputs), reference, atol=1e-6)
     # Another output by name (the gate reads `ood_score` so): its values as they are, no softmax.
     logits = session.run(["logits"], {"x": inputs})[0]
-    np.testing.assert_allclose(run_web(path, inputs, output="logits"), logits.reshape(-1), atol=1e-5)
+    np.testing.assert_allclose(
+        run_web(path, inputs, output="logits"), logits.reshape(-1), atol=1e-5
+    )
     with pytest.raises(ZooError, match="has no ood_score output"):
         run_web(path, inputs, output="ood_score")
 
