@@ -215,6 +215,59 @@ def unknown_table(run_dirs: Sequence[Path], *, models_dir: Path, keep: float | N
     return markdown_table(columns, rows)
 
 
+def _target_scores(name: str, folder: Path, samples: Sequence[Any], pre: Any, output: str) -> np.ndarray:  # fmt: skip
+    """The unknown score of `samples` from one written target, fed as its app would feed it."""
+    import json
+
+    from pipeline.data.images import open_for
+    from pipeline.export.targets import load_targets
+    from pipeline.train.features import preprocessed_batch
+
+    target = load_targets()[name]
+    embedded = json.loads((folder / "preprocess.json").read_text()).get("embedded")
+    if embedded and not target.takes_any_size:
+        raise SystemExit(
+            f"{name}: a fixed-size embedded file; export it without --embed-preprocess"
+        )
+    scores = []
+    for start in range(0, len(samples), 128):
+        chunk = samples[start : start + 128]
+        if embedded:  # decoded at their own sizes, as `zoo predict` decodes them
+            inputs: Any = [np.asarray(open_for(s.ref, pre)) for s in chunk]
+            inputs = [i[:, :, None] if i.ndim == 2 else i for i in inputs]
+        else:
+            inputs = preprocessed_batch(chunk, pre)
+        scores.append(np.asarray(target.run(folder / target.main_file, inputs, output=output)))
+    return np.concatenate(scores).astype(np.float64).reshape(len(samples))
+
+
+def target_unknown_table(run_dir: Path) -> str:
+    """The run's written targets (RUN/deploy/*), each in its own runtime: AUROC, rejected and
+    kept at the threshold stored in the exported file, as `unknown_row` measures onnxruntime."""
+    from pipeline.core.metadata import read_metadata
+    from pipeline.core.rundir import RunDir
+    from pipeline.train.ood import auroc
+
+    metadata = read_metadata(run_dir / "model.onnx")
+    ood, pre = metadata.ood, metadata.preprocess
+    known_samples = RunDir(run_dir).split().test
+    unknown = {source: _images_of(source) for source in (str(TEXTURES), DIGITS)}
+    rows = []
+    for folder in sorted(p for p in (run_dir / "deploy").iterdir() if p.is_dir()):
+        known = _target_scores(folder.name, folder, known_samples, pre, ood.output)
+        kept = float(np.mean(known <= ood.threshold))
+        row: list[Any] = [folder.name, f"{ood.threshold:.4g}"]
+        met = kept >= 0.93
+        for samples in unknown.values():
+            scores = _target_scores(folder.name, folder, samples, pre, ood.output)
+            area, rejected = auroc(known, scores), float(np.mean(scores > ood.threshold))
+            met = met and area >= 0.95 and rejected >= 0.8
+            row += [f"{area:.4f}", f"{rejected:.1%}"]
+        rows.append([*row, f"{kept:.1%}", "met" if met else "not met"])
+    columns = ["target", "threshold", "AUROC textures10", "rejected", "AUROC digits", "rejected", "test kept", "goal"]  # fmt: skip
+    return markdown_table(columns, rows)
+
+
 def run(scale: Scale, *, work: Path) -> Section:
     """Benchmark "trust" of `make bench`: the three tables, on runs it trains in `work`."""
     if not FLOWERS.is_dir() or not TEXTURES.is_dir():
@@ -247,7 +300,7 @@ def run(scale: Scale, *, work: Path) -> Section:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["candidates", "calibration", "unknown"])
+    parser.add_argument("what", choices=["candidates", "calibration", "unknown", "targets"])
     parser.add_argument("run", nargs="*", type=Path, help="flowers5 runs (candidates: one)")
     parser.add_argument("--keep", type=float, help="unknown: choose the threshold again")
     parser.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "zoo-bench-trust")  # fmt: skip
@@ -264,6 +317,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"`{args.what}` needs RUN, a flowers5 run directory of zoo adapt")
     elif args.what == "candidates":
         print(candidate_table(args.run[0], models_dir=args.models_dir))
+    elif args.what == "targets":
+        print(target_unknown_table(args.run[0]))
     else:
         print(unknown_table(args.run, models_dir=args.models_dir, keep=args.keep))
 
