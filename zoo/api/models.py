@@ -20,6 +20,7 @@ from zoo.api._common import (
     preprocess_request,
 )
 from zoo.cache import FetchResult
+from zoo.errors import NotFound
 
 if TYPE_CHECKING:
     from pipeline.core.diskcache import CacheEntry
@@ -156,6 +157,11 @@ def info(name: str, *, catalog: CatalogLike = None) -> ModelEntry:
     >>> zoo.info("mobilenet").name  # doctest: +SKIP
     'mobilenetv2-12'
     """
+    if name.lower().endswith((".onnx", ".tar.gz", ".tgz")) or "/" in name or os.sep in name:
+        raise NotFound(
+            f"{name} is a file, and zoo info shows catalog entries; `zoo inspect {name}` describes "
+            "a file, `zoo fetch` adds it to the workspace"
+        )
     return catalog_of(catalog).resolve(name)
 
 
