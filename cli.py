@@ -331,8 +331,7 @@ def export_command(ctx: click.Context, no_verify: bool, as_json: bool, **values:
     if summary.report is not None:
         console.info(summary.report.render())
     if summary.int8:
-        i8 = summary.int8
-        console.info(f"int8: {i8['path']} ({i8['ratio']:.0%} of fp32), accuracy {i8.get('accuracy_int8')} vs {i8.get('accuracy_fp32')} fp32, top-1 agreement {i8.get('top1_agreement')}")  # fmt: skip
+        console.info(console.int8_line(summary.int8))
     click.echo(str(summary.path))
 
 

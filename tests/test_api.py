@@ -141,7 +141,9 @@ def test_failures_raise_the_zoo_hierarchy(workspace: Path, tmp_path: Path) -> No
         zoo.open_run(tmp_path)
     with pytest.raises(NotFound, match="no model named 'nosuchmodel'"):
         zoo.info("nosuchmodel")
-    with pytest.raises(NotFound, match="is a file, and zoo info shows catalog entries; `zoo inspect"):
+    with pytest.raises(
+        NotFound, match="is a file, and zoo info shows catalog entries; `zoo inspect"
+    ):
         zoo.info(str(tmp_path / "model.onnx"))
     # (No model at all is no error now: adapt takes the best bundled model by probe.)
     with pytest.raises(NotFound, match="zoo fetch nosuchmodel"):

@@ -321,3 +321,15 @@ def test_unknown_target_is_refused_before_anything_is_written(digits_run: zoo.Ru
     with pytest.raises(ZooError, match="unknown target nope; choose from onnx, openvino"):
         _export(digits_run, targets="onnx,nope")
     assert sorted(p.name for p in digits_run.dir.iterdir()) == before
+
+
+def test_a_quantized_file_is_judged_by_its_answers_in_another_runtime() -> None:
+    """`zoo verify model.int8.onnx --runtimes openvino`: integer kernels round their own way."""
+    from pipeline.export.target_checks import _agreement
+
+    reference = np.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]])
+    near = reference + np.array([[-0.02, 0.01, 0.01], [0.02, -0.03, 0.01]])
+    assert _agreement("openvino", near, reference, quantized=True).error is None
+    assert "more than 0.001" in _agreement("openvino", near, reference).error  # a float file: no
+    swapped = near[:, [1, 0, 2]]
+    assert "top-1 agreement 0.0% on this INT8 file" in _agreement("tflite", swapped, reference, quantized=True).error  # fmt: skip

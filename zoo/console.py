@@ -125,3 +125,13 @@ class _StageBar:
 def stage_bar_factory():  # noqa: ANN201
     """A factory of progress bars for the long stages (pipeline.core.progress.showing)."""
     return _StageBar
+
+
+def int8_line(summary: dict[str, Any]) -> str:
+    """The line `zoo export --quantize int8` prints, from its summary's `int8` entry."""
+    accuracy = ""
+    if summary.get("accuracy_int8") is not None and summary.get("accuracy_fp32") is not None:
+        accuracy = f", accuracy {summary['accuracy_int8']:.2f}% vs {summary['accuracy_fp32']:.2f}% fp32"  # fmt: skip
+    agreement = summary.get("top1_agreement")
+    agreed = f", top-1 agreement {agreement:.1%}" if agreement is not None else ""
+    return f"int8: {summary['path']} ({summary['ratio']:.0%} of fp32){accuracy}{agreed}"
