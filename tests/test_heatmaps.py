@@ -113,6 +113,26 @@ def _inside(point: tuple[float, float], box: tuple[float, float, float, float]) 
     return box[0] <= point[0] <= box[2] and box[1] <= point[1] <= box[3]
 
 
+def test_cells_are_placed_where_they_look() -> None:
+    """A map whose cells look 4 px up and left of the even grid (a padded shift before the pool)."""
+    from pipeline.report.heatmaps import cell_centres
+
+    class Shift(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(x, (4, 0, 4, 0))[:, :, :32, :32]
+
+    tap = nn.Identity()
+    model = nn.Sequential(Shift(), nn.AvgPool2d(8), tap, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))  # fmt: skip
+    rows, columns = cell_centres(model, tap, None, (3, 32, 32))
+    even = np.arange(4) * 8 + 3.5
+    np.testing.assert_allclose(rows[1:], even[1:] - 4, atol=1e-3)
+    np.testing.assert_allclose(columns, rows)
+    assert rows[0] == pytest.approx(1.5, abs=1e-3)  # the first cell sees the 4 pixels left of it
+    # Without the shift: the even grid.
+    plain = nn.Sequential(nn.AvgPool2d(8), tap, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))  # fmt: skip
+    np.testing.assert_allclose(cell_centres(plain, tap, None, (3, 32, 32))[0], even, atol=1e-3)
+
+
 def test_the_peak_falls_where_the_evidence_is() -> None:
     images, boxes = _patch_batch(12)
     target = cam_target(_detector_model(), images, layout="NCHW")
@@ -339,7 +359,5 @@ def test_the_peak_falls_inside_the_patch(patch_run: tuple[Path, Path, dict]) -> 
     target = cam_target(loaded.model, images, layout=loaded.preprocess.layout)
     maps = np.concatenate([class_activation_maps(target, images[i : i + 16]) for i in range(0, len(images), 16)])  # fmt: skip
     inside = [_inside(peak(m), boxes[n]) for m, n in zip(maps, names, strict=True)]
-    # Issue 26 asks for 90%; measured here 81% of 80 (92% of 48 with 24 images a class, 65% at
-    # 224 px), against 29% for Grad-CAM on the last map. The bar guards what LayerCAM on the
-    # stride-16 map gained; the blue class's maps are the ones that stray.
-    assert np.mean(inside) >= 0.75, f"{np.mean(inside):.0%} of the peaks inside the patch"
+    print(f"heatmap peaks inside the patch: {np.mean(inside):.1%} of {len(inside)}")
+    assert np.mean(inside) >= 0.9, f"{np.mean(inside):.0%} of the peaks inside the patch"
