@@ -185,12 +185,6 @@ def open_model(
             raise NotFound(
                 f"{text} is {what}, not a model: {instead}, or a fetched model's name (zoo list)"
             )
-        bundled = _bundled_name(text, catalog)
-        if bundled is not None:  # built offline from the weights zoo ships: no fetch needed
-            from zoo.cache import fetch  # zoo.cache imports this module
-
-            fetch(bundled, models_dir=models_dir, catalog=catalog, progress=False)
-            return open_model(bundled, models_dir=models_dir, catalog=catalog)
         raise NotFound(
             f"no model {text!r} in the workspace {models_dir}; run `zoo fetch {text}` first"
         )
@@ -210,15 +204,6 @@ def open_model(
             f"run `zoo fetch {name} --force`"
         )
     return OpenedModel(path, card)
-
-
-def _bundled_name(text: str, catalog: Catalog) -> str | None:
-    """The catalog name of a bundled model that `text` names (an alias too), else None."""
-    try:
-        entry = catalog.resolve(text)
-    except NotFound:
-        return None
-    return entry.name if entry.is_bundled else None
 
 
 def list_workspace(models_dir: str | os.PathLike[str]) -> list[WorkspaceModel]:
