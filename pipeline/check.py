@@ -26,6 +26,7 @@ from pipeline.train.check import check_split
 from pipeline.train.features import FeatureCache
 from pipeline.train.grouping import split_grouper
 from zoo.bundled import DEFAULT_BUNDLED
+from zoo.cache import open_or_build
 from zoo.errors import ZooError
 from zoo.workspace import Workspace
 
@@ -71,7 +72,7 @@ def _model_cache(
     """The frozen backbone of a workspace model (or .onnx file), at its own preprocessing."""
     from pipeline.train.rank import native_preprocess, open_backbone
 
-    path, card = workspace.open(model)
+    path, card = open_or_build(model, models_dir=workspace.models_dir, catalog=workspace.catalog)
     name = card.get("name") or Path(model).stem
     return (
         FeatureCache(

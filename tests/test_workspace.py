@@ -99,3 +99,19 @@ def test_open_model_names_a_run_directory_or_folder_given_as_the_model(
     monkeypatch.chdir(tmp_path)
     with pytest.raises(NotFound, match="run `zoo fetch runs` first"):
         open_model("runs", models_dir=models, catalog=catalog_of())
+
+
+@pytest.mark.slow
+def test_a_bundled_model_opens_without_a_fetch(tmp_path: Path) -> None:
+    """The bundled EfficientNet-Lite models are built offline: naming one is enough."""
+    from zoo.cache import open_or_build
+    from zoo.catalog import load_catalog
+
+    models = tmp_path / "models"
+    with pytest.raises(NotFound, match="run `zoo fetch lite0` first"):  # opening alone: no
+        open_model("lite0", models_dir=models, catalog=load_catalog())
+    opened = open_or_build("lite0", models_dir=models, catalog=load_catalog())
+    assert opened.path == models / "efficientnet-lite0" / "model.onnx" and opened.path.is_file()
+    assert opened.card["name"] == "efficientnet-lite0"
+    with pytest.raises(NotFound, match="run `zoo fetch mobilenetv2-12` first"):  # not bundled
+        open_or_build("mobilenetv2-12", models_dir=models, catalog=load_catalog())

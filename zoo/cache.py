@@ -40,9 +40,11 @@ from zoo.workspace import (
     BLOBS,
     CARD_FILE,
     MODEL_FILE,
+    OpenedModel,
     card_entry,
     check_name,
     default_name,
+    open_model,
     read_card,
 )
 
@@ -355,6 +357,24 @@ def _download_model(plan: _Plan, staging: Path, *, progress: bool) -> tuple[Path
     model = extract_member(archive_file, archive.member_name, staging / "extracted")
     archive_file.unlink()
     return model, got.url
+
+
+def open_or_build(
+    name_or_path: str | os.PathLike[str], *, models_dir: str | os.PathLike[str], catalog: Catalog
+) -> OpenedModel:
+    """`open_model`, except that a bundled model not in the workspace yet is built there first
+    (offline, from the weights zoo ships), as naming it is all a user should need to do."""
+    try:
+        return open_model(name_or_path, models_dir=models_dir, catalog=catalog)
+    except NotFound:
+        try:
+            entry = catalog.resolve(os.fspath(name_or_path))
+        except NotFound:
+            entry = None
+        if entry is None or not entry.is_bundled:
+            raise
+    fetch(entry.name, models_dir=models_dir, catalog=catalog, progress=False)
+    return open_model(entry.name, models_dir=models_dir, catalog=catalog)
 
 
 def fetch(

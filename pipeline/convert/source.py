@@ -11,6 +11,7 @@ from pipeline.core import runs
 from pipeline.core.options import AdaptOptions
 from pipeline.core.record import RunRecord, SourceRecord
 from pipeline.core.rundir import RunDir
+from zoo.cache import open_or_build
 from zoo.catalog import Preprocess
 from zoo.errors import NotFound, ZooError
 from zoo.preprocess import model_preprocess
@@ -44,7 +45,7 @@ def _named_or_latest(
             )
         model_ref = latest.name
         log(f"using {model_ref}, the model fetched most recently into {workspace.models_dir}")
-    onnx_path, card = workspace.open(model_ref)
+    onnx_path, card = open_or_build(model_ref, models_dir=workspace.models_dir, catalog=workspace.catalog)  # fmt: skip
     return onnx_path, card, card.get("name", Path(model_ref).stem)
 
 

@@ -23,12 +23,12 @@ from pipeline.core.diskcache import features_dir
 from pipeline.data.sources import load_source
 from pipeline.train.fastpath import cached_features
 from pipeline.train.grouping import split_grouper
-from zoo.cache import fetch
+from zoo.cache import open_or_build
 from zoo.errors import DataError, NotFound, UnsupportedModel, ZooError
 from zoo.onnxfile import load_onnx
 from zoo.preprocess import model_preprocess
 from zoo.quantized import refuse_quantized
-from zoo.workspace import Workspace, list_workspace, open_model
+from zoo.workspace import Workspace, list_workspace
 
 if TYPE_CHECKING:
     import numpy as np
@@ -255,17 +255,13 @@ def _open_candidate(
     """A candidate's file and card; bundled catalog models are fetched (offline) when missing."""
 
     try:
-        path, card = open_model(name, models_dir=models_dir, catalog=catalog)
+        path, card = open_or_build(name, models_dir=models_dir, catalog=catalog)
     except NotFound:
         try:
             entry = catalog.resolve(name)
         except NotFound:
             raise NotFound(f"not in the workspace {models_dir} nor in the catalog") from None
-        if not entry.is_bundled:
-            raise NotFound(f"not fetched yet; run `zoo fetch {entry.name}` first") from None
-
-        fetch(entry.name, models_dir=models_dir, catalog=catalog, progress=False)
-        path, card = open_model(entry.name, models_dir=models_dir, catalog=catalog)
+        raise NotFound(f"not fetched yet; run `zoo fetch {entry.name}` first") from None
     return path, card, card.get("name") or name
 
 
