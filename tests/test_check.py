@@ -209,12 +209,14 @@ def test_sampler_draws_each_class_about_equally() -> None:
     assert config.loss_weights("cpu") is None
 
 
+def _two_classes(**fields: object) -> DataCheck:
+    """A check record of a source with classes a and b; `fields` give the rest."""
+    return DataCheck(source="s", model="m", class_names=["a", "b"], **fields)  # type: ignore[arg-type]
+
+
 def test_check_record_round_trips() -> None:
-    check = DataCheck(
-        source="s",
-        model="m",
+    check = _two_classes(
         images=3,
-        class_names=["a", "b"],
         split_fixed=True,
         balance=Balance({"a": 2, "b": 1}, "b", "a", 2.0),
         twins=[
@@ -233,11 +235,8 @@ def test_notes_name_images_with_their_class_folder_and_say_when_none_is_suspect(
     from pipeline.data.check import Suspect
     from pipeline.train.check import notes
 
-    check = DataCheck(
-        source="s",
-        model="m",
+    check = _two_classes(
         images=4,
-        class_names=["a", "b"],
         split_fixed=False,
         balance=Balance({"a": 2, "b": 2}, "b", "a", 1.0),
         suspects=[Suspect("/d/a/1.jpg", "train", "a", "b", 0.4)],

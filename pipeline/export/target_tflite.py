@@ -135,19 +135,18 @@ def run_tflite(
     (input_name, detail), *_ = runner.get_input_details().items()
     signature = list(detail["shape_signature"])
     outputs = list(runner.get_output_details())
-    wanted = output
-    if wanted not in outputs and wanted != "probs":
-        raise ZooError(f"tflite: the flatbuffer has no {wanted} output; export again")
-    output = output if output in outputs else outputs[0]
+    if output not in outputs and output != "probs":
+        raise ZooError(f"tflite: the flatbuffer has no {output} output; export again")
+    read = output if output in outputs else outputs[0]  # a file without `probs`: its first
     fixed = signature[0] if signature and signature[0] > 0 else None
     rows = []
     for batch in as_batches(inputs, fixed or CHUNK):
         batch = _nhwc(batch, signature).astype(detail["dtype"], copy=False)
         with _quiet_stderr():
-            rows.append(runner(**{input_name: batch})[output])
-    if wanted != "probs":
+            rows.append(runner(**{input_name: batch})[read])
+    if output != "probs":
         return np.concatenate(rows).reshape(-1)
-    return probs_of(np.concatenate(rows), named_probs=output == "probs")
+    return probs_of(np.concatenate(rows), named_probs=read == "probs")
 
 
 def _nhwc(batch: np.ndarray, signature: list[int]) -> np.ndarray:

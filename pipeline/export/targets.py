@@ -12,6 +12,7 @@ only when they agree (`write_target`): top-1 agreement and the largest probabili
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -55,9 +56,10 @@ class TargetInput:
     input_name: str
     embedded: bool = False  # the file takes uint8 pixels and does its own preprocessing
 
-    @property
+    @functools.cached_property
     def ood(self) -> OodRecord | None:
-        """The file's unknown score (its second output) and threshold; None for a file without one."""
+        """The file's unknown score (its second output) and threshold; None for a file without one.
+        Read once: the gate, the companions and the README all ask."""
         return read_metadata(self.onnx_path).ood
 
 
@@ -325,10 +327,9 @@ def gate_target(
         any_size = source.embedded and target.takes_any_size
         batch = images.inputs(embedded=source.embedded, any_size=any_size)
         compare_probs(report, images.reference, target.run(main, batch), images.names)
-        if source.ood is not None:
-            compare_unknown(
-                report, source, batch, target.run(main, batch, output=source.ood.output)
-            )
+        ood = source.ood
+        if ood is not None:
+            compare_unknown(report, source, batch, target.run(main, batch, output=ood.output))
         if any_size:
             _resize_agreement(report, images, target.run(main, images.decoded))
         report.size = folder_size(staging)
